@@ -1,0 +1,124 @@
+"""The one small interface between the vhost-user transport and a device.
+
+A device implements only what it offers (the defaults describe a device with no config space, no shared memory
+and no display socket), the way rust-vmm's `VhostUserBackend` is kept apart from its protocol handler.  The
+transport calls in; the device calls back only through `Transport`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Protocol
+
+from .memory import GuestMemory
+from .message import Channel, Message
+from .virtqueue import DescriptorChain, Virtqueue
+from .wire import BackendRequest
+
+
+class DeviceRefused(Exception):
+    """The device will not do what the front end asked; the front end gets a failure ack (or a log line)."""
+
+
+class BackendChannelError(Exception):
+    """A back-end request failed: no channel, a non-zero ack, or no ack in time."""
+
+
+class Transport(Protocol):
+    """What the transport offers a device during one front-end connection."""
+
+    @property
+    def memory(self) -> GuestMemory: ...
+
+    @property
+    def queues(self) -> list[Virtqueue]: ...
+
+    @property
+    def protocol_features(self) -> int:
+        """The protocol features the front end acknowledged."""
+        ...
+
+    def complete(self, queue: Virtqueue, chain: DescriptorChain, written: int) -> None:
+        """Hand `chain` back to the driver with `written` response bytes and release its views."""
+
+    def flush(self, queue: Virtqueue) -> None:
+        """Notify the driver of completed chains, if it asked to be."""
+
+    def backend_request(
+        self, request: BackendRequest, payload: bytes, fds: list[int] | None = None, timeout: float = 5.0
+    ) -> None:
+        """Send a request on the back-end channel and wait for its ack (when REPLY_ACK is negotiated) while
+        still serving the front end.  Raises BackendChannelError."""
+
+    def wait_reply(self, channel: Channel, request: int, timeout: float) -> Message:
+        """Wait for a reply to `request` on a device-owned channel while still serving the front end."""
+        ...
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call `callback` whenever `fd` is readable (until unwatch)."""
+
+    def unwatch(self, fd: int) -> None: ...
+
+
+class Device:
+    """Base class: override what the device offers."""
+
+    num_queues: int = 1
+    max_queue_size: int = 1024
+
+    def attach(self, transport: Transport) -> None:
+        """A front end connected; keep `transport` for the connection's lifetime."""
+        self.transport = transport
+
+    def device_features(self) -> int:
+        """Device-specific virtio feature bits (the transport adds VERSION_1, EVENT_IDX, INDIRECT_DESC and
+        PROTOCOL_FEATURES itself)."""
+        return 0
+
+    def protocol_features(self) -> int:
+        """Optional protocol features the device can use beyond the transport's own (CONFIG, SHMEM, ...)."""
+        return 0
+
+    def set_features(self, features: int) -> None:
+        """The driver's acknowledged virtio features."""
+
+    def config(self) -> bytes:
+        """The whole device config space as the driver reads it."""
+        return b""
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        raise DeviceRefused("this device has no writable config space")
+
+    def shmem_regions(self) -> dict[int, int]:
+        """Shared memory regions the device wants from the front end: {shmid: size in bytes}."""
+        return {}
+
+    def memory_changed(self) -> None:
+        """The memory table changed; views into removed regions are no longer translated."""
+
+    def queue_started(self, queue: Virtqueue) -> None:
+        """The ring is set up and may be processed."""
+
+    def queue_stopped(self, queue: Virtqueue) -> None:
+        """GET_VRING_BASE stopped the ring; no chain of it may be completed any more."""
+
+    def process_queue(self, queue: Virtqueue) -> None:
+        """The driver kicked `queue`: take its chains and complete them through the transport."""
+
+    def set_gpu_socket(self, sock: socket.socket) -> None:
+        """vhost-user-gpu handed us its display socket; a device that has no display refuses it."""
+        sock.close()
+        raise DeviceRefused("this device has no display")
+
+    def set_status(self, status: int) -> None:
+        """The driver's device status byte (with F_STATUS)."""
+
+    def reset(self) -> None:
+        """Drop all device state: the connection ended or the front end sent RESET_DEVICE."""
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)

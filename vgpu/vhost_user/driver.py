@@ -1,0 +1,284 @@
+"""The driver's half of guest memory and split virtqueues, for a front end that plays the guest.
+
+Tests, benchmarks and the conformance runner need a guest that lays out rings and buffers exactly as a virtio driver
+would, in memory shared with the back end through a memfd, so that the back end sees nothing that a real VMM would
+not give it.  Buffers are carved out of one memfd with a first-fit allocator; the rings live there too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import select
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+
+from .layout import dtype_of
+from .memory import PAGE_SIZE
+from .virtqueue import need_event, ring_sizes
+from .wire import (
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VringDesc,
+    VringUsedElem,
+)
+
+_DESC: Final = dtype_of(VringDesc)
+_USED: Final = dtype_of(VringUsedElem)
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+class GuestRam:
+    """A memfd that plays guest RAM: guest-physical addresses start at `gpa_base`."""
+
+    def __init__(self, size: int, gpa_base: int = 0, name: str = "vgpu-guest-ram") -> None:
+        self.size = _align(size, PAGE_SIZE)
+        self.gpa_base = gpa_base
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.size)
+        self.map = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        # The front end's own virtual address: what SET_VRING_ADDR and the memory table's userspace_addr name.
+        self.uva = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        self._free: list[tuple[int, int]] = [(0, self.size)]
+
+    def alloc(self, size: int, align: int = 64) -> int:
+        """A guest-physical address of `size` free bytes."""
+        size = max(_align(size, 16), 16)
+        for i, (start, length) in enumerate(self._free):
+            a = _align(start, align)
+            if a + size <= start + length:
+                pieces = [(start, a - start), (a + size, start + length - a - size)]
+                self._free[i:i + 1] = [(s, n) for s, n in pieces if n > 0]
+                return self.gpa_base + a
+        raise MemoryError(f"guest RAM exhausted allocating {size} bytes")
+
+    def free(self, gpa: int, size: int) -> None:
+        size = max(_align(size, 16), 16)
+        self._free.append((gpa - self.gpa_base, size))
+        self._free.sort()
+        merged: list[tuple[int, int]] = []
+        for s, n in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((s, n))
+        self._free = merged
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        off = gpa - self.gpa_base
+        if off < 0 or off + length > self.size:
+            raise ValueError(f"gpa {gpa:#x} +{length:#x} outside guest RAM")
+        return memoryview(self.map)[off:off + length]
+
+    def write(self, gpa: int, data: bytes) -> None:
+        with self.view(gpa, len(data)) as v:
+            v[:] = data
+
+    def read(self, gpa: int, length: int) -> bytes:
+        with self.view(gpa, length) as v:
+            return bytes(v)
+
+    def uva_of(self, gpa: int) -> int:
+        return self.uva + gpa - self.gpa_base
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except BufferError:
+            pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass(slots=True)
+class Pending:
+    """A chain the driver made available: where its buffers live, so the driver can read the answer."""
+
+    head: int
+    descs: list[int]
+    buffers: list[tuple[int, int, bool]]  # gpa, length, writable
+    indirect_gpa: int = 0
+    indirect_len: int = 0
+
+
+class DriverQueue:
+    """The driver side of one split virtqueue laid out in `ram`."""
+
+    def __init__(self, ram: GuestRam, index: int, size: int, event_idx: bool = False) -> None:
+        if size & (size - 1) or not 0 < size <= 32768:
+            raise ValueError("queue size must be a power of two")
+        self.ram, self.index, self.size, self.event_idx = ram, index, size, event_idx
+        dsz, asz, usz = ring_sizes(size)
+        self.desc_gpa = ram.alloc(dsz, 16)
+        self.avail_gpa = ram.alloc(asz, 2)
+        self.used_gpa = ram.alloc(usz, 4)
+        for gpa, n in ((self.desc_gpa, dsz), (self.avail_gpa, asz), (self.used_gpa, usz)):
+            ram.write(gpa, bytes(n))
+        m = ram.map
+        base = ram.gpa_base
+        self._desc: np.ndarray[Any, Any] = np.frombuffer(m, _DESC, size, self.desc_gpa - base)
+        self._avail: np.ndarray[Any, Any] = np.frombuffer(m, np.dtype("<u2"), size + 3, self.avail_gpa - base)
+        self._used: np.ndarray[Any, Any] = np.frombuffer(m, np.dtype("<u2"), 2, self.used_gpa - base)
+        self._used_elems: np.ndarray[Any, Any] = np.frombuffer(m, _USED, size, self.used_gpa - base + 4)
+        self._avail_event: np.ndarray[Any, Any] = np.frombuffer(
+            m, np.dtype("<u2"), 1, self.used_gpa - base + 4 + 8 * size)
+        self._free_descs = list(range(size - 1, -1, -1))
+        self.avail_idx = 0
+        self.last_used = 0
+        self.kicked_avail = 0
+        self.inflight: dict[int, Pending] = {}
+        self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+    @property
+    def addresses(self) -> tuple[int, int, int]:
+        """desc, used, avail as front-end user addresses (what SET_VRING_ADDR carries)."""
+        return self.ram.uva_of(self.desc_gpa), self.ram.uva_of(self.used_gpa), self.ram.uva_of(self.avail_gpa)
+
+    def set_no_interrupt(self, on: bool) -> None:
+        self._avail[0] = 1 if on else 0
+
+    @property
+    def free_descriptors(self) -> int:
+        return len(self._free_descs)
+
+    def add(self, readable: list[bytes], writable: list[int], indirect: bool = False) -> Pending:
+        """Place buffers in guest RAM and build a chain (readable first, then writable) without publishing it."""
+        bufs: list[tuple[int, int, bool]] = []
+        for data in readable:
+            gpa = self.ram.alloc(len(data))
+            self.ram.write(gpa, data)
+            bufs.append((gpa, len(data), False))
+        for n in writable:
+            gpa = self.ram.alloc(n)
+            self.ram.write(gpa, bytes(n))
+            bufs.append((gpa, n, True))
+        return self.add_raw(bufs, indirect)
+
+    def add_raw(self, bufs: list[tuple[int, int, bool]], indirect: bool = False,
+                flags_override: dict[int, int] | None = None) -> Pending:
+        """Build a chain from explicit (gpa, length, writable) buffers; `flags_override` lets a test forge the
+        flags of descriptor i."""
+        if not bufs:
+            raise ValueError("a chain needs at least one buffer")
+        if indirect:
+            n = len(bufs)
+            table_gpa = self.ram.alloc(16 * n, 16)
+            table = np.frombuffer(self.ram.map, _DESC, n, table_gpa - self.ram.gpa_base)
+            for i, (gpa, length, w) in enumerate(bufs):
+                flags = (VRING_DESC_F_WRITE if w else 0) | (VRING_DESC_F_NEXT if i + 1 < n else 0)
+                if flags_override and i in flags_override:
+                    flags = flags_override[i]
+                table[i] = (gpa, length, flags, i + 1 if i + 1 < n else 0)
+            del table
+            head = self._take_desc()
+            self._desc[head] = (table_gpa, 16 * n, VRING_DESC_F_INDIRECT, 0)
+            return Pending(head, [head], bufs, table_gpa, 16 * n)
+        if len(bufs) > len(self._free_descs):
+            raise MemoryError("no free descriptors")
+        ids = [self._take_desc() for _ in bufs]
+        for i, (gpa, length, w) in enumerate(bufs):
+            last = i + 1 == len(bufs)
+            flags = (VRING_DESC_F_WRITE if w else 0) | (0 if last else VRING_DESC_F_NEXT)
+            if flags_override and i in flags_override:
+                flags = flags_override[i]
+            self._desc[ids[i]] = (gpa, length, flags, 0 if last else ids[i + 1])
+        return Pending(ids[0], ids, bufs)
+
+    def write_desc(self, i: int, addr: int, length: int, flags: int, nxt: int) -> None:
+        """Write a raw descriptor (for tests that forge broken chains)."""
+        self._desc[i] = (addr, length, flags, nxt)
+
+    def _take_desc(self) -> int:
+        if not self._free_descs:
+            raise MemoryError("no free descriptors")
+        return self._free_descs.pop()
+
+    def publish(self, p: Pending) -> None:
+        self._avail[2 + self.avail_idx % self.size] = p.head
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self._avail[1] = self.avail_idx
+        self.inflight[p.head] = p
+
+    def publish_head(self, head: int) -> None:
+        """Publish a raw head index (for tests that forge rings)."""
+        self._avail[2 + self.avail_idx % self.size] = head
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self._avail[1] = self.avail_idx
+
+    def set_avail_idx(self, idx: int) -> None:
+        self.avail_idx = idx & 0xFFFF
+        self._avail[1] = self.avail_idx
+
+    def needs_kick(self) -> bool:
+        """With EVENT_IDX, kick only if the device asked (avail_event crossed); otherwise unless it said not to."""
+        old, self.kicked_avail = self.kicked_avail, self.avail_idx
+        if self.event_idx:
+            return need_event(int(self._avail_event[0]), self.avail_idx, old)
+        return not int(self._used[0]) & 1
+
+    def kick(self, force: bool = False) -> bool:
+        if force or self.needs_kick():
+            os.eventfd_write(self.kick_fd, 1)
+            return True
+        return False
+
+    def used_idx(self) -> int:
+        return int(self._used[1])
+
+    def collect(self) -> list[tuple[Pending, int]]:
+        """Chains the device returned since last time, with the byte count it wrote; frees their descriptors."""
+        out: list[tuple[Pending, int]] = []
+        idx = self.used_idx()
+        while self.last_used != idx:
+            elem = self._used_elems[self.last_used % self.size]
+            head, written = int(elem[0]), int(elem[1])
+            self.last_used = (self.last_used + 1) & 0xFFFF
+            p = self.inflight.pop(head, None)
+            if p is None:
+                raise RuntimeError(f"device returned head {head}, which is not in flight")
+            self._free_descs.extend(p.descs)
+            out.append((p, written))
+        if self.event_idx:
+            # Ask for an interrupt on the very next completion.
+            self._avail[2 + self.size] = self.last_used
+        return out
+
+    def wait(self, timeout: float) -> bool:
+        """Wait for the call eventfd (or completions already visible); False on timeout."""
+        if self.used_idx() != self.last_used:
+            return True
+        r, _, _ = select.select([self.call_fd], [], [], timeout)
+        if r:
+            try:
+                os.eventfd_read(self.call_fd)
+            except BlockingIOError:
+                pass
+        return self.used_idx() != self.last_used
+
+    def read_response(self, p: Pending, written: int) -> bytes:
+        """The bytes the device wrote into the writable buffers (at most `written`)."""
+        out = bytearray()
+        for gpa, length, w in p.buffers:
+            if w and len(out) < written:
+                out += self.ram.read(gpa, min(length, written - len(out)))
+        return bytes(out)
+
+    def release(self, p: Pending) -> None:
+        for gpa, length, _ in p.buffers:
+            self.ram.free(gpa, length)
+        if p.indirect_len:
+            self.ram.free(p.indirect_gpa, p.indirect_len)
+
+    def close(self) -> None:
+        del self._desc, self._avail, self._used, self._used_elems, self._avail_event
+        for fd in (self.kick_fd, self.call_fd):
+            os.close(fd)

@@ -1,0 +1,579 @@
+"""The front end (VMM side) of vhost-user, for driving any back end — ours or QEMU's C `vhost-user-gpu`.
+
+It does what QEMU does for a vhost-user device, in the same order: negotiate, share guest memory, lay out and start
+rings, then act as the guest.  Requests that the back end sends us (the back-end channel: SHMEM_MAP/UNMAP,
+CONFIG_CHANGE; the vhost-user-gpu display socket) are served on a thread of their own, as QEMU serves them from its
+main loop while the vCPUs wait, so a back end that blocks on us never blocks the test that drives it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import select
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from .driver import DriverQueue, GuestRam
+from .memory import PAGE_SIZE
+from .message import Channel, Message, ProtocolError
+from .wire import (
+    CONFIG_HEADER_SIZE,
+    FLAG_NEED_REPLY,
+    GPU_UPDATE_SIZE,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_USER_VERSION,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    BackendRequest,
+    ConfigHeader,
+    FrontendRequest,
+    GpuEdidRequest,
+    GpuProtocolFeature,
+    GpuRequest,
+    GpuUpdate,
+    MemoryTable,
+    MMapRequest,
+    ProtocolFeature,
+    ShmemConfig,
+    SingleMemoryRegion,
+    VringAddr,
+    bit,
+    build,
+    build_u64,
+    parse_u64,
+)
+
+log = logging.getLogger("vgpu.vhost_user.frontend")
+
+# What this front end implements, offered to the back end as QEMU would.
+FRONTEND_PROTOCOL_FEATURES: Final = (
+    bit(ProtocolFeature.MQ)
+    | bit(ProtocolFeature.REPLY_ACK)
+    | bit(ProtocolFeature.BACKEND_REQ)
+    | bit(ProtocolFeature.CONFIG)
+    | bit(ProtocolFeature.BACKEND_SEND_FD)
+    | bit(ProtocolFeature.RESET_DEVICE)
+    | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    | bit(ProtocolFeature.STATUS)
+    | bit(ProtocolFeature.SHMEM)
+)
+DEFAULT_TIMEOUT: Final = 10.0
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FIXED: Final = 0x10
+_PROT_NONE: Final = 0
+_MAP_FAILED: Final = ctypes.c_void_p(-1).value
+
+
+class FrontendError(Exception):
+    pass
+
+
+def _mmap_fixed(addr: int, length: int, prot: int, flags: int, fd: int, offset: int) -> None:
+    res = _libc.mmap(addr, length, prot, flags | _MAP_FIXED, fd, offset)
+    if res == _MAP_FAILED or res != addr:
+        raise OSError(ctypes.get_errno(), f"mmap at {addr:#x} failed")
+
+
+@dataclass
+class ShmMapping:
+    shm_offset: int
+    length: int
+    fd_offset: int
+    flags: int
+
+
+class ShmWindow:
+    """A reserved address range standing in for a shared-memory BAR; SHMEM_MAP places fds inside it."""
+
+    def __init__(self, shmid: int, size: int) -> None:
+        self.shmid, self.size = shmid, size
+        # Reserve the range inaccessible, as a BAR nothing is mapped into yet.
+        res = _libc.mmap(None, size, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        if res == _MAP_FAILED or res is None:
+            raise OSError(ctypes.get_errno(), "cannot reserve a shared-memory window")
+        self.base: int = res
+        self.mappings: dict[int, ShmMapping] = {}
+        self.log: list[tuple[str, ShmMapping]] = []
+
+    def map(self, fd: int, m: ShmMapping) -> None:
+        if m.length == 0 or m.shm_offset + m.length > self.size or m.shm_offset + m.length < m.shm_offset:
+            raise FrontendError(f"mapping {m.shm_offset:#x}+{m.length:#x} outside a {self.size:#x} window")
+        if m.shm_offset % PAGE_SIZE or m.length % PAGE_SIZE or m.fd_offset % PAGE_SIZE:
+            raise FrontendError("unaligned mapping")
+        for other in self.mappings.values():
+            if m.shm_offset < other.shm_offset + other.length and other.shm_offset < m.shm_offset + m.length:
+                raise FrontendError("mapping overlaps an existing one")
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if m.flags & 1 else 0)
+        _mmap_fixed(self.base + m.shm_offset, m.length, prot, mmap.MAP_SHARED, fd, m.fd_offset)
+        self.mappings[m.shm_offset] = m
+        self.log.append(("map", m))
+
+    def unmap(self, m: ShmMapping) -> None:
+        cur = self.mappings.get(m.shm_offset)
+        if cur is None or cur.length != m.length:
+            raise FrontendError(f"no mapping of exactly {m.shm_offset:#x}+{m.length:#x}")
+        _mmap_fixed(self.base + m.shm_offset, m.length, _PROT_NONE,
+                    mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        del self.mappings[m.shm_offset]
+        self.log.append(("unmap", m))
+
+    def read(self, offset: int, length: int) -> bytes:
+        """What the back end's buffer holds at `offset` (must be mapped)."""
+        if not any(o <= offset and offset + length <= o + m.length for o, m in self.mappings.items()):
+            raise FrontendError("read outside a mapping")
+        return ctypes.string_at(self.base + offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if not any(o <= offset and offset + len(data) <= o + m.length for o, m in self.mappings.items()):
+            raise FrontendError("write outside a mapping")
+        ctypes.memmove(self.base + offset, data, len(data))
+
+    def close(self) -> None:
+        self.mappings.clear()
+        if self.base:
+            _libc.munmap(self.base, self.size)
+            self.base = 0
+
+
+@dataclass
+class DisplayEvent:
+    request: GpuRequest
+    payload: bytes
+    fds: list[int] = field(default_factory=list)
+
+
+class Display:
+    """The QEMU side of the vhost-user-gpu display socket: answers queries, records what the back end shows."""
+
+    def __init__(self, display_info: Callable[[], bytes] | None = None,
+                 edid: Callable[[int], bytes] | None = None,
+                 protocol_features: int = bit(GpuProtocolFeature.EDID) | bit(GpuProtocolFeature.DMABUF2)) -> None:
+        self.display_info = display_info
+        self.edid = edid
+        self.protocol_features = protocol_features
+        self.acked_protocol_features: int | None = None
+        self.events: list[DisplayEvent] = []
+        self.cond = threading.Condition()
+        self.channel: Channel | None = None
+
+    def handle(self, msg: Message) -> None:
+        ch = self.channel
+        assert ch is not None
+        try:
+            req = GpuRequest(msg.request)
+        except ValueError:
+            log.warning("display: unknown message %d", msg.request)
+            msg.close_fds()
+            return
+        reply: bytes | None = None
+        if req == GpuRequest.GET_PROTOCOL_FEATURES:
+            reply = build_u64(self.protocol_features)
+        elif req == GpuRequest.SET_PROTOCOL_FEATURES:
+            self.acked_protocol_features = parse_u64(msg.payload) if len(msg.payload) == 8 else None
+        elif req == GpuRequest.GET_DISPLAY_INFO:
+            if self.display_info is None:
+                raise FrontendError("back end asked for display info and none was configured")
+            reply = self.display_info()
+        elif req == GpuRequest.GET_EDID:
+            if self.edid is None:
+                raise FrontendError("back end asked for an EDID and none was configured")
+            reply = self.edid(GpuEdidRequest.parse(msg.payload).scanout_id)
+        elif req == GpuRequest.DMABUF_UPDATE:
+            reply = b""
+        if reply is not None:
+            ch.send(req, 0x4, reply)
+        with self.cond:
+            self.events.append(DisplayEvent(req, msg.payload, msg.take_fds()))
+            self.cond.notify_all()
+
+    def wait_for(self, req: GpuRequest, count: int = 1, timeout: float = DEFAULT_TIMEOUT) -> list[DisplayEvent]:
+        with self.cond:
+            ok = self.cond.wait_for(lambda: len(self.of(req)) >= count, timeout)
+            if not ok:
+                raise TimeoutError(f"no {req.name} from the back end")
+            return self.of(req)
+
+    def of(self, req: GpuRequest) -> list[DisplayEvent]:
+        return [e for e in self.events if e.request == req]
+
+    @staticmethod
+    def update_rect(payload: bytes) -> tuple[int, int, int, int, int]:
+        u = GpuUpdate.parse(payload[:GPU_UPDATE_SIZE])
+        return u.scanout_id, u.x, u.y, u.width, u.height
+
+    def close(self) -> None:
+        for e in self.events:
+            for fd in e.fds:
+                os.close(fd)
+            e.fds = []
+
+
+class Frontend:
+    """Drives one back end over its vhost-user socket."""
+
+    def __init__(self, sock: socket.socket, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.channel = Channel(sock)
+        self.timeout = timeout
+        self._lock = threading.RLock()
+        self.features = 0
+        self.protocol_features = 0
+        self.backend_features = 0
+        self.backend_protocol_features = 0
+        self.ram: GuestRam | None = None
+        self.queues: dict[int, DriverQueue] = {}
+        self.shm: dict[int, ShmWindow] = {}
+        self.display: Display | None = None
+        self.config_changes = 0
+        self.backend_requests: list[tuple[int, bytes]] = []
+        self.on_shmem_map: Callable[[ShmMapping], None] | None = None
+        self._backend_chan: Channel | None = None
+        self._display_chan: Channel | None = None
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._service: threading.Thread | None = None
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._stop_r, selectors.EVENT_READ, None)
+        self.service_errors: list[str] = []
+
+    @classmethod
+    def connect(cls, path: str, timeout: float = DEFAULT_TIMEOUT, retry_for: float = 10.0) -> Frontend:
+        """Connect to a back end's socket, waiting up to `retry_for` seconds for it to appear."""
+        deadline = time.monotonic() + retry_for
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                s.connect(path)
+                return cls(s, timeout)
+            except (FileNotFoundError, ConnectionRefusedError):
+                s.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    # --- raw requests -----------------------------------------------------------------------------------------
+
+    def send(self, req: int, payload: bytes = b"", fds: list[int] | None = None, flags: int = VHOST_USER_VERSION,
+             ) -> None:
+        with self._lock:
+            self.channel.send(req, flags, payload, fds)
+
+    def recv(self, timeout: float | None = None) -> Message:
+        """The next message from the back end on the main socket (a reply); raises TimeoutError."""
+        with self._lock:
+            msg = self.channel.poll()
+            if msg is not None:
+                return msg
+            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("no reply from the back end")
+                r, _, _ = _select([self.channel.sock], remaining)
+                if r:
+                    self.channel.fill()
+                    msg = self.channel.poll()
+                    if msg is not None:
+                        return msg
+
+    def request(self, req: int, payload: bytes = b"", fds: list[int] | None = None, reply: bool = False,
+                need_reply: bool | None = None) -> Message | None:
+        """Send `req`; return its reply if it has one (`reply`), or the REPLY_ACK ack when asked for."""
+        ack = self.has(ProtocolFeature.REPLY_ACK) if need_reply is None else need_reply
+        ack = ack and not reply
+        flags = VHOST_USER_VERSION | (FLAG_NEED_REPLY if ack else 0)
+        with self._lock:
+            self.send(req, payload, fds, flags)
+            if not (reply or ack):
+                return None
+            msg = self.recv()
+        if msg.request != req or msg.flags != (VHOST_USER_VERSION | 0x4):
+            raise FrontendError(f"bad reply to {req}: request {msg.request} flags {msg.flags:#x}")
+        if ack:
+            status = parse_u64(msg.payload)
+            if status:
+                raise FrontendError(f"back end refused request {FrontendRequest(req).name} (ack {status})")
+        return msg
+
+    def u64(self, req: FrontendRequest) -> int:
+        msg = self.request(req, reply=True)
+        assert msg is not None
+        if len(msg.payload) != 8:
+            raise FrontendError(f"{req.name} reply of {len(msg.payload)} bytes")
+        return parse_u64(msg.payload)
+
+    def has(self, feature: ProtocolFeature) -> bool:
+        return bool(self.protocol_features & bit(feature))
+
+    # --- set-up, in QEMU's order ------------------------------------------------------------------------------
+
+    def negotiate(self, device_features: int = 0, protocol_features: int = FRONTEND_PROTOCOL_FEATURES,
+                  ring_features: int = bit(VIRTIO_RING_F_EVENT_IDX) | bit(VIRTIO_RING_F_INDIRECT_DESC)) -> None:
+        """GET_FEATURES, protocol features, SET_OWNER, the back-end channel, then SET_FEATURES."""
+        self.backend_features = self.u64(FrontendRequest.GET_FEATURES)
+        if self.backend_features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
+            self.backend_protocol_features = self.u64(FrontendRequest.GET_PROTOCOL_FEATURES)
+            self.protocol_features = self.backend_protocol_features & protocol_features
+            self.request(FrontendRequest.SET_PROTOCOL_FEATURES, build_u64(self.protocol_features),
+                         need_reply=False)
+        self.request(FrontendRequest.SET_OWNER)
+        if self.has(ProtocolFeature.BACKEND_REQ):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                self.request(FrontendRequest.SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
+            finally:
+                theirs.close()
+            self._backend_chan = Channel(ours)
+            self._watch(self._backend_chan)
+        wanted = (bit(VIRTIO_F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES) | ring_features
+                  | device_features)
+        self.features = self.backend_features & wanted
+        self.request(FrontendRequest.SET_FEATURES, build_u64(self.features))
+
+    def set_display(self, display: Display) -> None:
+        """Hand the back end a display socket (GPU_SET_SOCKET) served by `display`."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        display.channel = Channel(ours, check_version=False)
+        self.display = display
+        self._display_chan = display.channel
+        self._watch(display.channel)
+        try:
+            self.request(FrontendRequest.GPU_SET_SOCKET, fds=[theirs.fileno()], need_reply=False)
+        finally:
+            theirs.close()
+
+    def shmem_config(self) -> dict[int, int]:
+        msg = self.request(FrontendRequest.GET_SHMEM_CONFIG, reply=True)
+        assert msg is not None
+        cfg = ShmemConfig.parse(msg.payload)
+        sizes = {i: s for i, s in enumerate(cfg.memory_sizes) if s}
+        if len(sizes) != cfg.nregions:
+            raise FrontendError(f"GET_SHMEM_CONFIG says {cfg.nregions} regions and lists {len(sizes)}")
+        return sizes
+
+    def reserve_shm(self) -> None:
+        """Ask for the back end's shared-memory regions and reserve a window for each (as QEMU sizes BARs)."""
+        for shmid, size in self.shmem_config().items():
+            self.shm[shmid] = ShmWindow(shmid, size)
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        msg = self.request(FrontendRequest.GET_CONFIG,
+                           build(ConfigHeader, offset=offset, size=size, flags=0) + bytes(size), reply=True)
+        assert msg is not None
+        hdr = ConfigHeader.parse(msg.payload[:CONFIG_HEADER_SIZE])
+        if hdr.size == 0:
+            raise FrontendError("GET_CONFIG failed (size 0)")
+        return msg.payload[CONFIG_HEADER_SIZE:]
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        self.request(FrontendRequest.SET_CONFIG,
+                     build(ConfigHeader, offset=offset, size=len(data), flags=0) + data)
+
+    def share_memory(self, ram: GuestRam, use_add_mem_reg: bool | None = None) -> None:
+        """Give the back end the guest RAM: ADD_MEM_REG with CONFIGURE_MEM_SLOTS, else SET_MEM_TABLE."""
+        self.ram = ram
+        region = dict(guest_phys_addr=ram.gpa_base, memory_size=ram.size, userspace_addr=ram.uva, mmap_offset=0)
+        add = self.has(ProtocolFeature.CONFIGURE_MEM_SLOTS) if use_add_mem_reg is None else use_add_mem_reg
+        if add:
+            self.request(FrontendRequest.ADD_MEM_REG, _single_region(region), fds=[ram.fd])
+        else:
+            self.request(FrontendRequest.SET_MEM_TABLE, _mem_table([region]), fds=[ram.fd])
+
+    def setup_queue(self, index: int, size: int = 256, enable: bool = True) -> DriverQueue:
+        """SET_VRING_NUM/BASE/ADDR/CALL/KICK (+ENABLE), as QEMU starts a ring."""
+        assert self.ram is not None, "share_memory first"
+        event_idx = bool(self.features & bit(VIRTIO_RING_F_EVENT_IDX))
+        q = DriverQueue(self.ram, index, size, event_idx)
+        self.queues[index] = q
+        self.request(FrontendRequest.SET_VRING_NUM, _state(index, size))
+        self.request(FrontendRequest.SET_VRING_BASE, _state(index, 0))
+        desc, used, avail = q.addresses
+        self.request(FrontendRequest.SET_VRING_ADDR, build_vring_addr(index, desc, used, avail))
+        self.request(FrontendRequest.SET_VRING_CALL, build_u64(index), fds=[q.call_fd])
+        self.request(FrontendRequest.SET_VRING_KICK, build_u64(index), fds=[q.kick_fd])
+        if enable and self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
+            self.request(FrontendRequest.SET_VRING_ENABLE, _state(index, 1))
+        return q
+
+    def get_vring_base(self, index: int) -> int:
+        msg = self.request(FrontendRequest.GET_VRING_BASE, _state(index, 0), reply=True)
+        assert msg is not None
+        return int.from_bytes(msg.payload[4:8], "little")
+
+    # --- acting as the guest ----------------------------------------------------------------------------------
+
+    def submit(self, index: int, request: bytes, response_size: int, indirect: bool = False) -> bytes:
+        """One request on queue `index`, waiting for its completion; returns what the device wrote."""
+        q = self.queues[index]
+        p = q.add([request], [response_size] if response_size else [], indirect)
+        q.publish(p)
+        q.kick()
+        deadline = time.monotonic() + self.timeout
+        while True:
+            for done, written in q.collect():
+                if done is p:
+                    data = q.read_response(p, written)
+                    q.release(p)
+                    return data
+                q.release(done)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no completion on queue {index}")
+            q.wait(min(remaining, 0.05))
+
+    def submit_batch(self, index: int, requests: list[bytes], response_size: int) -> list[bytes]:
+        """Publish all requests, kick once, and wait for all of them (in completion order)."""
+        q = self.queues[index]
+        pend = []
+        for r in requests:
+            p = q.add([r], [response_size] if response_size else [])
+            q.publish(p)
+            pend.append(p)
+        q.kick()
+        results: dict[int, bytes] = {}
+        want = {id(p) for p in pend}
+        deadline = time.monotonic() + self.timeout
+        while want:
+            for done, written in q.collect():
+                results[id(done)] = q.read_response(done, written)
+                want.discard(id(done))
+                q.release(done)
+            if want:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"{len(want)} requests on queue {index} not completed")
+                q.wait(min(remaining, 0.05))
+        return [results[id(p)] for p in pend]
+
+    # --- requests from the back end ---------------------------------------------------------------------------
+
+    def _watch(self, ch: Channel) -> None:
+        self._sel.register(ch.sock, selectors.EVENT_READ, ch)
+        if self._service is None:
+            self._service = threading.Thread(target=self._serve, name="vhost-user-frontend", daemon=True)
+            self._service.start()
+        else:
+            os.write(self._stop_w, b"r")  # wake the thread so it sees the new channel
+
+    def _serve(self) -> None:
+        while True:
+            for key, _ in self._sel.select():
+                ch = key.data
+                if ch is None:
+                    if os.read(self._stop_r, 64).endswith(b"q"):
+                        return
+                    continue
+                try:
+                    ch.fill()
+                    while (msg := ch.poll()) is not None:
+                        if ch is self._backend_chan:
+                            self._on_backend_request(msg)
+                        elif self.display is not None:
+                            self.display.handle(msg)
+                except (ProtocolError, OSError, FrontendError) as e:
+                    if not isinstance(e, ProtocolError):
+                        self.service_errors.append(str(e))
+                    self._sel.unregister(ch.sock)
+                    ch.close()
+
+    def _on_backend_request(self, msg: Message) -> None:
+        ch = self._backend_chan
+        assert ch is not None
+        self.backend_requests.append((msg.request, msg.payload))
+        status = 0
+        try:
+            if msg.request == BackendRequest.SHMEM_MAP:
+                status = self._shmem(msg, True)
+            elif msg.request == BackendRequest.SHMEM_UNMAP:
+                status = self._shmem(msg, False)
+            elif msg.request == BackendRequest.CONFIG_CHANGE_MSG:
+                self.config_changes += 1
+            else:
+                status = 1
+        finally:
+            msg.close_fds()
+        if msg.flags & FLAG_NEED_REPLY:
+            ch.send_reply(msg.request, build_u64(status))
+
+    def _shmem(self, msg: Message, is_map: bool) -> int:
+        if len(msg.payload) != MMapRequest.sizeof():
+            self.service_errors.append(f"SHMEM request of {len(msg.payload)} bytes")
+            return 1
+        r = MMapRequest.parse(msg.payload)
+        window = self.shm.get(r.shmid)
+        if window is None:
+            self.service_errors.append(f"SHMEM request for unknown shmid {r.shmid}")
+            return 1
+        m = ShmMapping(r.shm_offset, r.len, r.fd_offset, r.flags)
+        try:
+            if is_map:
+                if not msg.fds:
+                    raise FrontendError("SHMEM_MAP without an fd")
+                if self.on_shmem_map is not None:
+                    self.on_shmem_map(m)
+                window.map(msg.fds[0], m)
+            else:
+                window.unmap(m)
+        except (FrontendError, OSError) as e:
+            self.service_errors.append(str(e))
+            return 1
+        return 0
+
+    # --- teardown ---------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._service is not None:
+            os.write(self._stop_w, b"q")
+            self._service.join(5)
+        self._sel.close()
+        for ch in (self._backend_chan, self._display_chan):
+            if ch is not None:
+                ch.close()
+        if self.display is not None:
+            self.display.close()
+        self.channel.close()
+        for q in self.queues.values():
+            q.close()
+        self.queues.clear()
+        for w in self.shm.values():
+            w.close()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+
+    def __enter__(self) -> Frontend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _select(rlist: list[Any], timeout: float) -> tuple[list[Any], list[Any], list[Any]]:
+    return select.select(rlist, [], [], timeout)
+
+
+def _state(index: int, num: int) -> bytes:
+    return index.to_bytes(4, "little") + num.to_bytes(4, "little")
+
+
+def build_vring_addr(index: int, desc: int, used: int, avail: int, flags: int = 0, log: int = 0) -> bytes:
+    return build(VringAddr, index=index, flags=flags, desc_user_addr=desc, used_user_addr=used,
+                 avail_user_addr=avail, log_guest_addr=log)
+
+
+def _single_region(region: dict[str, int]) -> bytes:
+    return SingleMemoryRegion.build({"region": region})
+
+
+def _mem_table(regions: list[dict[str, int]]) -> bytes:
+    return MemoryTable.build({"num_regions": len(regions), "regions": regions})

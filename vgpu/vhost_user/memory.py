@@ -1,0 +1,243 @@
+"""Guest memory as the front end shares it: regions mmapped from the fds it sends, with bounds-checked translation.
+
+Two address spaces matter.  Descriptor buffers carry guest-physical addresses; ring addresses in SET_VRING_ADDR are
+the front end's own virtual addresses.  Both are translated through the same region list, and a range is valid only
+if it lies wholly inside one region: guest RAM regions are not contiguous in either space, so a range that spans two
+of them is a guest (or front-end) bug, never something to stitch together.
+
+Regions are replaced while commands may still hold views into them (QEMU can send SET_MEM_TABLE mid-command), so a
+removed region is *retired*: it leaves the lookup table at once and its mapping is closed by `collect()` once no view
+into it remains.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from typing import Final
+
+PAGE_SIZE: Final = mmap.PAGESIZE
+
+
+class GuestMemoryError(Exception):
+    """An address range that no region covers, or a region the front end should not have sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegionDesc:
+    """A region as described on the wire (SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG)."""
+
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    mmap_offset: int
+
+
+@dataclass(eq=False)
+class MappedRegion:
+    """One mapped region; owns its fd and its mapping."""
+
+    desc: RegionDesc
+    fd: int
+    _map: mmap.mmap | None = field(default=None, repr=False)
+    _skew: int = 0
+
+    @classmethod
+    def open(cls, desc: RegionDesc, fd: int) -> MappedRegion:
+        """Map `fd`; takes ownership of `fd` whether or not the mapping succeeds."""
+        try:
+            if desc.memory_size <= 0:
+                raise GuestMemoryError("zero-sized memory region")
+            if desc.memory_size > (1 << 48) or desc.mmap_offset > (1 << 62):
+                raise GuestMemoryError("memory region size or offset out of range")
+            # mmap offsets must be page aligned; map from the page below and remember the skew.
+            skew = desc.mmap_offset % PAGE_SIZE
+            base = desc.mmap_offset - skew
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and desc.mmap_offset + desc.memory_size > st.st_size:
+                raise GuestMemoryError(
+                    f"region [{desc.mmap_offset:#x}, +{desc.memory_size:#x}) is past the end of its file "
+                    f"({st.st_size:#x} bytes)"
+                )
+            try:
+                mm = mmap.mmap(fd, desc.memory_size + skew, flags=mmap.MAP_SHARED,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+            except (OSError, ValueError, OverflowError) as e:
+                raise GuestMemoryError(f"cannot map region: {e}") from e
+            return cls(desc, fd, mm, skew)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def view(self, offset: int, length: int) -> memoryview:
+        assert self._map is not None
+        start = self._skew + offset
+        return memoryview(self._map)[start:start + length]
+
+    @property
+    def mapping(self) -> mmap.mmap:
+        assert self._map is not None
+        return self._map
+
+    @property
+    def skew(self) -> int:
+        return self._skew
+
+    def try_close(self) -> bool:
+        """Unmap and close the fd; False while some view still pins the mapping."""
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                return False
+            self._map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        return True
+
+
+class _Index:
+    """Sorted start addresses for one address space, for O(log n) lookup."""
+
+    def __init__(self, regions: list[MappedRegion], key: str) -> None:
+        self.regions = sorted(regions, key=lambda r: getattr(r.desc, key))
+        self.starts = [getattr(r.desc, key) for r in self.regions]
+
+    def find(self, addr: int, length: int) -> tuple[MappedRegion, int]:
+        i = bisect_right(self.starts, addr) - 1
+        if i >= 0:
+            r = self.regions[i]
+            off = addr - self.starts[i]
+            if length >= 0 and off + length <= r.desc.memory_size:
+                return r, off
+        raise GuestMemoryError(f"range [{addr:#x}, +{length:#x}) is not inside one memory region")
+
+
+class GuestMemory:
+    """The region table of one front-end connection."""
+
+    def __init__(self, max_regions: int) -> None:
+        self.max_regions = max_regions
+        self._regions: list[MappedRegion] = []
+        self._retired: list[MappedRegion] = []
+        self._gpa = _Index([], "guest_phys_addr")
+        self._uva = _Index([], "userspace_addr")
+        self.generation = 0
+
+    @property
+    def regions(self) -> tuple[MappedRegion, ...]:
+        return tuple(self._regions)
+
+    def _rebuild(self) -> None:
+        self._gpa = _Index(self._regions, "guest_phys_addr")
+        self._uva = _Index(self._regions, "userspace_addr")
+        self.generation += 1
+
+    @staticmethod
+    def _overlaps(a: RegionDesc, b: RegionDesc) -> bool:
+        def clash(s1: int, s2: int) -> bool:
+            return s1 < s2 + b.memory_size and s2 < s1 + a.memory_size
+
+        return clash(a.guest_phys_addr, b.guest_phys_addr) or clash(a.userspace_addr, b.userspace_addr)
+
+    def _check_new(self, descs: list[RegionDesc], existing: list[RegionDesc]) -> None:
+        for i, d in enumerate(descs):
+            if d.memory_size <= 0:
+                raise GuestMemoryError("zero-sized memory region")
+            for other in existing + descs[:i]:
+                if self._overlaps(d, other):
+                    raise GuestMemoryError(
+                        f"region gpa {d.guest_phys_addr:#x} +{d.memory_size:#x} overlaps gpa "
+                        f"{other.guest_phys_addr:#x} +{other.memory_size:#x}"
+                    )
+
+    def set_table(self, descs: list[RegionDesc], fds: list[int]) -> None:
+        """SET_MEM_TABLE: replace every region.  Takes ownership of `fds`; on error the old table stays."""
+        try:
+            if len(descs) != len(fds):
+                raise GuestMemoryError(f"{len(descs)} regions but {len(fds)} fds")
+            if len(descs) > self.max_regions:
+                raise GuestMemoryError(f"{len(descs)} regions exceed the limit of {self.max_regions}")
+            self._check_new(descs, [])
+        except GuestMemoryError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        new: list[MappedRegion] = []
+        try:
+            for i, (d, fd) in enumerate(zip(descs, fds, strict=True)):
+                try:
+                    new.append(MappedRegion.open(d, fd))
+                except GuestMemoryError:
+                    for rest in fds[i + 1:]:
+                        os.close(rest)
+                    raise
+        except GuestMemoryError:
+            for r in new:
+                r.try_close()
+            raise
+        self._retired.extend(self._regions)
+        self._regions = new
+        self._rebuild()
+
+    def add(self, desc: RegionDesc, fd: int) -> None:
+        """ADD_MEM_REG.  Takes ownership of `fd`."""
+        try:
+            if len(self._regions) >= self.max_regions:
+                raise GuestMemoryError(f"no free memory slot (limit {self.max_regions})")
+            self._check_new([desc], [r.desc for r in self._regions])
+        except GuestMemoryError:
+            os.close(fd)
+            raise
+        self._regions.append(MappedRegion.open(desc, fd))
+        self._rebuild()
+
+    def remove(self, desc: RegionDesc) -> None:
+        """REM_MEM_REG: the region is named by guest address, user address and size (mmap_offset is ignored)."""
+        for r in self._regions:
+            d = r.desc
+            if (d.guest_phys_addr, d.userspace_addr, d.memory_size) == (
+                desc.guest_phys_addr, desc.userspace_addr, desc.memory_size,
+            ):
+                self._regions.remove(r)
+                self._retired.append(r)
+                self._rebuild()
+                return
+        raise GuestMemoryError(f"no region at gpa {desc.guest_phys_addr:#x} +{desc.memory_size:#x}")
+
+    def clear(self) -> None:
+        self._retired.extend(self._regions)
+        self._regions = []
+        self._rebuild()
+
+    def collect(self) -> int:
+        """Close retired regions nothing points into any more; returns how many are still pinned."""
+        self._retired = [r for r in self._retired if not r.try_close()]
+        return len(self._retired)
+
+    def close(self) -> None:
+        """Drop everything.  Views still alive keep their mapping until they are released and collected."""
+        self.clear()
+        self.collect()
+
+    # --- translation ------------------------------------------------------------------------------------------
+
+    def gpa(self, addr: int, length: int) -> memoryview:
+        """A writable view of guest-physical [addr, addr+length)."""
+        r, off = self._gpa.find(addr, length)
+        return r.view(off, length)
+
+    def uva(self, addr: int, length: int) -> tuple[MappedRegion, int]:
+        """Region and offset (relative to the region start) of front-end user address range."""
+        return self._uva.find(addr, length)
+
+    def gpa_region(self, addr: int, length: int) -> tuple[MappedRegion, int]:
+        return self._gpa.find(addr, length)
+
+    def uva_to_gpa(self, addr: int, length: int) -> int:
+        r, off = self._uva.find(addr, length)
+        return r.desc.guest_phys_addr + off

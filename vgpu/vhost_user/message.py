@@ -1,0 +1,180 @@
+"""vhost-user message framing: bytes and fds in, messages out (no socket in here), plus the socket edge.
+
+Framing is kept apart from sockets in the manner of h11 so that every malformed header can be tested by feeding
+bytes.  fds arrive as SCM_RIGHTS on the recvmsg that carries the first byte of their message's header; the decoder
+attaches every fd received while a message is being assembled to that message, and closes fds that belong to
+no message.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Final
+
+from .wire import FLAG_REPLY, HEADER_SIZE, MAX_FDS, MAX_PAYLOAD, VERSION_MASK, VHOST_USER_VERSION, HeaderC, build_header
+
+
+class ProtocolError(Exception):
+    """The peer broke the framing; the only safe answer is to close the connection."""
+
+
+class PeerClosed(ProtocolError):
+    """The peer closed its end."""
+
+
+@dataclass(slots=True)
+class Message:
+    """One framed message; owns its fds until someone takes them."""
+
+    request: int
+    flags: int
+    payload: bytes
+    fds: list[int] = field(default_factory=list)
+
+    @property
+    def is_reply(self) -> bool:
+        return bool(self.flags & FLAG_REPLY)
+
+    def take_fds(self) -> list[int]:
+        fds, self.fds = self.fds, []
+        return fds
+
+    def take_fd(self) -> int:
+        """The single fd this request must carry; any extra fds are closed."""
+        if not self.fds:
+            raise ProtocolError(f"request {self.request} carries no fd")
+        fd, *extra = self.take_fds()
+        for e in extra:
+            os.close(e)
+        return fd
+
+    def close_fds(self) -> None:
+        for fd in self.take_fds():
+            os.close(fd)
+
+
+class MessageDecoder:
+    """Accumulates received bytes and fds and yields complete messages."""
+
+    def __init__(self, check_version: bool = True, max_payload: int = MAX_PAYLOAD) -> None:
+        self._buf = bytearray()
+        self._fds: list[int] = []
+        self._check_version = check_version
+        self._max_payload = max_payload
+
+    def feed(self, data: bytes, fds: list[int]) -> None:
+        self._buf += data
+        self._fds.extend(fds)
+        if len(self._fds) > MAX_FDS:
+            self.close()
+            raise ProtocolError(f"more than {MAX_FDS} fds attached to one message")
+
+    def next_message(self) -> Message | None:
+        if len(self._buf) < HEADER_SIZE:
+            return None
+        hdr = HeaderC.parse(bytes(self._buf[:HEADER_SIZE]))
+        if self._check_version and hdr.flags & VERSION_MASK != VHOST_USER_VERSION:
+            raise ProtocolError(f"bad version in flags {hdr.flags:#x}")
+        if hdr.size > self._max_payload:
+            raise ProtocolError(f"payload of {hdr.size} bytes exceeds {self._max_payload}")
+        end = HEADER_SIZE + hdr.size
+        if len(self._buf) < end:
+            return None
+        payload = bytes(self._buf[HEADER_SIZE:end])
+        del self._buf[:end]
+        fds, self._fds = self._fds, []
+        return Message(hdr.request, hdr.flags, payload, fds)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._buf)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        self._buf.clear()
+
+
+_FD_SPACE: Final = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+
+
+def recv_with_fds(sock: socket.socket, bufsize: int) -> tuple[bytes, list[int]]:
+    """One recvmsg; returns data and every fd that came with it (truncated control data is a protocol error,
+    after closing what did arrive)."""
+    data, anc, flags, _ = sock.recvmsg(bufsize, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, cdata in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(cdata[: len(cdata) - len(cdata) % arr.itemsize])
+            fds.extend(arr)
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise ProtocolError("too many fds attached (control data truncated)")
+    return data, fds
+
+
+class Channel:
+    """A vhost-user (or vhost-user-gpu) stream socket: send framed messages, receive them with their fds."""
+
+    def __init__(self, sock: socket.socket, check_version: bool = True) -> None:
+        self.sock = sock
+        self._decoder = MessageDecoder(check_version)
+        self._ready: list[Message] = []
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, request: int, flags: int, payload: bytes = b"", fds: list[int] | None = None) -> None:
+        data = build_header(request, flags, len(payload)) + payload
+        if fds:
+            self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        else:
+            self.sock.sendall(data)
+
+    def send_reply(self, request: int, payload: bytes = b"", fds: list[int] | None = None) -> None:
+        self.send(request, VHOST_USER_VERSION | FLAG_REPLY, payload, fds)
+
+    def fill(self) -> None:
+        """Read what the socket has (one recvmsg) into the decoder; raises PeerClosed at EOF."""
+        try:
+            data, fds = recv_with_fds(self.sock, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except ConnectionResetError as e:
+            raise PeerClosed(str(e)) from e
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            raise PeerClosed("peer closed the connection")
+        self._decoder.feed(data, fds)
+        while (msg := self._decoder.next_message()) is not None:
+            self._ready.append(msg)
+
+    def poll(self) -> Message | None:
+        """A message already decoded, if any (no I/O)."""
+        return self._ready.pop(0) if self._ready else None
+
+    def recv(self) -> Message:
+        """Block until a whole message is here."""
+        while not self._ready:
+            self.fill()
+        return self._ready.pop(0)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for msg in self._ready:
+            msg.close_fds()
+        self._ready.clear()
+        self._decoder.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()

@@ -1,0 +1,345 @@
+"""Split virtqueues, device side: descriptor chains as zero-copy views, used-ring updates, notification suppression.
+
+The rings live in guest memory and the guest (another thread of QEMU) writes them concurrently, so every value read
+from them is untrusted: indices are reduced modulo the queue size, chain walks are capped, and every buffer address
+is translated through the region table with its full length.  Ring views are numpy arrays over the mapping so that
+reading an index or writing a used element is one store, not a pack/unpack round trip.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+
+from .layout import dtype_of
+from .memory import GuestMemory, GuestMemoryError
+from .wire import (
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_DESC_SIZE,
+    VringDesc,
+    VringUsedElem,
+)
+
+DESC_DTYPE: Final = dtype_of(VringDesc)
+USED_ELEM_DTYPE: Final = dtype_of(VringUsedElem)
+# An indirect table may hold at most this many descriptors; the spec bounds it by the queue size for direct chains
+# only, so we pick the split-ring maximum to keep a hostile table from making us walk forever.
+MAX_INDIRECT: Final = 32768
+# Bytes one chain may carry in total.  Real GPU commands are far smaller; the cap keeps a hostile chain from making
+# us gather gigabytes.
+MAX_CHAIN_BYTES: Final = 1 << 28
+
+
+class VirtqueueError(Exception):
+    """A chain the driver laid out wrongly; it was handed back and the queue stays usable for the next one."""
+
+
+class RingBroken(VirtqueueError):
+    """The ring itself is inconsistent (an index no driver could have written): stop processing this queue until
+    the front end sets it up again."""
+
+
+def ring_sizes(num: int) -> tuple[int, int, int]:
+    """Bytes of the descriptor table, available ring and used ring (with their event-index words)."""
+    return 16 * num, 4 + 2 * num + 2, 4 + 8 * num + 2
+
+
+def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """vring_need_event(): has `event_idx` been crossed while moving from old_idx to new_idx?"""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+@dataclass(slots=True)
+class DescriptorChain:
+    """One request: the device-readable buffers followed by the device-writable ones."""
+
+    head: int
+    readable: list[memoryview] = field(default_factory=list)
+    writable: list[memoryview] = field(default_factory=list)
+
+    @property
+    def readable_len(self) -> int:
+        return sum(len(v) for v in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(len(v) for v in self.writable)
+
+    def read_all(self) -> bytes | memoryview:
+        """The request bytes; zero-copy when the driver used one readable buffer (the common case)."""
+        if len(self.readable) == 1:
+            return self.readable[0]
+        return b"".join(self.readable)
+
+    def write(self, data: bytes | memoryview) -> int:
+        """Scatter `data` into the writable buffers; returns how many bytes fit (never more than they hold)."""
+        src = memoryview(data)
+        done = 0
+        for dst in self.writable:
+            if done >= len(src):
+                break
+            n = min(len(dst), len(src) - done)
+            dst[:n] = src[done:done + n]
+            done += n
+        return done
+
+    def release(self) -> None:
+        """Drop the views so the memory they point into can be unmapped."""
+        for v in self.readable:
+            v.release()
+        for v in self.writable:
+            v.release()
+        self.readable.clear()
+        self.writable.clear()
+
+
+class Virtqueue:
+    """Device-side state of one split virtqueue, as set up by SET_VRING_* requests."""
+
+    def __init__(self, index: int, max_size: int) -> None:
+        self.index = index
+        self.max_size = max_size
+        self.size = 0
+        self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.log_addr = 0
+        self.addr_flags = 0
+        self.has_addr = False
+        self.last_avail_idx = 0
+        self.used_idx = 0
+        self.signalled_used = 0
+        self.signalled_used_valid = False
+        self.kick_fd = -1
+        self.call_fd = -1
+        self.err_fd = -1
+        self.started = False
+        self.enabled = False
+        self.event_idx = False
+        self.indirect = False
+        self._desc: np.ndarray[Any, Any] | None = None
+        self._avail: np.ndarray[Any, Any] | None = None
+        self._used: np.ndarray[Any, Any] | None = None
+        self._used_elems: np.ndarray[Any, Any] | None = None
+        self._avail_event: np.ndarray[Any, Any] | None = None
+        self.broken = False
+
+    # --- set-up ---------------------------------------------------------------------------------------------
+
+    def set_size(self, num: int) -> None:
+        if num == 0 or num > self.max_size or num & (num - 1):
+            raise VirtqueueError(f"queue size {num} is not a power of two in 1..{self.max_size}")
+        self.size = num
+        self.unmap()
+
+    def set_addr(self, desc: int, used: int, avail: int, log: int, flags: int) -> None:
+        self.desc_addr, self.used_addr, self.avail_addr, self.log_addr = desc, used, avail, log
+        self.addr_flags = flags
+        self.has_addr = True
+        self.broken = False
+        self.unmap()
+
+    def set_base(self, base: int) -> None:
+        # For a split ring only the avail index travels; the used index is read back from the ring when mapped.
+        self.last_avail_idx = base & 0xFFFF
+        self.signalled_used_valid = False
+
+    def map(self, memory: GuestMemory) -> None:
+        """Translate the ring addresses (front-end user addresses) into views; raises VirtqueueError if any ring is
+        not wholly inside guest memory or is misaligned."""
+        self.unmap()
+        if not self.has_addr or self.size == 0:
+            raise VirtqueueError(f"queue {self.index} has no size or addresses")
+        dsz, asz, usz = ring_sizes(self.size)
+        if self.desc_addr % 16 or self.avail_addr % 2 or self.used_addr % 4:
+            raise VirtqueueError(f"queue {self.index} ring addresses are misaligned")
+        try:
+            dr, doff = memory.uva(self.desc_addr, dsz)
+            ar, aoff = memory.uva(self.avail_addr, asz)
+            ur, uoff = memory.uva(self.used_addr, usz)
+        except GuestMemoryError as e:
+            raise VirtqueueError(f"queue {self.index}: {e}") from e
+        self._desc = np.frombuffer(dr.mapping, DESC_DTYPE, self.size, dr.skew + doff)
+        self._avail = np.frombuffer(ar.mapping, np.dtype("<u2"), self.size + 3, ar.skew + aoff)
+        self._used = np.frombuffer(ur.mapping, np.dtype("<u2"), 2, ur.skew + uoff)
+        self._used_elems = np.frombuffer(ur.mapping, USED_ELEM_DTYPE, self.size, ur.skew + uoff + 4)
+        self._avail_event = np.frombuffer(ur.mapping, np.dtype("<u2"), 1, ur.skew + uoff + 4 + 8 * self.size)
+        self.used_idx = int(self._used[1])
+
+    def unmap(self) -> None:
+        self._desc = self._avail = self._used = self._used_elems = self._avail_event = None
+
+    @property
+    def mapped(self) -> bool:
+        return self._desc is not None
+
+    def reset(self) -> None:
+        self.unmap()
+        for fd in (self.kick_fd, self.call_fd, self.err_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.__init__(self.index, self.max_size)  # type: ignore[misc]
+
+    def replace_fd(self, which: str, fd: int) -> None:
+        """Install a new kick/call/err fd, closing the one it replaces."""
+        old: int = getattr(self, which)
+        if old >= 0 and old != fd:
+            os.close(old)
+        setattr(self, which, fd)
+
+    # --- processing -----------------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.started and self.enabled and self.mapped and not self.broken
+
+    def avail_idx(self) -> int:
+        assert self._avail is not None
+        return int(self._avail[1])
+
+    def has_pending(self) -> bool:
+        return self._avail is not None and self.avail_idx() != self.last_avail_idx
+
+    def pop(self, memory: GuestMemory) -> DescriptorChain | None:
+        """The next available chain, or None.  A malformed chain is returned to the driver with length 0 and
+        VirtqueueError is raised so the caller can log it and carry on with the next one."""
+        avail = self._avail
+        if avail is None:
+            return None
+        idx = int(avail[1])
+        pending = (idx - self.last_avail_idx) & 0xFFFF
+        if pending == 0:
+            return None
+        if pending > self.size:
+            raise RingBroken(f"queue {self.index}: avail index moved by {pending} > queue size {self.size}")
+        head = int(avail[2 + self.last_avail_idx % self.size])
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        if self._avail_event is not None and self.event_idx:
+            # Ask for a kick when the driver publishes the next one.
+            self._avail_event[0] = self.last_avail_idx
+        if head >= self.size:
+            raise RingBroken(f"queue {self.index}: head {head} outside a queue of {self.size}")
+        try:
+            return self._walk(memory, head)
+        except VirtqueueError:
+            self.push(head, 0)
+            raise
+
+    def _walk(self, memory: GuestMemory, head: int) -> DescriptorChain:
+        assert self._desc is not None
+        chain = DescriptorChain(head)
+        table: np.ndarray[Any, Any] = self._desc
+        limit = self.size
+        i = head
+        seen = 0
+        total = 0
+        indirect = False
+        try:
+            while True:
+                if seen >= limit:
+                    raise VirtqueueError(f"queue {self.index}: chain at {head} loops or exceeds {limit} descriptors")
+                seen += 1
+                d = table[i]
+                addr, length, flags, nxt = int(d[0]), int(d[1]), int(d[2]), int(d[3])
+                if flags & VRING_DESC_F_INDIRECT:
+                    if indirect:
+                        raise VirtqueueError("nested indirect descriptor table")
+                    if flags & VRING_DESC_F_NEXT:
+                        raise VirtqueueError("indirect descriptor with NEXT set")
+                    if length == 0 or length % VRING_DESC_SIZE or length // VRING_DESC_SIZE > MAX_INDIRECT:
+                        raise VirtqueueError(f"indirect table of {length} bytes")
+                    try:
+                        view = memory.gpa(addr, length)
+                    except GuestMemoryError as e:
+                        raise VirtqueueError(f"indirect table: {e}") from e
+                    if chain.readable or chain.writable:
+                        raise VirtqueueError("indirect descriptor after direct buffers")
+                    table = np.frombuffer(view, DESC_DTYPE)
+                    limit = len(table)
+                    indirect = True
+                    i, seen = 0, 0
+                    continue
+                total += length
+                if total > MAX_CHAIN_BYTES:
+                    raise VirtqueueError(f"chain carries more than {MAX_CHAIN_BYTES} bytes")
+                try:
+                    buf = memory.gpa(addr, length)
+                except GuestMemoryError as e:
+                    raise VirtqueueError(f"queue {self.index}: descriptor {i}: {e}") from e
+                if flags & VRING_DESC_F_WRITE:
+                    chain.writable.append(buf)
+                elif chain.writable:
+                    raise VirtqueueError("device-readable buffer after a device-writable one")
+                else:
+                    chain.readable.append(buf)
+                if not flags & VRING_DESC_F_NEXT:
+                    return chain
+                if nxt >= limit:
+                    raise VirtqueueError(f"next index {nxt} outside a table of {limit}")
+                i = nxt
+        except BaseException:
+            chain.release()
+            raise
+
+    def push(self, head: int, written: int) -> None:
+        """Return a chain to the driver with `written` bytes in its writable part."""
+        assert self._used is not None and self._used_elems is not None
+        slot = self.used_idx % self.size
+        self._used_elems[slot] = (head, written)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        # numpy stores are plain stores; on x86 (TSO) the element is visible before the index that publishes it.
+        self._used[1] = self.used_idx
+
+    def should_notify(self) -> bool:
+        """Whether the driver wants an interrupt for what was pushed since the last notification."""
+        assert self._avail is not None
+        if not self.event_idx:
+            return not int(self._avail[0]) & VRING_AVAIL_F_NO_INTERRUPT
+        old = self.signalled_used
+        valid = self.signalled_used_valid
+        new = self.used_idx
+        self.signalled_used = new
+        self.signalled_used_valid = True
+        if not valid:
+            return True
+        used_event = int(self._avail[2 + self.size])
+        return need_event(used_event, new, old)
+
+    def notify(self) -> bool:
+        """Signal the call eventfd if the driver asked for it; True if it was signalled."""
+        if self.call_fd < 0 or not self.should_notify():
+            return False
+        try:
+            os.eventfd_write(self.call_fd, 1)
+        except OSError as e:
+            if e.errno != errno.EAGAIN:
+                raise
+        return True
+
+    def drain_kick(self) -> None:
+        try:
+            os.eventfd_read(self.kick_fd)
+        except BlockingIOError:
+            pass
+
+    def chains(self, memory: GuestMemory) -> Iterator[DescriptorChain | VirtqueueError]:
+        """Every available chain, malformed ones yielded as their error (already returned to the driver)."""
+        while self.ready:
+            try:
+                chain = self.pop(memory)
+            except RingBroken as e:
+                self.broken = True
+                yield e
+                return
+            except VirtqueueError as e:
+                yield e
+                continue
+            if chain is None:
+                return
+            yield chain
