@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from .device import BackendChannelError, Device, DeviceRefused, Transport
 from .memory import GuestMemory, GuestMemoryError, RegionDesc
-from .message import Channel, Message, PeerClosed, ProtocolError
+from .message import Channel, Message, MissingFd, PeerClosed, ProtocolError
 from .virtqueue import DescriptorChain, Virtqueue, VirtqueueError
 from .wire import (
     CONFIG_HEADER_SIZE,
@@ -351,7 +351,7 @@ class Session(Transport):
                     raise ProtocolError(f"{req.name} is not supported and needs an answer")
                 raise Refused(f"{req.name} is not supported")
             reply = handler(msg)
-        except (Refused, DeviceRefused, GuestMemoryError, VirtqueueError) as e:
+        except (Refused, DeviceRefused, GuestMemoryError, VirtqueueError, MissingFd) as e:
             ok = False
             log.warning("%s refused: %s", req.name, e)
             if req in _OWN_REPLY:

@@ -238,7 +238,9 @@ class Frontend:
         self.display: Display | None = None
         self.config_changes = 0
         self.backend_requests: list[tuple[int, bytes]] = []
-        self.on_shmem_map: Callable[[ShmMapping], None] | None = None
+        # Called (on the service thread) before a SHMEM_MAP is acked, with the mapping and its fd: QEMU adds the
+        # new range to the memory table at that point, which is what tests use this for.
+        self.on_shmem_map: Callable[[ShmMapping, int], None] | None = None
         self._backend_chan: Channel | None = None
         self._display_chan: Channel | None = None
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -390,6 +392,14 @@ class Frontend:
         else:
             self.request(FrontendRequest.SET_MEM_TABLE, _mem_table([region]), fds=[ram.fd])
 
+    def add_mem_reg(self, gpa: int, size: int, uva: int, mmap_offset: int, fd: int) -> None:
+        region = dict(guest_phys_addr=gpa, memory_size=size, userspace_addr=uva, mmap_offset=mmap_offset)
+        self.request(FrontendRequest.ADD_MEM_REG, _single_region(region), fds=[fd], need_reply=True)
+
+    def rem_mem_reg(self, gpa: int, size: int, uva: int) -> None:
+        region = dict(guest_phys_addr=gpa, memory_size=size, userspace_addr=uva, mmap_offset=0)
+        self.request(FrontendRequest.REM_MEM_REG, _single_region(region), need_reply=True)
+
     def setup_queue(self, index: int, size: int = 256, enable: bool = True) -> DriverQueue:
         """SET_VRING_NUM/BASE/ADDR/CALL/KICK (+ENABLE), as QEMU starts a ring."""
         assert self.ram is not None, "share_memory first"
@@ -521,7 +531,7 @@ class Frontend:
                 if not msg.fds:
                     raise FrontendError("SHMEM_MAP without an fd")
                 if self.on_shmem_map is not None:
-                    self.on_shmem_map(m)
+                    self.on_shmem_map(m, msg.fds[0])
                 window.map(msg.fds[0], m)
             else:
                 window.unmap(m)

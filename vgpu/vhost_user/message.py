@@ -26,6 +26,10 @@ class PeerClosed(ProtocolError):
     """The peer closed its end."""
 
 
+class MissingFd(Exception):
+    """A request that must carry an fd came without one: refused, but the framing is intact."""
+
+
 @dataclass(slots=True)
 class Message:
     """One framed message; owns its fds until someone takes them."""
@@ -46,7 +50,7 @@ class Message:
     def take_fd(self) -> int:
         """The single fd this request must carry; any extra fds are closed."""
         if not self.fds:
-            raise ProtocolError(f"request {self.request} carries no fd")
+            raise MissingFd(f"request {self.request} carries no fd")
         fd, *extra = self.take_fds()
         for e in extra:
             os.close(e)

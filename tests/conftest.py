@@ -1,0 +1,119 @@
+"""Shared fixtures: real back-end processes on real Unix sockets, and fd accounting of those processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+QEMU_GPU_BACKEND = "/usr/lib/qemu/vhost-user-gpu"
+
+
+def require(path_or_cmd: str, what: str) -> str:
+    """The component's path; in CI a missing component fails the test, elsewhere it skips with the reason."""
+    found = path_or_cmd if os.path.exists(path_or_cmd) else shutil.which(path_or_cmd)
+    if found:
+        return found
+    msg = f"{what} ({path_or_cmd}) is not installed; the README's test command provisions it"
+    if IN_CI:
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def open_fds(pid: int) -> set[str]:
+    """The fds a process has open, with what each points to (so a leak names its object)."""
+    out = set()
+    base = f"/proc/{pid}/fd"
+    for name in os.listdir(base):
+        try:
+            out.add(f"{name}->{os.readlink(os.path.join(base, name))}")
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def wait_until(pred: object, timeout: float = 5.0) -> bool:
+    assert callable(pred)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return bool(pred())
+
+
+@dataclass
+class BackendProcess:
+    proc: subprocess.Popen[bytes]
+    socket_path: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def settle_fds(self, expected: int, timeout: float = 5.0) -> int:
+        """Wait until the process is back to `expected` fds (the back end releases them after a disconnect)."""
+        wait_until(lambda: fd_count(self.pid) == expected, timeout)
+        return fd_count(self.pid)
+
+
+def start_backend(cmd: list[str], tmp_path: Path, name: str = "backend") -> BackendProcess:
+    sock = str(tmp_path / f"{name}.sock")
+    log_path = tmp_path / f"{name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([*cmd, f"--socket-path={sock}"], stdout=log, stderr=subprocess.STDOUT,
+                                cwd=REPO)
+    if not wait_until(lambda: os.path.exists(sock) or proc.poll() is not None, 15):
+        proc.kill()
+        raise RuntimeError(f"{cmd} did not create its socket")
+    if proc.poll() is not None:
+        raise RuntimeError(f"{cmd} exited: {log_path.read_text()}")
+    return BackendProcess(proc, sock, log_path)
+
+
+def stop_backend(b: BackendProcess) -> None:
+    if b.proc.poll() is None:
+        b.proc.terminate()
+        try:
+            b.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            b.proc.kill()
+            b.proc.wait()
+
+
+ECHO = [sys.executable, "-m", "vgpu.vhost_user.examples.echo", "--log-level=info"]
+
+
+@pytest.fixture
+def echo_backend(tmp_path: Path) -> Iterator[BackendProcess]:
+    b = start_backend([*ECHO, "--shm-size=16777216", "--map-timeout=1"], tmp_path, "echo")
+    yield b
+    stop_backend(b)
+
+
+@pytest.fixture
+def qemu_gpu_backend(tmp_path: Path) -> Iterator[BackendProcess]:
+    exe = require(QEMU_GPU_BACKEND, "QEMU's C vhost-user-gpu back end (Debian qemu-system-gui)")
+    b = start_backend([exe], tmp_path, "qemu-vhost-user-gpu")
+    yield b
+    stop_backend(b)
