@@ -296,7 +296,7 @@ class Session(Transport):
         try:
             ch.fill()
         except ProtocolError as e:
-            log.warning("back-end channel closed: %s", e)
+            log.info("back-end channel closed: %s", e)
             self._drop_backend_channel()
             return
         while (msg := ch.poll()) is not None:

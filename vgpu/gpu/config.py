@@ -1,0 +1,22 @@
+"""Options a VMM user sets on the device; the CLI fills them, the device reads them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..protocol import VIRTIO_GPU_MAX_SCANOUTS
+
+
+@dataclass(frozen=True)
+class GpuConfig:
+    num_scanouts: int = 1
+    # The display the guest sees when the front end gives us no display socket (or no display info).
+    width: int = 1280
+    height: int = 800
+    edid: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_scanouts <= VIRTIO_GPU_MAX_SCANOUTS:
+            raise ValueError(f"num_scanouts must be 1..{VIRTIO_GPU_MAX_SCANOUTS}")
+        if not (16 <= self.width <= 16384 and 16 <= self.height <= 16384):
+            raise ValueError("display size must be within 16..16384 pixels")

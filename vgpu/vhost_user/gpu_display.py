@@ -1,0 +1,150 @@
+"""The back end's side of the vhost-user-gpu display socket (QEMU `docs/interop/vhost-user-gpu.rst`).
+
+QEMU hands the socket over with GPU_SET_SOCKET when the guest driver is ready.  Queries (display info, EDID) block
+on QEMU's reply; they wait through `Transport.wait_reply`, which keeps the front-end socket served meanwhile.
+Payloads that are virtio-gpu structs (display info, EDID) pass through as bytes: their layout belongs to the GPU
+protocol layer, not to this transport.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Final
+
+from .device import Transport
+from .message import Channel, ProtocolError
+from .wire import (
+    GPU_CURSOR_SIZE,
+    GpuCursorPos,
+    GpuCursorUpdate,
+    GpuDmabufScanout,
+    GpuDmabufScanout2,
+    GpuEdidRequest,
+    GpuProtocolFeature,
+    GpuRequest,
+    GpuScanout,
+    GpuUpdate,
+    bit,
+    build,
+    build_u64,
+    parse_u64,
+)
+
+log = logging.getLogger("vgpu.vhost_user.display")
+
+# What we can use of the display protocol.
+SUPPORTED: Final = bit(GpuProtocolFeature.EDID) | bit(GpuProtocolFeature.DMABUF2)
+REPLY_TIMEOUT: Final = 5.0
+
+
+class DisplayError(Exception):
+    """The display socket failed or the front end did not answer."""
+
+
+class DisplayClient:
+    """Owns the display socket; every method sends one message (queries wait for the answer)."""
+
+    def __init__(self, transport: Transport, sock: socket.socket) -> None:
+        self.transport = transport
+        self.channel = Channel(sock, check_version=False)
+        self.features = 0
+        self.transport.watch(self.channel.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        # Unsolicited traffic (or EOF) while nobody waits: QEMU closes the socket when the guest resets.
+        try:
+            self.channel.fill()
+        except ProtocolError:
+            log.info("display socket closed by the front end")
+            self.close()
+            return
+        while (msg := self.channel.poll()) is not None:
+            log.debug("ignoring display message %d", msg.request)
+            msg.close_fds()
+
+    @property
+    def alive(self) -> bool:
+        return not self.channel.closed
+
+    def _send(self, req: GpuRequest, payload: bytes = b"", fds: list[int] | None = None) -> None:
+        if self.channel.closed:
+            raise DisplayError("display socket is closed")
+        try:
+            self.channel.send(req, 0, payload, fds)
+        except OSError as e:
+            self.close()
+            raise DisplayError(f"display socket: {e}") from e
+
+    def _query(self, req: GpuRequest, payload: bytes = b"") -> bytes:
+        self._send(req, payload)
+        try:
+            msg = self.transport.wait_reply(self.channel, req, REPLY_TIMEOUT)
+        except Exception as e:
+            raise DisplayError(f"no answer to {req.name}: {e}") from e
+        msg.close_fds()
+        return msg.payload
+
+    def negotiate(self) -> int:
+        """GET_PROTOCOL_FEATURES then SET_PROTOCOL_FEATURES with what both sides support."""
+        offered = self._query(GpuRequest.GET_PROTOCOL_FEATURES)
+        if len(offered) != 8:
+            raise DisplayError("bad GET_PROTOCOL_FEATURES reply")
+        self.features = parse_u64(offered) & SUPPORTED
+        self._send(GpuRequest.SET_PROTOCOL_FEATURES, build_u64(self.features))
+        return self.features
+
+    def has(self, feature: GpuProtocolFeature) -> bool:
+        return bool(self.features & bit(feature))
+
+    def display_info(self) -> bytes:
+        """The front end's virtio_gpu_resp_display_info, as bytes."""
+        return self._query(GpuRequest.GET_DISPLAY_INFO)
+
+    def edid(self, scanout_id: int) -> bytes:
+        """The front end's virtio_gpu_resp_edid for a scanout, as bytes (needs the EDID feature)."""
+        if not self.has(GpuProtocolFeature.EDID):
+            raise DisplayError("the front end did not negotiate EDID")
+        return self._query(GpuRequest.GET_EDID, build(GpuEdidRequest, scanout_id=scanout_id))
+
+    def scanout(self, scanout_id: int, width: int, height: int) -> None:
+        self._send(GpuRequest.SCANOUT, build(GpuScanout, scanout_id=scanout_id, width=width, height=height))
+
+    def update(self, scanout_id: int, x: int, y: int, width: int, height: int, pixels: bytes) -> None:
+        hdr = build(GpuUpdate, scanout_id=scanout_id, x=x, y=y, width=width, height=height)
+        self._send(GpuRequest.UPDATE, hdr + pixels)
+
+    def cursor_pos(self, scanout_id: int, x: int, y: int, hide: bool = False) -> None:
+        req = GpuRequest.CURSOR_POS_HIDE if hide else GpuRequest.CURSOR_POS
+        self._send(req, build(GpuCursorPos, scanout_id=scanout_id, x=x, y=y))
+
+    def cursor_update(self, scanout_id: int, x: int, y: int, hot_x: int, hot_y: int, argb: bytes) -> None:
+        if len(argb) != GPU_CURSOR_SIZE * GPU_CURSOR_SIZE * 4:
+            raise ValueError("cursor image must be 64x64 ARGB")
+        self._send(GpuRequest.CURSOR_UPDATE, build(
+            GpuCursorUpdate, pos=dict(scanout_id=scanout_id, x=x, y=y), hot_x=hot_x, hot_y=hot_y, data=argb))
+
+    def dmabuf_scanout(self, scanout_id: int, rect: tuple[int, int, int, int], fd: int, fd_width: int,
+                       fd_height: int, stride: int, flags: int, fourcc: int, modifier: int | None) -> None:
+        """Show a dma-buf; DMABUF_SCANOUT2 (with the modifier) when negotiated."""
+        x, y, w, h = rect
+        base = dict(scanout_id=scanout_id, x=x, y=y, width=w, height=h, fd_width=fd_width, fd_height=fd_height,
+                    fd_stride=stride, fd_flags=flags, fd_drm_fourcc=fourcc)
+        if modifier is not None and self.has(GpuProtocolFeature.DMABUF2):
+            self._send(GpuRequest.DMABUF_SCANOUT2, build(GpuDmabufScanout2, dmabuf_scanout=base,
+                                                         modifier=modifier), [fd])
+        else:
+            self._send(GpuRequest.DMABUF_SCANOUT, build(GpuDmabufScanout, **base), [fd])
+
+    def dmabuf_update(self, scanout_id: int, x: int, y: int, width: int, height: int) -> None:
+        """DMABUF_UPDATE waits for the front end's (empty) reply: it has finished reading the buffer."""
+        self._query(GpuRequest.DMABUF_UPDATE,
+                    build(GpuUpdate, scanout_id=scanout_id, x=x, y=y, width=width, height=height))
+
+    def close(self) -> None:
+        if not self.channel.closed:
+            self.transport.unwatch(self.channel.fileno())
+            self.channel.close()
+
+
