@@ -75,7 +75,8 @@ def test_edid_is_valid_for_each_scanout(gpu: Gpu) -> None:
         resp = s.resp_edid.parse(gpu.cmd(encode_command(GetEdid(CtrlHdr(CtrlType.CMD_GET_EDID), scanout)), 1056))
         assert resp.hdr.type == CtrlType.RESP_OK_EDID and resp.size == 128
         block = bytes(resp.edid[:128])
-        assert block[:8] == bytes.fromhex("00ffffffffffff00") and sum(block) % 256 == 0 and edid_checksum(block) == block[127]
+        assert block[:8] == bytes.fromhex("00ffffffffffff00")
+        assert sum(block) % 256 == 0 and edid_checksum(block) == block[127]
         assert parse_dtd(block[54:72])[:2] == (1024, 768)
     bad = gpu.cmd(encode_command(GetEdid(CtrlHdr(CtrlType.CMD_GET_EDID), 2)), 1056)
     assert struct.unpack_from("<I", bad)[0] == CtrlType.RESP_ERR_INVALID_SCANOUT_ID

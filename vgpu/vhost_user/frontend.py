@@ -240,7 +240,7 @@ class Frontend:
         self.backend_requests: list[tuple[int, bytes]] = []
         # Called (on the service thread) before a SHMEM_MAP is acked, with the mapping and its fd: QEMU adds the
         # new range to the memory table at that point, which is what tests use this for.
-        self.on_shmem_map: Callable[[ShmMapping, int], None] | None = None
+        self.on_shmem_map: Callable[[ShmMapping, int], object] | None = None
         self._backend_chan: Channel | None = None
         self._display_chan: Channel | None = None
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)

@@ -9,7 +9,6 @@ protocol layer, not to this transport.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from typing import Final
 

@@ -10,7 +10,7 @@ from construct import FormatField, Renamed, Struct
 _KIND = {"B": "u", "H": "u", "I": "u", "L": "u", "Q": "u", "b": "i", "h": "i", "i": "i", "l": "i", "q": "i"}
 
 
-def dtype_of(struct: Struct[Any, Any]) -> np.dtype[Any]:
+def dtype_of(struct: Struct) -> np.dtype[Any]:
     """A packed numpy dtype with the same fields, offsets and endianness as a construct Struct of plain integers."""
     fields: list[tuple[str, str]] = []
     for sub in struct.subcons:
