@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import BackendProcess, fd_count, open_fds, wait_until
 from vgpu.vhost_user.driver import GuestRam
 from vgpu.vhost_user.examples.echo import pattern
-from vgpu.vhost_user.frontend import Frontend, FrontendError, ShmMapping
+from vgpu.vhost_user.frontend import Frontend, FrontendError, ShmMapping, _mem_table
 from vgpu.vhost_user.wire import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_F_VERSION_1,
@@ -242,3 +242,79 @@ def test_hundred_connect_disconnect_cycles_leak_nothing(echo_backend: BackendPro
         ram.close()
     assert echo_backend.settle_fds(baseline) == baseline, open_fds(echo_backend.pid) - before
     assert echo_backend.alive()
+
+
+def test_set_mem_table_with_two_regions_then_replaced(echo_backend: BackendProcess) -> None:
+    """Without CONFIGURE_MEM_SLOTS the table comes whole: rings in one region, buffers in another (above 4 GiB),
+    then a second SET_MEM_TABLE replaces it and traffic carries on through the new mapping."""
+    fe = Frontend.connect(echo_backend.socket_path)
+    low = GuestRam(1 << 20, gpa_base=0)
+    high = GuestRam(1 << 20, gpa_base=1 << 32)
+    try:
+        fe.negotiate(protocol_features=bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.MQ))
+        assert not fe.has(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+        regions = [dict(guest_phys_addr=r.gpa_base, memory_size=r.size, userspace_addr=r.uva, mmap_offset=0)
+                   for r in (low, high)]
+        fe.request(FrontendRequest.SET_MEM_TABLE, _mem_table(regions), fds=[low.fd, high.fd])
+        fe.ram = low
+        q = fe.setup_queue(0, 64)
+        gpa = high.alloc(64)
+        high.write(gpa, b"from the high region")
+        p = q.add_raw([(gpa, 20, False), (high.alloc(64), 64, True)])
+        q.publish(p)
+        q.kick()
+        assert q.wait(5), echo_backend.log()
+        ((done, n),) = q.collect()
+        assert n == 20  # the echo wrote into the high buffer
+        assert high.read(p.buffers[1][0], 20) == b"from the high region"
+        # Replace the table with the low region only: the high buffer is no longer guest memory.
+        fe.request(FrontendRequest.SET_MEM_TABLE, _mem_table(regions[:1]), fds=[low.fd])
+        assert fe.submit(0, b"after replace", 32) == b"after replace"
+        bad = q.add_raw([(gpa, 20, False)])
+        q.publish(bad)
+        q.kick()
+        assert q.wait(5)
+        ((done, n),) = q.collect()
+        assert done is bad and n == 0
+    finally:
+        fe.close()
+        low.close()
+        high.close()
+
+
+def test_kick_and_call_without_fds_poll(echo_backend: BackendProcess) -> None:
+    fe = Frontend.connect(echo_backend.socket_path)
+    ram = GuestRam(1 << 20)
+    try:
+        fe.negotiate()
+        fe.share_memory(ram)
+        q = fe.setup_queue(0, 64)
+        # Replace the kick and call eventfds by "no fd": the back end polls the ring and signals nothing.
+        fe.request(FrontendRequest.SET_VRING_CALL, build_u64(0 | 0x100))
+        fe.request(FrontendRequest.SET_VRING_KICK, build_u64(0 | 0x100))
+        p = q.add([b"polled"], [16])
+        q.publish(p)  # no kick
+        assert wait_until(lambda: q.used_idx() == 1)
+        ((done, n),) = q.collect()
+        assert q.read_response(done, n) == b"polled"
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(q.call_fd)
+    finally:
+        fe.close()
+        ram.close()
+
+
+def test_without_protocol_features_rings_start_enabled(echo_backend: BackendProcess) -> None:
+    fe = Frontend.connect(echo_backend.socket_path)
+    ram = GuestRam(1 << 20)
+    try:
+        fe.backend_features = fe.u64(FrontendRequest.GET_FEATURES)
+        fe.features = bit(VIRTIO_F_VERSION_1)  # no bit 30: no SET_VRING_ENABLE will come
+        fe.request(FrontendRequest.SET_OWNER, need_reply=False)
+        fe.request(FrontendRequest.SET_FEATURES, build_u64(fe.features), need_reply=False)
+        fe.share_memory(ram, use_add_mem_reg=False)
+        fe.setup_queue(0, 64, enable=False)
+        assert fe.submit(0, b"enabled by default", 32) == b"enabled by default"
+    finally:
+        fe.close()
+        ram.close()

@@ -11,6 +11,7 @@ import ctypes
 import mmap
 import os
 import select
+import time
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -253,16 +254,19 @@ class DriverQueue:
         return out
 
     def wait(self, timeout: float) -> bool:
-        """Wait for the call eventfd (or completions already visible); False on timeout."""
-        if self.used_idx() != self.last_used:
-            return True
-        r, _, _ = select.select([self.call_fd], [], [], timeout)
-        if r:
-            try:
-                os.eventfd_read(self.call_fd)
-            except BlockingIOError:
-                pass
-        return self.used_idx() != self.last_used
+        """Wait for a completion (an interrupt may be spurious, so look at the ring); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self.used_idx() == self.last_used:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            r, _, _ = select.select([self.call_fd], [], [], remaining)
+            if r:
+                try:
+                    os.eventfd_read(self.call_fd)
+                except BlockingIOError:
+                    pass
+        return True
 
     def read_response(self, p: Pending, written: int) -> bytes:
         """The bytes the device wrote into the writable buffers (at most `written`)."""

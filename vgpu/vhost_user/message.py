@@ -62,20 +62,31 @@ class Message:
 
 
 class MessageDecoder:
-    """Accumulates received bytes and fds and yields complete messages."""
+    """Accumulates received bytes and fds and yields complete messages.
+
+    A stream socket glues several messages into one recvmsg, and the kernel ends a read right after the data that
+    carried fds; so fds belong to the message holding the *last* byte received with them (whether the peer sent
+    the whole message in one sendmsg, as QEMU does, or the header alone with the fds).
+    """
 
     def __init__(self, check_version: bool = True, max_payload: int = MAX_PAYLOAD) -> None:
         self._buf = bytearray()
-        self._fds: list[int] = []
+        self._start = 0  # stream offset of _buf[0]
+        self._fds: list[tuple[int, list[int]]] = []  # (stream offset of the last byte they came with, fds)
         self._check_version = check_version
         self._max_payload = max_payload
 
     def feed(self, data: bytes, fds: list[int]) -> None:
+        if fds and not data:
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError("fds received without data")
         self._buf += data
-        self._fds.extend(fds)
-        if len(self._fds) > MAX_FDS:
-            self.close()
-            raise ProtocolError(f"more than {MAX_FDS} fds attached to one message")
+        if fds:
+            self._fds.append((self._start + len(self._buf) - 1, list(fds)))
+            if sum(len(f) for _, f in self._fds) > MAX_FDS and len(self._fds) == 1:
+                self.close()
+                raise ProtocolError(f"more than {MAX_FDS} fds attached to one message")
 
     def next_message(self) -> Message | None:
         if len(self._buf) < HEADER_SIZE:
@@ -90,16 +101,25 @@ class MessageDecoder:
             return None
         payload = bytes(self._buf[HEADER_SIZE:end])
         del self._buf[:end]
-        fds, self._fds = self._fds, []
-        return Message(hdr.request, hdr.flags, payload, fds)
+        last = self._start + end - 1
+        self._start += end
+        fds: list[int] = []
+        while self._fds and self._fds[0][0] <= last:
+            fds.extend(self._fds.pop(0)[1])
+        msg = Message(hdr.request, hdr.flags, payload, fds)
+        if len(fds) > MAX_FDS:
+            msg.close_fds()
+            raise ProtocolError(f"more than {MAX_FDS} fds attached to one message")
+        return msg
 
     @property
     def pending(self) -> bool:
         return bool(self._buf)
 
     def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
+        for _, fds in self._fds:
+            for fd in fds:
+                os.close(fd)
         self._fds = []
         self._buf.clear()
 

@@ -128,6 +128,7 @@ class Virtqueue:
         self._used: np.ndarray[Any, Any] | None = None
         self._used_elems: np.ndarray[Any, Any] | None = None
         self._avail_event: np.ndarray[Any, Any] | None = None
+        self._notified_used = 0
         self.broken = False
 
     # --- set-up ---------------------------------------------------------------------------------------------
@@ -171,6 +172,7 @@ class Virtqueue:
         self._used_elems = np.frombuffer(ur.mapping, USED_ELEM_DTYPE, self.size, ur.skew + uoff + 4)
         self._avail_event = np.frombuffer(ur.mapping, np.dtype("<u2"), 1, ur.skew + uoff + 4 + 8 * self.size)
         self.used_idx = int(self._used[1])
+        self._notified_used = self.used_idx
 
     def unmap(self) -> None:
         self._desc = self._avail = self._used = self._used_elems = self._avail_event = None
@@ -312,9 +314,10 @@ class Virtqueue:
         return need_event(used_event, new, old)
 
     def notify(self) -> bool:
-        """Signal the call eventfd if the driver asked for it; True if it was signalled."""
-        if self.call_fd < 0 or not self.should_notify():
+        """Signal the call eventfd if chains were used since the last call and the driver asked for it."""
+        if self.call_fd < 0 or self.used_idx == self._notified_used or not self.should_notify():
             return False
+        self._notified_used = self.used_idx
         try:
             os.eventfd_write(self.call_fd, 1)
         except OSError as e:
