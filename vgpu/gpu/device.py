@@ -127,7 +127,7 @@ class GpuDevice(Device):
         if self.display is not None and self.display.alive:
             try:
                 raw = self.display.display_info()
-                info = structs.resp_display_info.parse(raw)
+                info = structs.resp_display_info_c.parse(raw)
                 modes = [DisplayOne(Rect(m.r.x, m.r.y, m.r.width, m.r.height), bool(m.enabled))
                          for m in info.pmodes[: self.cfg.num_scanouts]]
                 if any(m.enabled and m.r.width and m.r.height for m in modes):

@@ -67,14 +67,14 @@ def display_info(hdr: CtrlHdr, modes: Sequence[DisplayOne]) -> bytes:
     zero = {"r": {"x": 0, "y": 0, "width": 0, "height": 0}, "enabled": 0, "flags": 0}
     pmodes = [{"r": rect_dict(m.r), "enabled": int(m.enabled), "flags": m.flags} for m in modes]
     pmodes += [zero] * (VIRTIO_GPU_MAX_SCANOUTS - len(modes))
-    return _build(s.resp_display_info, {"hdr": _response_hdr(hdr, CtrlType.RESP_OK_DISPLAY_INFO), "pmodes": pmodes})
+    return _build(s.resp_display_info_c, {"hdr": _response_hdr(hdr, CtrlType.RESP_OK_DISPLAY_INFO), "pmodes": pmodes})
 
 
 def edid(hdr: CtrlHdr, data: bytes) -> bytes:
     if len(data) > EDID_MAX_SIZE:
         raise ValueError(f"EDID blob of {len(data)} bytes exceeds {EDID_MAX_SIZE}")
     return _build(
-        s.resp_edid,
+        s.resp_edid_c,
         {
             "hdr": _response_hdr(hdr, CtrlType.RESP_OK_EDID),
             "size": len(data),
