@@ -11,9 +11,11 @@ import socket
 import stat
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .gpu.config import GpuConfig
 from .gpu.device import GpuDevice
+from .gpu.resources import Limits
 from .vhost_user.backend import StopSignal, serve, serve_connection
 from .vhost_user.device import Device
 
@@ -43,7 +45,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=_size, default=(1280, 800), metavar="WxH",
                    help="display size when the VMM gives none")
     p.add_argument("--no-edid", action="store_true", help="do not offer VIRTIO_GPU_F_EDID")
+    p.add_argument("--no-resource-uuid", action="store_true", help="do not offer VIRTIO_GPU_F_RESOURCE_UUID")
+    p.add_argument("--no-blob", action="store_true", help="do not offer VIRTIO_GPU_F_RESOURCE_BLOB")
+    p.add_argument("--scanout-png", type=Path, metavar="DIR",
+                   help="write what each scanout shows to DIR/scanout-N.png on flush")
+    p.add_argument("--png-rate", type=float, default=5.0, metavar="N", help="at most N pictures a second per scanout")
+    lim = p.add_argument_group("limits a guest cannot exceed")
+    lim.add_argument("--max-resources", type=int, default=Limits.max_resources)
+    lim.add_argument("--max-host-memory", type=_bytes, default=Limits.max_host_bytes, metavar="BYTES",
+                     help="host memory for resource storage (suffixes K, M, G; default 1G)")
+    lim.add_argument("--max-backing-entries", type=int, default=Limits.max_backing_entries,
+                     help="scatter-list entries per resource")
+    lim.add_argument("--max-contexts", type=int, default=Limits.max_contexts)
     return p
+
+
+def _bytes(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower()
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 512M, got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,8 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        limits = Limits(max_resources=args.max_resources, max_host_bytes=args.max_host_memory,
+                        max_backing_entries=args.max_backing_entries, max_contexts=args.max_contexts)
         config = GpuConfig(num_scanouts=args.scanouts, width=args.resolution[0], height=args.resolution[1],
-                           edid=not args.no_edid)
+                           edid=not args.no_edid, resource_uuid=not args.no_resource_uuid, blob=not args.no_blob,
+                           limits=limits, png_dir=args.scanout_png, png_rate=args.png_rate)
     except ValueError as e:
         parser().error(str(e))
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..protocol import VIRTIO_GPU_MAX_SCANOUTS
+from .resources import Limits
 
 
 @dataclass(frozen=True)
@@ -14,9 +16,18 @@ class GpuConfig:
     width: int = 1280
     height: int = 800
     edid: bool = True
+    resource_uuid: bool = True
+    # Blob resources (guest blobs now; host blobs when a context type provides them).
+    blob: bool = True
+    limits: Limits = field(default_factory=Limits)
+    # Where to write scanout-N.png pictures (None: nowhere) and at most how many per second per scanout.
+    png_dir: Path | None = None
+    png_rate: float = 5.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_scanouts <= VIRTIO_GPU_MAX_SCANOUTS:
             raise ValueError(f"num_scanouts must be 1..{VIRTIO_GPU_MAX_SCANOUTS}")
         if not (16 <= self.width <= 16384 and 16 <= self.height <= 16384):
             raise ValueError("display size must be within 16..16384 pixels")
+        if self.png_rate <= 0:
+            raise ValueError("png_rate must be positive")

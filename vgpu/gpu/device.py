@@ -3,16 +3,23 @@
 Each chain on the control or cursor queue is one command: decoded by the protocol layer, executed here, answered
 with the encoder for its response.  `CommandError` is the only way a command fails, and `_execute` is the one place
 it becomes a RESP_ERR_* response, so every failure echoes the request's fence, context and ring like a success.
+Commands run to completion before they are answered, so a fenced command's response always means "done".
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import uuid
 from collections.abc import Callable
 from typing import Final
 
+import numpy as np
+
 from ..protocol import (
+    CURSORQ,
+    BlobFlag,
+    BlobMem,
     Command,
     CommandError,
     CtrlHdr,
@@ -21,7 +28,20 @@ from ..protocol import (
     GetDisplayInfo,
     GetEdid,
     GpuFeature,
+    MemEntries,
+    MoveCursor,
     Rect,
+    ResourceAssignUuid,
+    ResourceAttachBacking,
+    ResourceCreate2D,
+    ResourceCreateBlob,
+    ResourceDetachBacking,
+    ResourceFlush,
+    ResourceUnref,
+    SetScanout,
+    SetScanoutBlob,
+    TransferToHost2D,
+    UpdateCursor,
     build_edid,
     decode,
     responses,
@@ -29,16 +49,31 @@ from ..protocol import (
 )
 from ..vhost_user.device import Device, DeviceRefused
 from ..vhost_user.gpu_display import DisplayClient, DisplayError
-from ..vhost_user.virtqueue import Virtqueue, VirtqueueError
-from ..vhost_user.wire import ProtocolFeature, bit
+from ..vhost_user.virtqueue import Virtqueue, VirtqueueError, ring_sizes
+from ..vhost_user.wire import GPU_CURSOR_SIZE, ProtocolFeature, bit
+from .backing import Backing, BackingError
 from .config import GpuConfig
+from .formats import BPP, supported, to_bgra
+from .resources import Resource, ResourceTable
+from .scanout import NO_RECT, BlobLayout, PictureWriter, Scanout, bgrx, intersect
 
 log = logging.getLogger("vgpu.gpu")
 
 EVENTS_CLEAR_OFFSET: Final = 4
-CONFIG_SIZE: Final = 16
+_INVALID = CtrlType.RESP_ERR_INVALID_PARAMETER
+_BAD_ID = CtrlType.RESP_ERR_INVALID_RESOURCE_ID
+_CURSOR_COMMANDS: Final = (UpdateCursor, MoveCursor)
 
 Handler = Callable[[Command], bytes]
+
+
+def _fail(kind: CtrlType, msg: str, hdr: CtrlHdr) -> CommandError:
+    return CommandError(kind, msg, hdr)
+
+
+def _inside(r: Rect, width: int, height: int) -> bool:
+    # Python ints do not wrap, so x + width cannot overflow into a small number as u32 arithmetic would.
+    return r.x + r.width <= width and r.y + r.height <= height
 
 
 class GpuDevice(Device):
@@ -50,21 +85,46 @@ class GpuDevice(Device):
         self.events_read = 0
         self.acked = 0
         self.display: DisplayClient | None = None
-        self._handlers: dict[type[Command], Handler] = {
+        self.resources = ResourceTable(config.limits)
+        self.scanouts = [Scanout(i) for i in range(config.num_scanouts)]
+        self.pictures = PictureWriter(config.png_dir, config.png_rate) if config.png_dir else None
+        self._handlers: dict[type, Handler] = {
             GetDisplayInfo: self._get_display_info,
             GetEdid: self._get_edid,
+            ResourceCreate2D: self._create_2d,
+            ResourceUnref: self._unref,
+            ResourceAttachBacking: self._attach_backing,
+            ResourceDetachBacking: self._detach_backing,
+            TransferToHost2D: self._transfer_to_host_2d,
+            SetScanout: self._set_scanout,
+            SetScanoutBlob: self._set_scanout_blob,
+            ResourceFlush: self._flush,
+            ResourceAssignUuid: self._assign_uuid,
+            ResourceCreateBlob: self._create_blob,
+            UpdateCursor: self._update_cursor,
+            MoveCursor: self._move_cursor,
         }
 
     # --- transport interface ----------------------------------------------------------------------------------
 
     def device_features(self) -> int:
-        return GpuFeature.F_EDID.mask if self.cfg.edid else 0
+        f = 0
+        if self.cfg.edid:
+            f |= GpuFeature.F_EDID.mask
+        if self.cfg.resource_uuid:
+            f |= GpuFeature.F_RESOURCE_UUID.mask
+        if self.cfg.blob:
+            f |= GpuFeature.F_RESOURCE_BLOB.mask
+        return f
 
     def protocol_features(self) -> int:
         return bit(ProtocolFeature.CONFIG)
 
     def set_features(self, features: int) -> None:
         self.acked = features
+
+    def has(self, feature: GpuFeature) -> bool:
+        return bool(self.acked & feature.mask)
 
     def config(self) -> bytes:
         return bytes(structs.config.build(dict(events_read=self.events_read, events_clear=0,
@@ -86,11 +146,18 @@ class GpuDevice(Device):
             log.warning("display socket unusable: %s", e)
             self.display.close()
             self.display = None
+            return
+        # A new display knows nothing yet: show it what each scanout shows.
+        for s in self.scanouts:
+            if s.enabled:
+                self._show(s)
 
     def reset(self) -> None:
         if self.display is not None:
             self.display.close()
             self.display = None
+        self.resources.clear()
+        self.scanouts = [Scanout(i) for i in range(self.cfg.num_scanouts)]
         self.events_read = 0
 
     def process_queue(self, queue: Virtqueue) -> None:
@@ -103,20 +170,36 @@ class GpuDevice(Device):
             t.complete(queue, item, written)
         t.flush(queue)
 
-    # --- commands ---------------------------------------------------------------------------------------------
+    # --- the command boundary ---------------------------------------------------------------------------------
 
     def _execute(self, request: bytes | memoryview, queue_index: int) -> bytes:
         hdr: CtrlHdr | None = None
         try:
             cmd = decode(request)
             hdr = cmd.hdr
+            if (queue_index == CURSORQ) != isinstance(cmd, _CURSOR_COMMANDS):
+                raise _fail(CtrlType.RESP_ERR_UNSPEC, f"{type(cmd).__name__} on the wrong queue", hdr)
             handler = self._handlers.get(type(cmd))
             if handler is None:
-                raise CommandError(CtrlType.RESP_ERR_UNSPEC, f"{type(cmd).__name__} is not implemented", hdr)
+                raise _fail(CtrlType.RESP_ERR_UNSPEC, f"{type(cmd).__name__} is not supported", hdr)
             return handler(cmd)
         except CommandError as e:
             log.info("queue %d: %s -> %s", queue_index, e.message, e.response_type.name)
             return responses.error(e.hdr or hdr, e.response_type)
+        except BackingError as e:
+            log.info("queue %d: %s -> RESP_ERR_INVALID_PARAMETER", queue_index, e)
+            return responses.error(hdr, _INVALID)
+
+    def _need(self, feature: GpuFeature, hdr: CtrlHdr) -> None:
+        if not self.has(feature):
+            raise _fail(CtrlType.RESP_ERR_UNSPEC, f"{feature.name} was not negotiated", hdr)
+
+    def _scanout(self, scanout_id: int, hdr: CtrlHdr) -> Scanout:
+        if scanout_id >= len(self.scanouts):
+            raise _fail(CtrlType.RESP_ERR_INVALID_SCANOUT_ID, f"no scanout {scanout_id}", hdr)
+        return self.scanouts[scanout_id]
+
+    # --- display ----------------------------------------------------------------------------------------------
 
     def _default_modes(self) -> list[DisplayOne]:
         return [DisplayOne(Rect(0, 0, self.cfg.width, self.cfg.height), True)
@@ -126,8 +209,7 @@ class GpuDevice(Device):
         """The front end's display layout when it has one, limited to our scanouts; else the configured one."""
         if self.display is not None and self.display.alive:
             try:
-                raw = self.display.display_info()
-                info = structs.resp_display_info_c.parse(raw)
+                info = structs.resp_display_info_c.parse(self.display.display_info())
                 modes = [DisplayOne(Rect(m.r.x, m.r.y, m.r.width, m.r.height), bool(m.enabled))
                          for m in info.pmodes[: self.cfg.num_scanouts]]
                 if any(m.enabled and m.r.width and m.r.height for m in modes):
@@ -142,12 +224,262 @@ class GpuDevice(Device):
 
     def _get_edid(self, cmd: Command) -> bytes:
         assert isinstance(cmd, GetEdid)
-        if not self.acked & GpuFeature.F_EDID.mask:
-            raise CommandError(CtrlType.RESP_ERR_UNSPEC, "GET_EDID without F_EDID", cmd.hdr)
+        self._need(GpuFeature.F_EDID, cmd.hdr)
         if cmd.scanout >= self.cfg.num_scanouts:
-            raise CommandError(CtrlType.RESP_ERR_INVALID_SCANOUT_ID, f"no scanout {cmd.scanout}", cmd.hdr)
+            raise _fail(CtrlType.RESP_ERR_INVALID_SCANOUT_ID, f"no scanout {cmd.scanout}", cmd.hdr)
         mode = self._modes()[cmd.scanout]
         w, h = (mode.r.width, mode.r.height) if mode.r.width and mode.r.height else (self.cfg.width,
                                                                                         self.cfg.height)
         return responses.edid(cmd.hdr, build_edid(w, h, serial=cmd.scanout))
+
+    def _to_display(self, send: Callable[[DisplayClient], None]) -> None:
+        """Display output is best effort: a VMM without a display, or one that went away, costs the guest
+        nothing."""
+        if self.display is None or not self.display.alive:
+            return
+        try:
+            send(self.display)
+        except DisplayError as e:
+            log.warning("display: %s", e)
+
+    def _show(self, s: Scanout) -> None:
+        """Tell the display what scanout `s` now shows (nothing: 0x0)."""
+        w, h = (s.rect.width, s.rect.height) if s.enabled else (0, 0)
+        self._to_display(lambda d: d.scanout(s.id, w, h))
+
+    def _output(self, s: Scanout, r: Rect) -> None:
+        """Send the pixels of resource rectangle `r` (already clipped to the scanout) and maybe a picture."""
+        if self.display is not None and self.display.alive:
+            pixels = bgrx(s, self.transport.memory, r)
+            self._to_display(lambda d: d.update(s.id, r.x - s.rect.x, r.y - s.rect.y, r.width, r.height, pixels))
+        if self.pictures is not None:
+            self.pictures.maybe_write(s, self.transport.memory)
+
+    def _detach_scanouts(self, res: Resource) -> None:
+        for sid in sorted(res.scanouts):
+            s = self.scanouts[sid]
+            s.resource, s.blob, s.rect = None, None, NO_RECT
+            self._show(s)
+        res.scanouts.clear()
+
+    # --- resources --------------------------------------------------------------------------------------------
+
+    def _create_2d(self, cmd: Command) -> bytes:
+        assert isinstance(cmd, ResourceCreate2D)
+        if not supported(cmd.format):
+            raise _fail(_INVALID, f"unknown format {cmd.format}", cmd.hdr)
+        self.resources.create_2d(cmd.resource_id, cmd.format, cmd.width, cmd.height, cmd.hdr)
+        return responses.ok_nodata(cmd.hdr)
+
+    def _unref(self, cmd: Command) -> bytes:
+        assert isinstance(cmd, ResourceUnref)
+        res = self.resources.get(cmd.resource_id, cmd.hdr)
+        self._detach_scanouts(res)
+        self.resources.remove(res)
+        return responses.ok_nodata(cmd.hdr)
+
+    def _ring_ranges(self) -> list[tuple[int, int]]:
+        """Guest-physical ranges of every ring: backing there would let the host scribble over them."""
+        out = []
+        mem = self.transport.memory
+        for q in self.transport.queues:
+            if not (q.has_addr and q.size):
+                continue
+            for addr, size in zip((q.desc_addr, q.avail_addr, q.used_addr), ring_sizes(q.size), strict=True):
+                try:
+                    gpa = mem.uva_to_gpa(addr, size)
+                except Exception:
+                    continue
+                out.append((gpa, gpa + size))
+        return out
+
+    def _new_backing(self, entries: MemEntries, hdr: CtrlHdr) -> Backing:
+        if len(entries) > self.cfg.limits.max_backing_entries:
+            raise _fail(_INVALID, f"{len(entries)} backing entries exceed {self.cfg.limits.max_backing_entries}",
+                        hdr)
+        backing = Backing.from_entries(entries)
+        try:
+            backing.validate(self.transport.memory, self._ring_ranges())
+        except BackingError as e:
+            raise _fail(_INVALID, str(e), hdr) from e
+        return backing
+
+    def _attach_backing(self, cmd: Command) -> bytes:
+        assert isinstance(cmd, ResourceAttachBacking)
+        res = self.resources.get(cmd.resource_id, cmd.hdr)
+        if res.backing is not None:
+            raise _fail(_INVALID, f"resource {res.id} already has backing", cmd.hdr)
+        if not len(cmd.entries):
+            raise _fail(_INVALID, "ATTACH_BACKING with no entries", cmd.hdr)
+        res.backing = self._new_backing(cmd.entries, cmd.hdr)
+        return responses.ok_nodata(cmd.hdr)
+
+    def _detach_backing(self, cmd: Command) -> bytes:
+        assert isinstance(cmd, ResourceDetachBacking)
+        res = self.resources.get(cmd.resource_id, cmd.hdr)
+        if res.backing is None:
+            raise _fail(_INVALID, f"resource {res.id} has no backing", cmd.hdr)
+        if res.is_blob and res.scanouts:
+            # A guest blob's pixels are its backing: what the scanout shows goes with it.
+            self._detach_scanouts(res)
+        res.backing = None
+        return responses.ok_nodata(cmd.hdr)
+
+    def _transfer_to_host_2d(self, cmd: Command) -> bytes:
+        assert isinstance(cmd, TransferToHost2D)
+        res = self.resources.get(cmd.resource_id, cmd.hdr)
+        if res.is_blob:
+            # A guest blob has no host copy to update: its pixels are read from guest memory when shown.
+            return responses.ok_nodata(cmd.hdr)
+        r = cmd.r
+        if not _inside(r, res.width, res.height):
+            raise _fail(_INVALID, f"rect {r} outside a {res.width}x{res.height} resource", cmd.hdr)
+        if res.backing is None:
+            raise _fail(CtrlType.RESP_ERR_UNSPEC, f"resource {res.id} has no backing", cmd.hdr)
+        if r.width == 0 or r.height == 0:
+            return responses.ok_nodata(cmd.hdr)
+        assert res.pixels is not None
+        stride = res.stride
+        row = r.width * BPP
+        span = (r.height - 1) * stride + row
+        if cmd.offset + span > res.backing.size:
+            raise _fail(_INVALID, f"transfer of {span} bytes at offset {cmd.offset} passes the "
+                                  f"{res.backing.size}-byte backing", cmd.hdr)
+        flat = res.pixels.reshape(-1)
+        dst0 = r.y * stride + r.x * BPP
+        if row == stride:
+            # Whole rows: one contiguous gather straight into the image.
+            res.backing.gather(self.transport.memory, cmd.offset, flat[dst0:dst0 + span])
+        else:
+            staging = np.empty(r.height * stride, dtype=np.uint8)
+            res.backing.gather(self.transport.memory, cmd.offset, staging[:span])
+            res.pixels[r.y:r.y + r.height, r.x * BPP:r.x * BPP + row] = staging.reshape(r.height, stride)[:, :row]
+        return responses.ok_nodata(cmd.hdr)
+
+    def _assign_uuid(self, cmd: Command) -> bytes:
+        assert isinstance(cmd, ResourceAssignUuid)
+        self._need(GpuFeature.F_RESOURCE_UUID, cmd.hdr)
+        res = self.resources.get(cmd.resource_id, cmd.hdr)
+        if res.uuid is None:
+            res.uuid = uuid.uuid4()
+        return responses.resource_uuid(cmd.hdr, res.uuid)
+
+    def _create_blob(self, cmd: Command) -> bytes:
+        assert isinstance(cmd, ResourceCreateBlob)
+        self._need(GpuFeature.F_RESOURCE_BLOB, cmd.hdr)
+        if cmd.blob_mem not in (BlobMem.BLOB_MEM_GUEST, BlobMem.BLOB_MEM_HOST3D, BlobMem.BLOB_MEM_HOST3D_GUEST):
+            raise _fail(_INVALID, f"blob_mem {cmd.blob_mem}", cmd.hdr)
+        if cmd.blob_mem != BlobMem.BLOB_MEM_GUEST:
+            # Host blobs come from a context's blob_id, and contexts need VIRGL: not offered without a context type.
+            self._need(GpuFeature.F_VIRGL, cmd.hdr)
+        known = BlobFlag.BLOB_FLAG_USE_MAPPABLE | BlobFlag.BLOB_FLAG_USE_SHAREABLE | \
+            BlobFlag.BLOB_FLAG_USE_CROSS_DEVICE
+        if cmd.blob_flags & ~int(known):
+            raise _fail(_INVALID, f"unknown blob flags {cmd.blob_flags:#x}", cmd.hdr)
+        if cmd.blob_id != 0:
+            raise _fail(_INVALID, "a guest blob has no blob_id", cmd.hdr)
+        if cmd.size == 0:
+            raise _fail(_INVALID, "zero-sized blob", cmd.hdr)
+        backing = None
+        if len(cmd.entries):
+            backing = self._new_backing(cmd.entries, cmd.hdr)
+            if backing.size < cmd.size:
+                raise _fail(_INVALID, f"entries cover {backing.size} bytes of a {cmd.size}-byte blob", cmd.hdr)
+        self.resources.create_guest_blob(cmd.resource_id, cmd.blob_mem, cmd.blob_flags, cmd.size, backing,
+                                         cmd.hdr)
+        return responses.ok_nodata(cmd.hdr)
+
+    # --- scanouts ---------------------------------------------------------------------------------------------
+
+    def _set_scanout(self, cmd: Command) -> bytes:
+        assert isinstance(cmd, SetScanout)
+        s = self._scanout(cmd.scanout_id, cmd.hdr)
+        if cmd.resource_id == 0:
+            self._disable(s)
+            return responses.ok_nodata(cmd.hdr)
+        res = self.resources.get(cmd.resource_id, cmd.hdr)
+        if res.is_blob:
+            raise _fail(_INVALID, f"resource {res.id} is a blob: use SET_SCANOUT_BLOB", cmd.hdr)
+        if cmd.r.width == 0 or cmd.r.height == 0 or not _inside(cmd.r, res.width, res.height):
+            raise _fail(_INVALID, f"scanout rect {cmd.r} not inside the {res.width}x{res.height} resource",
+                        cmd.hdr)
+        self._attach(s, res, cmd.r, None)
+        return responses.ok_nodata(cmd.hdr)
+
+    def _set_scanout_blob(self, cmd: Command) -> bytes:
+        assert isinstance(cmd, SetScanoutBlob)
+        self._need(GpuFeature.F_RESOURCE_BLOB, cmd.hdr)
+        s = self._scanout(cmd.scanout_id, cmd.hdr)
+        if cmd.resource_id == 0:
+            self._disable(s)
+            return responses.ok_nodata(cmd.hdr)
+        res = self.resources.get(cmd.resource_id, cmd.hdr)
+        if not res.is_blob:
+            raise _fail(_INVALID, f"resource {res.id} is not a blob", cmd.hdr)
+        if not supported(cmd.format):
+            raise _fail(_INVALID, f"unknown format {cmd.format}", cmd.hdr)
+        stride, offset = cmd.strides[0], cmd.offsets[0]
+        if cmd.width == 0 or cmd.height == 0 or stride < cmd.width * BPP:
+            raise _fail(_INVALID, f"{cmd.width}x{cmd.height} image with stride {stride}", cmd.hdr)
+        if offset + (cmd.height - 1) * stride + cmd.width * BPP > res.blob_size:
+            raise _fail(_INVALID, f"image passes the end of the {res.blob_size}-byte blob", cmd.hdr)
+        if cmd.r.width == 0 or cmd.r.height == 0 or not _inside(cmd.r, cmd.width, cmd.height):
+            raise _fail(_INVALID, f"scanout rect {cmd.r} not inside the {cmd.width}x{cmd.height} image", cmd.hdr)
+        if res.backing is None:
+            raise _fail(_INVALID, f"blob {res.id} has no backing to show", cmd.hdr)
+        self._attach(s, res, cmd.r, BlobLayout(cmd.width, cmd.height, cmd.format, stride, offset))
+        return responses.ok_nodata(cmd.hdr)
+
+    def _attach(self, s: Scanout, res: Resource, r: Rect, blob: BlobLayout | None) -> None:
+        if s.resource is not None and s.resource is not res:
+            s.resource.scanouts.discard(s.id)
+        changed = (s.resource is not res) or s.rect != r
+        s.resource, s.rect, s.blob = res, r, blob
+        res.scanouts.add(s.id)
+        if changed:
+            self._show(s)
+
+    def _disable(self, s: Scanout) -> None:
+        if s.resource is not None:
+            s.resource.scanouts.discard(s.id)
+        s.resource, s.blob, s.rect = None, None, NO_RECT
+        self._show(s)
+
+    def _flush(self, cmd: Command) -> bytes:
+        assert isinstance(cmd, ResourceFlush)
+        res = self.resources.get(cmd.resource_id, cmd.hdr)
+        limit = (res.width, res.height) if not res.is_blob else None
+        if limit is not None and not _inside(cmd.r, *limit):
+            raise _fail(_INVALID, f"flush rect {cmd.r} outside the {limit[0]}x{limit[1]} resource", cmd.hdr)
+        for sid in sorted(res.scanouts):
+            s = self.scanouts[sid]
+            clip = intersect(cmd.r, s.rect)
+            if clip is not None:
+                self._output(s, clip)
+        return responses.ok_nodata(cmd.hdr)
+
+    # --- cursor -----------------------------------------------------------------------------------------------
+
+    def _update_cursor(self, cmd: Command) -> bytes:
+        assert isinstance(cmd, UpdateCursor)
+        self._scanout(cmd.pos.scanout_id, cmd.hdr)
+        pos = cmd.pos
+        if cmd.resource_id == 0:
+            self._to_display(lambda d: d.cursor_pos(pos.scanout_id, pos.x, pos.y, hide=True))
+            return responses.ok_nodata(cmd.hdr)
+        res = self.resources.get(cmd.resource_id, cmd.hdr)
+        if res.is_blob or (res.width, res.height) != (GPU_CURSOR_SIZE, GPU_CURSOR_SIZE):
+            raise _fail(_INVALID, f"cursor resource {res.id} is not a 64x64 image", cmd.hdr)
+        assert res.pixels is not None
+        argb = to_bgra(res.pixels.reshape(GPU_CURSOR_SIZE, GPU_CURSOR_SIZE, BPP), res.format, opaque=False)
+        hot_x, hot_y, image = cmd.hot_x, cmd.hot_y, argb.tobytes()
+        self._to_display(lambda d: d.cursor_update(pos.scanout_id, pos.x, pos.y, hot_x, hot_y, image))
+        return responses.ok_nodata(cmd.hdr)
+
+    def _move_cursor(self, cmd: Command) -> bytes:
+        assert isinstance(cmd, MoveCursor)
+        pos = cmd.pos
+        self._scanout(pos.scanout_id, cmd.hdr)
+        self._to_display(lambda d: d.cursor_pos(pos.scanout_id, pos.x, pos.y))
+        return responses.ok_nodata(cmd.hdr)
 

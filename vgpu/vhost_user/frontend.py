@@ -67,6 +67,8 @@ FRONTEND_PROTOCOL_FEATURES: Final = (
     | bit(ProtocolFeature.SHMEM)
 )
 DEFAULT_TIMEOUT: Final = 10.0
+# UPDATE carries a whole frame inline: 16384 x 16384 x 4 bytes is the largest a scanout can be.
+DISPLAY_MAX_PAYLOAD: Final = 16384 * 16384 * 4 + 64
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -346,7 +348,7 @@ class Frontend:
     def set_display(self, display: Display) -> None:
         """Hand the back end a display socket (GPU_SET_SOCKET) served by `display`."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        display.channel = Channel(ours, check_version=False)
+        display.channel = Channel(ours, check_version=False, max_payload=DISPLAY_MAX_PAYLOAD)
         self.display = display
         self._display_chan = display.channel
         self._watch(display.channel)
@@ -492,8 +494,7 @@ class Frontend:
                         elif self.display is not None:
                             self.display.handle(msg)
                 except (ProtocolError, OSError, FrontendError) as e:
-                    if not isinstance(e, ProtocolError):
-                        self.service_errors.append(str(e))
+                    self.service_errors.append(f"{type(e).__name__}: {e}")
                     self._sel.unregister(ch.sock)
                     ch.close()
 

@@ -147,9 +147,9 @@ def recv_with_fds(sock: socket.socket, bufsize: int) -> tuple[bytes, list[int]]:
 class Channel:
     """A vhost-user (or vhost-user-gpu) stream socket: send framed messages, receive them with their fds."""
 
-    def __init__(self, sock: socket.socket, check_version: bool = True) -> None:
+    def __init__(self, sock: socket.socket, check_version: bool = True, max_payload: int = MAX_PAYLOAD) -> None:
         self.sock = sock
-        self._decoder = MessageDecoder(check_version)
+        self._decoder = MessageDecoder(check_version, max_payload)
         self._ready: list[Message] = []
         self.closed = False
 

@@ -1,0 +1,139 @@
+"""Guest memory behind a resource: the scatter list of ATTACH_BACKING or CREATE_BLOB, validated and gathered.
+
+Entries are checked once, vectorised, when attached (inside guest memory, not over the rings); the translation
+to host views is redone whenever the memory table changes, because QEMU may replace it under a live resource.
+Gathering copies whole entries with numpy slices — the per-entry loop is the only Python on the path, and when
+the span is made of whole pages of one region (the common case: one guest page per entry) it is a single
+fancy-index copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..protocol import MemEntries
+from ..vhost_user.memory import GuestMemory, GuestMemoryError, MappedRegion
+
+PAGE = 4096
+
+
+class BackingError(Exception):
+    """The scatter list names memory the guest does not own, or a range past its end."""
+
+
+@dataclass
+class _Resolved:
+    generation: int
+    region: list[MappedRegion]
+    offset: npt.NDArray[np.int64]  # offset of each entry inside its region's mapping (skew included)
+    region_index: npt.NDArray[np.int64]
+    single_region_pages: bool
+
+
+@dataclass
+class Backing:
+    addr: npt.NDArray[np.uint64]
+    length: npt.NDArray[np.uint32]
+    ends: npt.NDArray[np.int64] = field(init=False)  # cumulative end offset of each entry
+    _resolved: _Resolved | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.ends = np.cumsum(self.length, dtype=np.int64)
+
+    @classmethod
+    def from_entries(cls, entries: MemEntries) -> Backing:
+        return cls(np.asarray(entries.addr, dtype=np.uint64), np.asarray(entries.length, dtype=np.uint32))
+
+    @property
+    def size(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def validate(self, memory: GuestMemory, forbidden: list[tuple[int, int]]) -> None:
+        """Every entry non-empty, inside one region, and clear of `forbidden` guest-physical ranges (rings)."""
+        if len(self.addr) == 0:
+            return
+        if np.any(self.length == 0):
+            raise BackingError("zero-length backing entry")
+        self._resolve(memory)
+        starts = self.addr.astype(np.int64)
+        stops = starts + self.length.astype(np.int64)
+        for lo, hi in forbidden:
+            hit = (starts < hi) & (stops > lo)
+            if np.any(hit):
+                i = int(np.argmax(hit))
+                raise BackingError(f"backing entry {i} at {int(self.addr[i]):#x} overlaps a virtqueue ring")
+
+    def _resolve(self, memory: GuestMemory) -> _Resolved:
+        r = self._resolved
+        if r is not None and r.generation == memory.generation:
+            return r
+        regions = sorted(memory.regions, key=lambda m: m.desc.guest_phys_addr)
+        if not regions:
+            raise BackingError("no guest memory")
+        starts = np.array([m.desc.guest_phys_addr for m in regions], dtype=np.uint64)
+        sizes = np.array([m.desc.memory_size for m in regions], dtype=np.uint64)
+        idx = np.searchsorted(starts, self.addr, side="right").astype(np.int64) - 1
+        if np.any(idx < 0):
+            raise BackingError("backing entry below guest memory")
+        off = self.addr - starts[idx]
+        inside = off + self.length.astype(np.uint64) <= sizes[idx]
+        if not np.all(inside):
+            i = int(np.argmin(inside))
+            raise BackingError(f"backing entry {i} at {int(self.addr[i]):#x} +{int(self.length[i]):#x} is not inside "
+                               "guest memory")
+        skews = np.array([m.skew for m in regions], dtype=np.int64)
+        offset = off.astype(np.int64) + skews[idx]
+        pages = bool(np.all(idx == idx[0]) and np.all(self.length == PAGE) and np.all(offset % PAGE == 0))
+        r = _Resolved(memory.generation, regions, offset, idx, pages)
+        self._resolved = r
+        return r
+
+    def gather(self, memory: GuestMemory, start: int, out: npt.NDArray[np.uint8]) -> None:
+        """Copy backing bytes [start, start + len(out)) into `out`."""
+        n = len(out)
+        if n == 0:
+            return
+        if start < 0 or start + n > self.size:
+            raise BackingError(f"range [{start}, +{n}) is past the {self.size}-byte backing")
+        try:
+            r = self._resolve(memory)
+        except GuestMemoryError as e:
+            raise BackingError(str(e)) from e
+        first = int(np.searchsorted(self.ends, start, side="right"))
+        last = int(np.searchsorted(self.ends, start + n - 1, side="right"))
+        entry_start = int(self.ends[first]) - int(self.length[first])
+        if r.single_region_pages and last > first:
+            self._gather_pages(r, first, last, start - entry_start, out)
+            return
+        pos = 0
+        skip = start - entry_start
+        for i in range(first, last + 1):
+            mapping = _bytes(r.region[int(r.region_index[i])])
+            src = int(r.offset[i]) + skip
+            take = min(int(self.length[i]) - skip, n - pos)
+            out[pos:pos + take] = mapping[src:src + take]
+            pos += take
+            skip = 0
+
+    def _gather_pages(self, r: _Resolved, first: int, last: int, skip: int, out: npt.NDArray[np.uint8]) -> None:
+        mapping = _bytes(r.region[int(r.region_index[first])])
+        pages = mapping[: len(mapping) // PAGE * PAGE].reshape(-1, PAGE)
+        page_idx = r.offset[first:last + 1] // PAGE
+        n = len(out)
+        head = PAGE - skip
+        out[:head] = pages[page_idx[0], skip:]
+        full = page_idx[1:-1]
+        body = len(full) * PAGE
+        if body:
+            np.take(pages, full, axis=0, out=out[head:head + body].reshape(-1, PAGE))
+        tail = n - head - body
+        out[head + body:] = pages[page_idx[-1], :tail]
+
+
+def _bytes(region: MappedRegion) -> npt.NDArray[np.uint8]:
+    arr: npt.NDArray[Any] = np.frombuffer(region.mapping, dtype=np.uint8)
+    return arr

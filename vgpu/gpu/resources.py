@@ -1,0 +1,116 @@
+"""Resources the guest names by id: 2D images held on the host, and guest blobs that live in guest memory.
+
+Every limit is checked before anything is allocated, so a guest past its quota gets ERR_OUT_OF_MEMORY and the host
+keeps nothing of the attempt.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from ..protocol import CommandError, CtrlHdr, CtrlType
+from .backing import Backing
+from .formats import BPP
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_resources: int = 16384
+    max_host_bytes: int = 1 << 30
+    max_backing_entries: int = 16384
+    max_contexts: int = 64
+
+
+@dataclass(eq=False)
+class Resource:
+    id: int
+    # For a 2D resource: its image.  For a guest blob: None (the pixels are in guest memory).
+    width: int = 0
+    height: int = 0
+    format: int = 0
+    pixels: npt.NDArray[np.uint8] | None = None
+    blob_size: int = 0
+    blob_mem: int = 0
+    blob_flags: int = 0
+    backing: Backing | None = None
+    uuid: uuid.UUID | None = None
+    host_bytes: int = 0
+    scanouts: set[int] = field(default_factory=set)
+
+    @property
+    def is_blob(self) -> bool:
+        return self.blob_mem != 0
+
+    @property
+    def stride(self) -> int:
+        return self.width * BPP
+
+
+class ResourceTable:
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self._by_id: dict[int, Resource] = {}
+        self.host_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self) -> Iterator[Resource]:
+        return iter(list(self._by_id.values()))
+
+    def get(self, rid: int, hdr: CtrlHdr) -> Resource:
+        res = self._by_id.get(rid)
+        if res is None:
+            raise CommandError(CtrlType.RESP_ERR_INVALID_RESOURCE_ID, f"no resource {rid}", hdr)
+        return res
+
+    def _check_new_id(self, rid: int, hdr: CtrlHdr) -> None:
+        if rid == 0:
+            raise CommandError(CtrlType.RESP_ERR_INVALID_RESOURCE_ID, "resource id 0 is reserved", hdr)
+        if rid in self._by_id:
+            raise CommandError(CtrlType.RESP_ERR_INVALID_RESOURCE_ID, f"resource {rid} already exists", hdr)
+        if len(self._by_id) >= self.limits.max_resources:
+            raise CommandError(CtrlType.RESP_ERR_OUT_OF_MEMORY,
+                               f"resource limit {self.limits.max_resources} reached", hdr)
+
+    def _reserve(self, nbytes: int, hdr: CtrlHdr) -> None:
+        if self.host_bytes + nbytes > self.limits.max_host_bytes:
+            raise CommandError(CtrlType.RESP_ERR_OUT_OF_MEMORY,
+                      f"{nbytes} more host bytes would pass the quota of {self.limits.max_host_bytes}", hdr)
+
+    def create_2d(self, rid: int, fmt: int, width: int, height: int, hdr: CtrlHdr) -> Resource:
+        self._check_new_id(rid, hdr)
+        if width == 0 or height == 0:
+            raise CommandError(CtrlType.RESP_ERR_INVALID_PARAMETER, f"{width}x{height} resource", hdr)
+        nbytes = width * height * BPP
+        self._reserve(nbytes, hdr)
+        try:
+            pixels = np.zeros((height, width * BPP), dtype=np.uint8)
+        except MemoryError:
+            raise CommandError(CtrlType.RESP_ERR_OUT_OF_MEMORY, f"cannot allocate {nbytes} bytes", hdr) from None
+        res = Resource(rid, width, height, fmt, pixels, host_bytes=nbytes)
+        self._by_id[rid] = res
+        self.host_bytes += nbytes
+        return res
+
+    def create_guest_blob(self, rid: int, blob_mem: int, flags: int, size: int, backing: Backing | None,
+                          hdr: CtrlHdr) -> Resource:
+        self._check_new_id(rid, hdr)
+        res = Resource(rid, blob_size=size, blob_mem=blob_mem, blob_flags=flags, backing=backing)
+        self._by_id[rid] = res
+        return res
+
+    def remove(self, res: Resource) -> None:
+        del self._by_id[res.id]
+        self.host_bytes -= res.host_bytes
+        res.pixels = None
+        res.backing = None
+
+    def clear(self) -> None:
+        for res in list(self._by_id.values()):
+            self.remove(res)

@@ -1,0 +1,110 @@
+"""Scanouts: which resource (or which part of a guest blob) each output shows, and getting its pixels out.
+
+Pixels leave in two ways: to the VMM's display over the vhost-user-gpu socket (SCANOUT + UPDATE), and as PNG
+pictures in a directory, at most `png_rate` per second per scanout, so a person can see what the guest shows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from ..protocol import Rect
+from ..vhost_user.memory import GuestMemory
+from .backing import BackingError
+from .formats import BPP, to_bgra, to_rgb
+from .png import encode, write_atomically
+from .resources import Resource
+
+log = logging.getLogger("vgpu.gpu.scanout")
+
+
+NO_RECT = Rect(0, 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class BlobLayout:
+    """What SET_SCANOUT_BLOB said about the blob's image: its size, format and where plane 0 lives."""
+
+    width: int
+    height: int
+    format: int
+    stride: int
+    offset: int
+
+
+@dataclass
+class Scanout:
+    id: int
+    resource: Resource | None = None
+    rect: Rect = NO_RECT
+    blob: BlobLayout | None = None
+    last_png: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.resource is not None
+
+    @property
+    def format(self) -> int:
+        if self.blob is not None:
+            return self.blob.format
+        assert self.resource is not None
+        return self.resource.format
+
+    def pixels(self, memory: GuestMemory, r: Rect) -> npt.NDArray[np.uint8]:
+        """(h, w, 4) pixels of resource rectangle `r` (absolute resource coordinates) in the source format."""
+        res = self.resource
+        assert res is not None
+        if self.blob is None:
+            assert res.pixels is not None
+            rows = res.pixels[r.y:r.y + r.height, r.x * BPP:(r.x + r.width) * BPP]
+            return rows.reshape(r.height, r.width, BPP)
+        b = self.blob
+        if res.backing is None:
+            raise BackingError("blob has no backing")
+        start = b.offset + r.y * b.stride + r.x * BPP
+        span = (r.height - 1) * b.stride + r.width * BPP
+        buf = np.empty(r.height * b.stride, dtype=np.uint8)
+        res.backing.gather(memory, start, buf[:span])
+        return buf.reshape(r.height, b.stride)[:, :r.width * BPP].reshape(r.height, r.width, BPP)
+
+
+def intersect(a: Rect, b: Rect) -> Rect | None:
+    x0, y0 = max(a.x, b.x), max(a.y, b.y)
+    x1, y1 = min(a.x + a.width, b.x + b.width), min(a.y + a.height, b.y + b.height)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return Rect(x0, y0, x1 - x0, y1 - y0)
+
+
+class PictureWriter:
+    """Writes `scanout-N.png` files, rate-limited per scanout."""
+
+    def __init__(self, directory: Path, rate: float) -> None:
+        self.directory = directory
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def maybe_write(self, s: Scanout, memory: GuestMemory, force: bool = False) -> bool:
+        now = time.monotonic()
+        if not force and now - s.last_png < self.interval:
+            return False
+        s.last_png = now
+        try:
+            rgb = to_rgb(s.pixels(memory, s.rect), s.format)
+        except BackingError as e:
+            log.warning("scanout %d picture skipped: %s", s.id, e)
+            return False
+        write_atomically(self.directory / f"scanout-{s.id}.png", encode(rgb))
+        return True
+
+
+def bgrx(s: Scanout, memory: GuestMemory, r: Rect) -> bytes:
+    """Pixels of `r` as the display socket wants them (x8r8g8b8)."""
+    return to_bgra(s.pixels(memory, r), s.format, opaque=True).tobytes()
