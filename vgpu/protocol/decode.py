@@ -90,7 +90,8 @@ def _ctx_create(hdr: CtrlHdr, p: Any, _: memoryview) -> c.Command:
 
 
 def _spec(con: Construct[Any, Any], build: _Builder) -> _Spec:
-    return _Spec(con, con.sizeof(), build)
+    # Every command is decoded on the hot path; construct's compiled parser is several times faster.
+    return _Spec(s.compiled(con), con.sizeof(), build)
 
 
 _SPECS: dict[int, _Spec] = {

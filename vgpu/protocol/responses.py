@@ -45,8 +45,15 @@ def _response_hdr(req: CtrlHdr | None, resp_type: CtrlType) -> dict[str, int]:
     }
 
 
+_COMPILED: dict[int, Any] = {}
+
+
 def _build(con: Any, obj: dict[str, Any]) -> bytes:
-    return bytes(con.build(obj))
+    # Responses are built for every command: use construct's compiled form, made once per struct.
+    fast = _COMPILED.get(id(con))
+    if fast is None:
+        fast = _COMPILED[id(con)] = s.compiled(con)
+    return bytes(fast.build(obj))
 
 
 def ok_nodata(hdr: CtrlHdr) -> bytes:
