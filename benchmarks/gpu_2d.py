@@ -81,11 +81,13 @@ def transfer_rate(sock: str, seconds: float) -> tuple[float, float]:
         # The floor: the same bytes gathered once from the same scattered pages, by numpy, in this process.
         ram = np.frombuffer(g.ram.map, np.uint8)
         pages = np.array(b.pages, dtype=np.int64) // 4096
-        out = np.empty(nbytes, np.uint8)
+        out = np.empty(len(pages) * 4096, np.uint8).reshape(-1, 4096)
         view = ram[: len(ram) // 4096 * 4096].reshape(-1, 4096)
-        floor = measure("floor", 1, lambda: np.take(view, pages, axis=0,
-                                                        out=out[: len(pages) * 4096].reshape(-1, 4096)), seconds)
-        del view, ram
+
+        def copy_once() -> None:
+            np.take(view, pages, axis=0, out=out)
+
+        floor = measure("floor", 1, copy_once, seconds)
         return nbytes * ours.ops_per_s / 1e9, nbytes * floor.ops_per_s / 1e9
     finally:
         g.close()
