@@ -54,7 +54,7 @@ class Rate:
     samples: int
 
 
-def measure(name: str, batch: int, run_batch: Callable[[], None], seconds: float, min_batches: int = 5) -> Rate:
+def measure(name: str, batch: int, run_batch: Callable[[], object], seconds: float, min_batches: int = 5) -> Rate:
     """Run `run_batch` (which performs `batch` operations) repeatedly for about `seconds`."""
     run_batch()  # warm up
     lat: list[float] = []
