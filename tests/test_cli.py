@@ -99,3 +99,9 @@ def test_serves_the_next_front_end_after_a_disconnect(tmp_path: Path) -> None:
     finally:
         b.proc.terminate()
         b.proc.wait(5)
+
+
+def test_console_script_is_installed() -> None:
+    exe = Path(sys.executable).parent / "vhost-user-vgpu"
+    r = subprocess.run([str(exe), "--print-capabilities"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and json.loads(r.stdout)["type"] == "gpu"

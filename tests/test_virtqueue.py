@@ -11,7 +11,7 @@ import pytest
 from vgpu.vhost_user.driver import DriverQueue, GuestRam
 from vgpu.vhost_user.memory import GuestMemory, GuestMemoryError, RegionDesc
 from vgpu.vhost_user.virtqueue import RingBroken, Virtqueue, VirtqueueError, need_event
-from vgpu.vhost_user.wire import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+from vgpu.vhost_user.wire import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT
 
 GPA_BASE = 0x4000_0000
 

@@ -40,9 +40,11 @@ def main() -> int:
             dt = time.perf_counter() - t0
             resp = structs.resp_display_info.parse(raw)
             m = resp.pmodes[0]
-            print(f"round trip    : GET_DISPLAY_INFO (fenced, id 1) -> {CtrlType(resp.hdr.type).name} "
-                  f"fence {resp.hdr.fence_id}, scanout 0 {m.r.width}x{m.r.height} enabled={m.enabled} "
-                  f"in {dt * 1e3:.2f} ms")
+            print(
+                f"round trip    : GET_DISPLAY_INFO (fenced, id 1) -> {CtrlType(resp.hdr.type).name} "
+                f"fence {resp.hdr.fence_id}, scanout 0 {m.r.width}x{m.r.height} enabled={m.enabled} "
+                f"in {dt * 1e3:.2f} ms"
+            )
             fe.close()
             ram.close()
         finally:
