@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BackendProcess, start_backend, stop_backend
+from tests.conftest import BackendProcess, start_backend, stop_backend, wait_until
 from tests.gpu_helpers import Gpu
 from vgpu.protocol import (
     CtrlFlag,
@@ -20,6 +20,7 @@ from vgpu.protocol import (
     GetEdid,
     GpuFeature,
     Rect,
+    build_edid,
     encode_command,
     responses,
 )
@@ -106,3 +107,37 @@ def test_edid_needs_the_feature(vgpu: BackendProcess) -> None:
         assert struct.unpack_from("<I", out)[0] == CtrlType.RESP_ERR_UNSPEC
     finally:
         g.close()
+
+
+def test_capsets_and_3d_commands_without_a_context_type(gpu: Gpu) -> None:
+    from vgpu.protocol import CtxCreate, GetCapset, GetCapsetInfo
+
+    out = gpu.cmd(encode_command(GetCapsetInfo(CtrlHdr(CtrlType.CMD_GET_CAPSET_INFO), 0)), 40)
+    assert struct.unpack_from("<I", out)[0] == CtrlType.RESP_ERR_INVALID_PARAMETER
+    out = gpu.cmd(encode_command(GetCapset(CtrlHdr(CtrlType.CMD_GET_CAPSET), 5, 0)), 40)
+    assert struct.unpack_from("<I", out)[0] == CtrlType.RESP_ERR_INVALID_PARAMETER
+    out = gpu.cmd(encode_command(CtxCreate(CtrlHdr(CtrlType.CMD_CTX_CREATE, ctx_id=1), 1, 5, b"x")), 24)
+    assert struct.unpack_from("<I", out)[0] == CtrlType.RESP_ERR_UNSPEC
+
+
+def test_the_front_ends_edid_wins(gpu: Gpu) -> None:
+    theirs = build_edid(2560, 1440, serial=77)
+    gpu.fe.set_display(Display(
+        lambda: responses.display_info(CtrlHdr(0), [DisplayOne(Rect(0, 0, 2560, 1440), True)]),
+        lambda scanout: responses.edid(CtrlHdr(0), theirs)))
+    resp = s.resp_edid.parse(gpu.cmd(encode_command(GetEdid(CtrlHdr(CtrlType.CMD_GET_EDID), 0)), 1056))
+    assert bytes(resp.edid[:resp.size]) == theirs
+
+
+def test_a_new_display_layout_raises_the_display_event(gpu: Gpu) -> None:
+    gpu.cmd(encode_command(GetDisplayInfo(CtrlHdr(CtrlType.CMD_GET_DISPLAY_INFO))), 408)
+    assert gpu.fe.config_changes == 0
+    gpu.fe.set_display(Display(lambda: responses.display_info(CtrlHdr(0), [DisplayOne(Rect(0, 0, 800, 600),
+                                                                                     True)])))
+    assert wait_until(lambda: gpu.fe.config_changes == 1)
+    assert s.config.parse(gpu.fe.get_config(0, 16)).events_read == 1
+    gpu.fe.set_config(4, b"\x01\x00\x00\x00")
+    assert s.config.parse(gpu.fe.get_config(0, 16)).events_read == 0
+    resp = s.resp_display_info.parse(gpu.cmd(encode_command(GetDisplayInfo(CtrlHdr(
+        CtrlType.CMD_GET_DISPLAY_INFO))), 408))
+    assert (resp.pmodes[0].r.width, resp.pmodes[0].r.height) == (800, 600)

@@ -25,6 +25,9 @@ from ..protocol import (
     CtrlHdr,
     CtrlType,
     DisplayOne,
+    Event,
+    GetCapset,
+    GetCapsetInfo,
     GetDisplayInfo,
     GetEdid,
     GpuFeature,
@@ -47,10 +50,10 @@ from ..protocol import (
     responses,
     structs,
 )
-from ..vhost_user.device import Device, DeviceRefused
+from ..vhost_user.device import BackendChannelError, Device, DeviceRefused
 from ..vhost_user.gpu_display import DisplayClient, DisplayError
 from ..vhost_user.virtqueue import Virtqueue, VirtqueueError, ring_sizes
-from ..vhost_user.wire import GPU_CURSOR_SIZE, ProtocolFeature, bit
+from ..vhost_user.wire import GPU_CURSOR_SIZE, BackendRequest, GpuProtocolFeature, ProtocolFeature, bit
 from .backing import Backing, BackingError
 from .config import GpuConfig
 from .formats import BPP, supported, to_bgra
@@ -88,9 +91,13 @@ class GpuDevice(Device):
         self.resources = ResourceTable(config.limits)
         self.scanouts = [Scanout(i) for i in range(config.num_scanouts)]
         self.pictures = PictureWriter(config.png_dir, config.png_rate) if config.png_dir else None
+        # What the driver was last told by GET_DISPLAY_INFO: a different layout later is a display change.
+        self._reported = self._default_modes()
         self._handlers: dict[type, Handler] = {
             GetDisplayInfo: self._get_display_info,
             GetEdid: self._get_edid,
+            GetCapsetInfo: self._get_capset_info,
+            GetCapset: self._get_capset,
             ResourceCreate2D: self._create_2d,
             ResourceUnref: self._unref,
             ResourceAttachBacking: self._attach_backing,
@@ -151,6 +158,8 @@ class GpuDevice(Device):
         for s in self.scanouts:
             if s.enabled:
                 self._show(s)
+        if self._modes() != self._reported:
+            self.display_changed()
 
     def reset(self) -> None:
         if self.display is not None:
@@ -159,6 +168,7 @@ class GpuDevice(Device):
         self.resources.clear()
         self.scanouts = [Scanout(i) for i in range(self.cfg.num_scanouts)]
         self.events_read = 0
+        self._reported = self._default_modes()
 
     def process_queue(self, queue: Virtqueue) -> None:
         t = self.transport
@@ -220,17 +230,52 @@ class GpuDevice(Device):
 
     def _get_display_info(self, cmd: Command) -> bytes:
         assert isinstance(cmd, GetDisplayInfo)
-        return responses.display_info(cmd.hdr, self._modes())
+        self._reported = self._modes()
+        return responses.display_info(cmd.hdr, self._reported)
 
     def _get_edid(self, cmd: Command) -> bytes:
         assert isinstance(cmd, GetEdid)
         self._need(GpuFeature.F_EDID, cmd.hdr)
         if cmd.scanout >= self.cfg.num_scanouts:
             raise _fail(CtrlType.RESP_ERR_INVALID_SCANOUT_ID, f"no scanout {cmd.scanout}", cmd.hdr)
+        theirs = self._front_end_edid(cmd.scanout)
+        if theirs is not None:
+            return responses.edid(cmd.hdr, theirs)
         mode = self._modes()[cmd.scanout]
         w, h = (mode.r.width, mode.r.height) if mode.r.width and mode.r.height else (self.cfg.width,
                                                                                         self.cfg.height)
         return responses.edid(cmd.hdr, build_edid(w, h, serial=cmd.scanout))
+
+    def _front_end_edid(self, scanout: int) -> bytes | None:
+        """The VMM's EDID for the scanout when its display offers one (it knows the real monitor)."""
+        if self.display is None or not self.display.alive or not self.display.has(GpuProtocolFeature.EDID):
+            return None
+        try:
+            resp = structs.resp_edid_c.parse(self.display.edid(scanout))
+        except Exception as e:  # a broken answer falls back to ours
+            log.warning("front end EDID unusable (%s); using our own", e)
+            return None
+        size = int(resp.size)
+        if not 128 <= size <= len(resp.edid) or size % 128:
+            return None
+        return bytes(resp.edid[:size])
+
+    def _get_capset_info(self, cmd: Command) -> bytes:
+        assert isinstance(cmd, GetCapsetInfo)
+        # No context type is configured, so there are no capsets: every index is out of range.
+        raise _fail(_INVALID, f"capset index {cmd.capset_index} >= num_capsets 0", cmd.hdr)
+
+    def _get_capset(self, cmd: Command) -> bytes:
+        assert isinstance(cmd, GetCapset)
+        raise _fail(_INVALID, f"no capset {cmd.capset_id} version {cmd.capset_version}", cmd.hdr)
+
+    def display_changed(self) -> None:
+        """The display layout changed: raise EVENT_DISPLAY and a config interrupt so the driver asks again."""
+        self.events_read |= int(Event.EVENT_DISPLAY)
+        try:
+            self.transport.backend_request(BackendRequest.CONFIG_CHANGE_MSG, b"")
+        except BackendChannelError as e:
+            log.info("config change not signalled: %s", e)
 
     def _to_display(self, send: Callable[[DisplayClient], None]) -> None:
         """Display output is best effort: a VMM without a display, or one that went away, costs the guest
