@@ -1,0 +1,103 @@
+"""Hostile commands against a live back-end process: random bytes and mutated valid commands always get an
+answer (never a hang or a crash), and the process holds no more fds afterwards than before."""
+
+from __future__ import annotations
+
+import struct
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import BackendProcess, fd_count, start_backend, stop_backend, wait_until
+from tests.gpu_helpers import Gpu, hdr
+from vgpu.protocol import (
+    COMMAND_CLASSES,
+    CtrlType,
+    Format,
+    MemEntries,
+    Rect,
+    ResourceAttachBacking,
+    ResourceCreate2D,
+    ResourceFlush,
+    SetScanout,
+    TransferToHost2D,
+    encode_command,
+)
+
+E = CtrlType
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BackendProcess, Gpu]]:
+    tmp: Path = tmp_path_factory.mktemp("fuzz")
+    b = start_backend([sys.executable, "-m", "vgpu", "--log-level=error", "--max-host-memory=32M",
+                       "--scanout-png", str(tmp / "png")], tmp, "vgpu")
+    g = Gpu.connect(b.socket_path)
+    # Something to aim at: a resource with backing, on a scanout.
+    g.image_2d(1, 64, 64, Format.FORMAT_B8G8R8X8_UNORM)
+    g.show(1, 0, Rect(0, 0, 64, 64))
+    yield b, g
+    g.close()
+    stop_backend(b)
+
+
+def answered(resp: bytes) -> int:
+    assert len(resp) >= 24
+    t = int(struct.unpack_from("<I", resp)[0])
+    assert 0x1100 <= t <= 0x1106 or 0x1200 <= t <= 0x1205, hex(t)
+    return t
+
+
+types = st.sampled_from(sorted({int(c.TYPE) for c in COMMAND_CLASSES} | {0, 0x1100, 0x0999}))
+u32 = st.one_of(st.integers(0, 70), st.sampled_from([0xFFFFFFFF, 0x7FFFFFFF, 0x80000000, 4095, 4096, 16384]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ctrl_type=types, flags=st.integers(0, 3), ring=st.integers(0, 255), body=st.lists(u32, max_size=24),
+       tail=st.binary(max_size=64))
+def test_structured_garbage_always_gets_an_answer(live: tuple[BackendProcess, Gpu], ctrl_type: int, flags: int,
+                                                  ring: int, body: list[int], tail: bytes) -> None:
+    _, g = live
+    req = struct.pack("<IIQIB3x", ctrl_type, flags, 1, 0, ring) + b"".join(struct.pack("<I", v) for v in body)
+    queue = 1 if ctrl_type in (E.CMD_UPDATE_CURSOR, E.CMD_MOVE_CURSOR) else 0
+    answered(g.fe.submit(queue, req + tail, 1056))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=300), queue=st.integers(0, 1))
+def test_random_bytes_always_get_an_answer(live: tuple[BackendProcess, Gpu], data: bytes, queue: int) -> None:
+    _, g = live
+    answered(g.fe.submit(queue, data or b"\0", 64))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(x=u32, y=u32, w=u32, h=u32, offset=st.integers(0, 1 << 64 - 1), rid=st.integers(0, 3),
+       addr=st.integers(0, 1 << 40), length=u32)
+def test_valid_shapes_with_hostile_values(live: tuple[BackendProcess, Gpu], x: int, y: int, w: int, h: int,
+                                          offset: int, rid: int, addr: int, length: int) -> None:
+    _, g = live
+    r = Rect(x, y, w, h)
+    for cmd in (TransferToHost2D(hdr(E.CMD_TRANSFER_TO_HOST_2D), r, offset, rid),
+                SetScanout(hdr(E.CMD_SET_SCANOUT), r, x % 3, rid),
+                ResourceFlush(hdr(E.CMD_RESOURCE_FLUSH), r, rid),
+                ResourceCreate2D(hdr(E.CMD_RESOURCE_CREATE_2D), 100 + rid, x % 140, w % 5000, h % 5000),
+                ResourceAttachBacking(hdr(E.CMD_RESOURCE_ATTACH_BACKING), 100 + rid,
+                                      MemEntries.of([(addr, length)]))):
+        answered(g.fe.submit(0, encode_command(cmd), 64))
+    # The resource under test still shows: flushing it works.
+    g.show(1, 0, Rect(0, 0, 64, 64))
+
+
+def test_after_the_storm(live: tuple[BackendProcess, Gpu]) -> None:
+    """Still serving normally, and the fuzzing left no fd behind (the connection's own fds aside)."""
+    b, g = live
+    assert b.alive(), b.log()
+    base = fd_count(b.pid)
+    g.image_2d(7, 16, 16)
+    g.show(7, 0, Rect(0, 0, 16, 16))
+    g.flush(7, Rect(0, 0, 16, 16))
+    assert wait_until(lambda: fd_count(b.pid) == base)
