@@ -218,6 +218,35 @@ def log_fd(fe: Frontend) -> None:
         os.close(fd)
 
 
+@refusal
+def gpu_socket_that_is_not_a_socket(fe: Frontend) -> None:
+    fd = os.memfd_create("not-a-socket")
+    try:
+        fe.request(FrontendRequest.GPU_SET_SOCKET, fds=[fd], need_reply=True)
+    finally:
+        os.close(fd)
+
+
+@refusal
+def backend_channel_that_is_not_a_socket(fe: Frontend) -> None:
+    r, w = os.pipe()
+    try:
+        fe.request(FrontendRequest.SET_BACKEND_REQ_FD, fds=[r], need_reply=True)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@refusal
+def datagram_backend_channel(fe: Frontend) -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        fe.request(FrontendRequest.SET_BACKEND_REQ_FD, fds=[b.fileno()], need_reply=True)
+    finally:
+        a.close()
+        b.close()
+
+
 @pytest.mark.parametrize("name", sorted(REFUSALS))
 def test_refusals_get_a_failure_ack_and_leave_nothing_behind(echo_backend: BackendProcess, baseline: int,
                                                              name: str) -> None:

@@ -14,6 +14,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -351,6 +352,8 @@ class Session(Transport):
                     raise ProtocolError(f"{req.name} is not supported and needs an answer")
                 raise Refused(f"{req.name} is not supported")
             reply = handler(msg)
+        except ProtocolError:
+            raise
         except (Refused, DeviceRefused, GuestMemoryError, VirtqueueError, MissingFd) as e:
             ok = False
             log.warning("%s refused: %s", req.name, e)
@@ -358,6 +361,10 @@ class Session(Transport):
                 # Every request with a reply body that can fail has its failure shape; none reach here unless
                 # the front end broke the rules (e.g. asked for a queue that does not exist).
                 raise ProtocolError(f"{req.name}: {e}") from e
+        except Exception as e:
+            # A bug of ours must cost this connection, never the process (and every other VM's next connect).
+            log.exception("%s failed unexpectedly", req.name)
+            raise ProtocolError(f"{req.name} failed: {e}") from e
         finally:
             msg.close_fds()
         if reply is not None:
@@ -628,14 +635,13 @@ class Session(Transport):
     # channels
 
     def _on_set_backend_req_fd(self, msg: Message) -> None:
-        fd = msg.take_fd()
+        sock = _stream_socket(msg.take_fd())
         self._drop_backend_channel()
-        self.backend_channel = Channel(socket.socket(fileno=fd))
+        self.backend_channel = Channel(sock)
         self._selector.register(self.backend_channel.sock, selectors.EVENT_READ, "backend")
 
     def _on_gpu_set_socket(self, msg: Message) -> None:
-        fd = msg.take_fd()
-        self.device.set_gpu_socket(socket.socket(fileno=fd))
+        self.device.set_gpu_socket(_stream_socket(msg.take_fd()))
 
     def _on_set_log_fd(self, msg: Message) -> None:
         raise Refused("dirty logging (migration) is not supported")
@@ -664,6 +670,21 @@ class Session(Transport):
         self._memory.close()
         self._selector.close()
         self.channel.close()
+
+
+def _stream_socket(fd: int) -> socket.socket:
+    """Wrap an fd the front end says is a socket; anything else is refused (and closed), not trusted."""
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise Refused("the fd is not a socket")
+        sock = socket.socket(fileno=fd)
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.detach()
+            raise Refused("the fd is not a Unix stream socket")
+        return sock
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class StopSignal:
