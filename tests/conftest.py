@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +88,20 @@ def start_backend(cmd: list[str], tmp_path: Path, name: str = "backend") -> Back
         raise RuntimeError(f"{cmd} did not create its socket")
     if proc.poll() is not None:
         raise RuntimeError(f"{cmd} exited: {log_path.read_text()}")
+    # The socket appears before the server has finished setting up (its selector comes after bind):
+    # wait until the fd count holds still, so a test's baseline is the idle server's.
+    wait_until(_fds_settled(proc.pid), 5)
     return BackendProcess(proc, sock, log_path)
+
+
+def _fds_settled(pid: int) -> Callable[[], bool]:
+    counts: list[int] = []
+
+    def still() -> bool:
+        counts.append(fd_count(pid))
+        return len(counts) >= 3 and counts[-1] == counts[-2] == counts[-3]
+
+    return still
 
 
 def stop_backend(b: BackendProcess) -> None:
