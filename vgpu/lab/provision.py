@@ -1,0 +1,789 @@
+"""Idempotent provisioning of everything the end-to-end lab needs, on a fresh Debian 12 machine.
+
+Why this exists: CI starts from a machine on which nothing of the lab is installed, and the only network is the
+Debian mirror named by the machine's own apt sources. Bookworm's QEMU 7.2 refuses vhost-user-gpu under TCG, so QEMU
+must come from bookworm-backports (10.0.x); the guest kernel is the bookworm-backports 6.12 package, unpacked
+(never installed) into a cache owned by the project. Every step first checks whether its result is already there,
+so a warm run costs a few ``dpkg-query`` calls and file checks.
+
+The mirror URI is read from the machine's apt sources at run time (deb822 ``debian.sources`` or a one-line
+``sources.list``) and never written into the project.
+
+Use as a library (``provision_qemu()``, ``provision_guest_kernel()``, ... return paths) or as a command::
+
+    python -m vgpu.lab.provision [all|apt|qemu|busybox|toolchain|kernel|guest ...] [--cache DIR] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from vgpu.lab import guest
+
+log = logging.getLogger("vgpu.lab")
+
+#: Environment variable that overrides the cache directory (default ``<repo>/.cache/lab``).
+ENV_CACHE = "VGPU_LAB_CACHE"
+#: Environment variable that pins the guest kernel package name instead of picking the newest 6.12 image.
+ENV_KERNEL_PACKAGE = "VGPU_LAB_KERNEL_PACKAGE"
+
+QEMU_PACKAGES = ("qemu-system-x86", "qemu-system-gui", "qemu-system-common", "qemu-system-data")
+#: QEMU 7.2 (bookworm) refuses vhost-user-gpu under TCG ("requires kvm"); 10.0 (backports) works.
+QEMU_MIN_MAJOR = 10
+QEMU_SYSTEM_X86_64 = Path("/usr/bin/qemu-system-x86_64")
+#: QEMU's own C back end, shipped by qemu-system-gui: the reference peer our back end is compared with.
+VHOST_USER_GPU = Path("/usr/lib/qemu/vhost-user-gpu")
+BUSYBOX = Path("/bin/busybox")
+TOOLCHAIN_PACKAGES = ("gcc", "libc6-dev", "linux-libc-dev")
+#: The guest kernel family: 6.12 has udmabuf and the system dma-heap built in, virtio-gpu and vgem as modules.
+KERNEL_SERIES = "6.12"
+
+DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+BACKPORTS_FILE_NAME = "vgpu-lab-backports.sources"
+APT_LISTS = Path("/var/lib/apt/lists")
+
+# Generous bounds: they only stop a hung mirror from hanging CI forever.
+APT_UPDATE_TIMEOUT = 600.0
+APT_INSTALL_TIMEOUT = 1200.0
+APT_DOWNLOAD_TIMEOUT = 1200.0
+QUERY_TIMEOUT = 60.0
+EXTRACT_TIMEOUT = 600.0
+
+
+class ProvisionError(RuntimeError):
+    """A lab component cannot be provisioned; the message names the component and the reason."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# apt sources
+
+
+@dataclasses.dataclass(frozen=True)
+class AptSource:
+    """One apt source entry, whichever of the two file formats it came from."""
+
+    types: tuple[str, ...]
+    uris: tuple[str, ...]
+    suites: tuple[str, ...]
+    components: tuple[str, ...]
+    signed_by: str | None
+    enabled: bool
+    origin: Path
+
+
+def parse_deb822_sources(text: str, origin: Path) -> list[AptSource]:
+    """Parse a deb822 ``.sources`` file (stanzas of ``Field: value`` separated by blank lines).
+
+    Continuation lines (starting with white space) belong to the previous field: ``Signed-By`` may hold an
+    inline armoured key that way, and it must not be mistaken for a new field.
+    """
+    sources: list[AptSource] = []
+    stanzas: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    last_key: str | None = None
+    for raw in text.splitlines():
+        if raw.startswith("#"):
+            continue
+        if not raw.strip():
+            if current:
+                stanzas.append(current)
+            current, last_key = {}, None
+            continue
+        if raw[0] in " \t":
+            if last_key is not None:
+                current[last_key] += "\n" + raw.strip()
+            continue
+        key, sep, value = raw.partition(":")
+        if not sep:
+            continue
+        last_key = key.strip().lower()
+        current[last_key] = value.strip()
+    if current:
+        stanzas.append(current)
+    for stanza in stanzas:
+        sources.append(
+            AptSource(
+                types=tuple(stanza.get("types", "").split()),
+                uris=tuple(stanza.get("uris", "").split()),
+                suites=tuple(stanza.get("suites", "").split()),
+                components=tuple(stanza.get("components", "").split()),
+                signed_by=stanza.get("signed-by") or None,
+                enabled=stanza.get("enabled", "yes").strip().lower() not in ("no", "false", "0"),
+                origin=origin,
+            )
+        )
+    return sources
+
+
+_ONE_LINE_RE = re.compile(r"^(?P<type>deb(?:-src)?)\s+(?:\[(?P<opts>[^\]]*)\]\s+)?(?P<rest>.*)$")
+
+
+def parse_one_line_sources(text: str, origin: Path) -> list[AptSource]:
+    """Parse the one-line ``deb [options] URI suite component...`` format of ``sources.list``."""
+    sources: list[AptSource] = []
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        match = _ONE_LINE_RE.match(line)
+        if not match:
+            continue
+        fields = match.group("rest").split()
+        if len(fields) < 2:
+            continue
+        options = dict(opt.split("=", 1) for opt in (match.group("opts") or "").split() if "=" in opt)
+        sources.append(
+            AptSource(
+                types=(match.group("type"),),
+                uris=(fields[0],),
+                suites=(fields[1],),
+                components=tuple(fields[2:]),
+                signed_by=options.get("signed-by"),
+                enabled=True,
+                origin=origin,
+            )
+        )
+    return sources
+
+
+def source_files(etc_apt: Path) -> list[Path]:
+    """The files apt itself reads: ``sources.list`` plus ``sources.list.d/*.list`` and ``*.sources``."""
+    files = []
+    main = etc_apt / "sources.list"
+    if main.is_file():
+        files.append(main)
+    parts = etc_apt / "sources.list.d"
+    if parts.is_dir():
+        files.extend(sorted(p for p in parts.iterdir() if p.suffix in (".list", ".sources") and p.is_file()))
+    return files
+
+
+def read_apt_sources(etc_apt: Path = Path("/etc/apt")) -> list[AptSource]:
+    """All enabled entries apt would use."""
+    sources: list[AptSource] = []
+    for path in source_files(etc_apt):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parsed = parse_deb822_sources(text, path) if path.suffix == ".sources" else parse_one_line_sources(text, path)
+        sources.extend(s for s in parsed if s.enabled)
+    return sources
+
+
+def os_codename(os_release: Path = Path("/etc/os-release")) -> str:
+    """The Debian codename (``bookworm``) from os-release; the backports suite is derived from it."""
+    try:
+        for line in os_release.read_text(encoding="utf-8").splitlines():
+            key, _, value = line.partition("=")
+            if key == "VERSION_CODENAME" and value.strip('"'):
+                return value.strip('"')
+    except OSError as exc:
+        raise ProvisionError(f"apt sources: cannot read {os_release}: {exc}") from exc
+    raise ProvisionError(f"apt sources: no VERSION_CODENAME in {os_release}")
+
+
+def debian_mirror(sources: Sequence[AptSource], codename: str) -> AptSource:
+    """The entry that serves the release's main archive (``<codename>`` suite, component main).
+
+    The security archive is a different tree (``debian-security``) without backports, so an entry is only taken
+    when it lists the plain codename suite.
+    """
+    for source in sources:
+        if "deb" in source.types and codename in source.suites and "main" in source.components and source.uris:
+            return source
+    raise ProvisionError(
+        f"apt sources: no enabled 'deb' entry for suite {codename!r} with component main in /etc/apt; "
+        "cannot tell which Debian mirror to use"
+    )
+
+
+def debian_mirror_uri(etc_apt: Path = Path("/etc/apt"), codename: str | None = None) -> str:
+    """The Debian mirror URI the machine's apt sources name for its release, read at run time."""
+    return debian_mirror(read_apt_sources(etc_apt), codename or os_codename()).uris[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# results
+
+
+@dataclasses.dataclass(frozen=True)
+class Qemu:
+    """An installed QEMU able to run ``vhost-user-gpu-pci`` under TCG, and QEMU's own GPU back end."""
+
+    system: Path
+    vhost_user_gpu: Path
+    package_version: str
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestKernel:
+    """A Debian kernel package unpacked into the cache: what QEMU boots and where its modules are."""
+
+    package: str
+    package_version: str
+    release: str
+    root: Path
+    vmlinuz: Path
+
+    @property
+    def modules_dir(self) -> Path:
+        """``<root>/lib/modules/<release>``: the tree the initramfs builder takes modules from."""
+        return self.root / "lib" / "modules" / self.release
+
+
+@dataclasses.dataclass(frozen=True)
+class Lab:
+    """Everything a boot needs, as returned by :func:`provision_all`."""
+
+    qemu: Qemu
+    kernel: GuestKernel
+    busybox: Path
+    guest_programs: Mapping[str, Path]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def default_cache_dir() -> Path:
+    """``$VGPU_LAB_CACHE`` or ``<repo>/.cache/lab``: big downloads stay with the project, not in /tmp."""
+    env = os.environ.get(ENV_CACHE)
+    if env:
+        return Path(env).resolve()
+    return Path(__file__).resolve().parents[2] / ".cache" / "lab"
+
+
+def run(
+    cmd: Sequence[str],
+    *,
+    timeout: float,
+    what: str,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command, logging it; any failure or timeout becomes a :class:`ProvisionError` naming ``what``."""
+    log.info("%s: $ %s", what, " ".join(cmd))
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    try:
+        proc = subprocess.run(
+            list(cmd),
+            cwd=cwd,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ProvisionError(f"{what}: {cmd[0]} did not finish within {timeout:.0f} s") from exc
+    except OSError as exc:
+        raise ProvisionError(f"{what}: cannot run {cmd[0]}: {exc}") from exc
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise ProvisionError(f"{what}: {' '.join(cmd)} exited with {proc.returncode}:\n{tail}")
+    return proc
+
+
+def _version_major(version: str) -> int:
+    """Major number of a Debian version string such as ``1:10.0.2+ds-1~bpo12+1``."""
+    upstream = version.split(":", 1)[-1]
+    match = re.match(r"\d+", upstream)
+    return int(match.group()) if match else 0
+
+
+def _ensure_cache_dir(path: Path) -> Path:
+    """Create the cache with a ``.gitignore`` of ``*`` so its hundreds of MB can never be committed."""
+    path.mkdir(parents=True, exist_ok=True)
+    ignore = path / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("# created by vgpu.lab.provision: everything here is a download or a build\n*\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the provisioner
+
+
+class Provisioner:
+    """Brings lab components into existence, each step idempotent and cheap when already done.
+
+    One instance holds the cache location and the apt configuration paths (so tests can point it elsewhere);
+    a file lock in the cache serialises concurrent provisioning runs (e.g. parallel test workers).
+    """
+
+    def __init__(
+        self,
+        cache: Path | None = None,
+        *,
+        etc_apt: Path = Path("/etc/apt"),
+        apt_lists: Path = APT_LISTS,
+    ) -> None:
+        self.cache = _ensure_cache_dir(cache or default_cache_dir())
+        self.etc_apt = etc_apt
+        self.apt_lists = apt_lists
+        self._lock_depth = 0
+        self._lock_fd: int | None = None
+        self._updated_this_run = False
+
+    # -- locking ---------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the cache lock; re-entrant within this object because flock is per open file."""
+        if self._lock_depth == 0:
+            fd = os.open(self.cache / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._lock_fd = fd
+        self._lock_depth += 1
+        try:
+            yield
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0 and self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    # -- apt ---------------------------------------------------------------------------------------------------
+
+    def _require_root(self, what: str) -> None:
+        if os.geteuid() != 0:
+            raise ProvisionError(f"{what}: installing needs root (apt-get), and this process is not root")
+
+    def backports_suite(self) -> str:
+        return f"{os_codename()}-backports"
+
+    def ensure_backports_source(self) -> Path | None:
+        """Add a ``<codename>-backports`` source on the machine's own mirror unless one exists.
+
+        Returns the file written, or ``None`` when an existing entry already names the suite.
+        """
+        suite = self.backports_suite()
+        sources = read_apt_sources(self.etc_apt)
+        if any(suite in s.suites and "deb" in s.types for s in sources):
+            return None
+        mirror = debian_mirror(sources, os_codename())
+        signed_by = mirror.signed_by if mirror.signed_by and "\n" not in mirror.signed_by else DEBIAN_KEYRING
+        self._require_root("apt sources")
+        target = self.etc_apt / "sources.list.d" / BACKPORTS_FILE_NAME
+        text = (
+            "# Added by vgpu.lab.provision: QEMU 10 and the 6.12 guest kernel come from backports.\n"
+            "Types: deb\n"
+            f"URIs: {mirror.uris[0]}\n"
+            f"Suites: {suite}\n"
+            "Components: main\n"
+            f"Signed-By: {signed_by}\n"
+        )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(target)
+        log.info("apt sources: wrote %s (%s %s main)", target, mirror.uris[0], suite)
+        return target
+
+    def _sources_digest(self) -> str:
+        digest = hashlib.sha256()
+        for path in source_files(self.etc_apt):
+            digest.update(str(path).encode() + b"\0" + path.read_bytes() + b"\0")
+        return digest.hexdigest()
+
+    def _backports_lists_present(self) -> bool:
+        suite = self.backports_suite()
+        return any(self.apt_lists.glob(f"*_dists_{suite}_*Packages*"))
+
+    def apt_update(self, *, force: bool = False) -> bool:
+        """Run ``apt-get update`` when the sources changed since the last one or backports lists are missing.
+
+        A stamp in the cache records the digest of the sources apt read, so repeated runs do not touch the
+        network. Returns whether an update ran.
+        """
+        with self.locked():
+            stamp = self.cache / "apt-update.stamp"
+            digest = self._sources_digest()
+            fresh = stamp.is_file() and stamp.read_text().strip() == digest and self._backports_lists_present()
+            if fresh and not force:
+                return False
+            if force and self._updated_this_run:
+                return False
+            self._require_root("apt-get update")
+            run(
+                ["apt-get", "-q", "update", "-o", "DPkg::Lock::Timeout=300"],
+                timeout=APT_UPDATE_TIMEOUT,
+                what="apt-get update",
+            )
+            stamp.write_text(digest + "\n")
+            self._updated_this_run = True
+            return True
+
+    def ensure_apt(self) -> None:
+        """Backports source present and package lists current."""
+        with self.locked():
+            self.ensure_backports_source()
+            self.apt_update()
+
+    def installed_versions(self, packages: Sequence[str]) -> dict[str, str]:
+        """Versions of the given packages that dpkg reports fully installed (others are absent)."""
+        try:
+            proc = subprocess.run(
+                ["dpkg-query", "-W", "-f=${Package}\t${db:Status-Abbrev}\t${Version}\n", *packages],
+                capture_output=True,
+                text=True,
+                timeout=QUERY_TIMEOUT,
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            # dpkg-query exits 1 for unknown packages (that is an answer); only not running at all is an error.
+            raise ProvisionError(f"dpkg-query: cannot query {' '.join(packages)}: {exc}") from exc
+        versions: dict[str, str] = {}
+        for line in proc.stdout.splitlines():
+            parts = line.split("\t")
+            if len(parts) == 3 and parts[1].startswith("ii"):
+                versions[parts[0].split(":", 1)[0]] = parts[2]
+        return versions
+
+    def apt_install(self, packages: Sequence[str], *, what: str, target_release: str | None = None) -> None:
+        """Install packages (no recommends); on failure refresh the lists once and retry.
+
+        A retry covers the common CI failure of a stale list naming a version the mirror no longer has.
+        """
+        self._require_root(what)
+        self.ensure_apt()
+        cmd = ["apt-get", "-q", "install", "-y", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300"]
+        if target_release:
+            cmd += ["-t", target_release]
+        cmd += list(packages)
+        env = {"DEBIAN_FRONTEND": "noninteractive"}
+        try:
+            run(cmd, timeout=APT_INSTALL_TIMEOUT, what=what, env=env)
+        except ProvisionError as first:
+            if not self.apt_update(force=True):
+                raise
+            log.warning("%s: retrying after apt-get update (%s)", what, str(first).splitlines()[0])
+            run(cmd, timeout=APT_INSTALL_TIMEOUT, what=what, env=env)
+
+    # -- components --------------------------------------------------------------------------------------------
+
+    def qemu(self) -> Qemu:
+        """QEMU ≥ 10 from backports with QEMU's own ``vhost-user-gpu`` back end."""
+        with self.locked():
+            versions = self.installed_versions(QEMU_PACKAGES)
+            ok = (
+                all(p in versions for p in QEMU_PACKAGES)
+                and _version_major(versions["qemu-system-x86"]) >= QEMU_MIN_MAJOR
+                and QEMU_SYSTEM_X86_64.is_file()
+                and VHOST_USER_GPU.is_file()
+            )
+            if not ok:
+                have = versions.get("qemu-system-x86", "not installed")
+                log.info("qemu: qemu-system-x86 is %s; need >= %d from backports", have, QEMU_MIN_MAJOR)
+                self.apt_install(QEMU_PACKAGES, what="qemu", target_release=self.backports_suite())
+                versions = self.installed_versions(QEMU_PACKAGES)
+            version = versions.get("qemu-system-x86", "")
+            if _version_major(version) < QEMU_MIN_MAJOR:
+                raise ProvisionError(
+                    f"qemu: qemu-system-x86 {version or '(absent)'} is installed, need >= {QEMU_MIN_MAJOR}"
+                )
+            for path in (QEMU_SYSTEM_X86_64, VHOST_USER_GPU):
+                if not path.is_file():
+                    raise ProvisionError(f"qemu: {path} is missing after installing {' '.join(QEMU_PACKAGES)}")
+            return Qemu(system=QEMU_SYSTEM_X86_64, vhost_user_gpu=VHOST_USER_GPU, package_version=version)
+
+    def busybox(self) -> Path:
+        """A statically linked busybox: it is the whole userland of the initramfs."""
+        with self.locked():
+            if "busybox-static" not in self.installed_versions(["busybox-static"]) or not BUSYBOX.is_file():
+                self.apt_install(["busybox-static"], what="busybox")
+            if not BUSYBOX.is_file():
+                raise ProvisionError(f"busybox: {BUSYBOX} is missing after installing busybox-static")
+            return BUSYBOX
+
+    def toolchain(self) -> Path:
+        """gcc with a static libc and the kernel's UAPI headers, to build the static guest programs."""
+        with self.locked():
+            gcc = shutil.which("gcc")
+            ok = gcc is not None and all(p in self.installed_versions(TOOLCHAIN_PACKAGES) for p in TOOLCHAIN_PACKAGES)
+            if not ok:
+                self.apt_install(TOOLCHAIN_PACKAGES, what="toolchain")
+                gcc = shutil.which("gcc")
+            if gcc is None:
+                raise ProvisionError("toolchain: gcc is not on PATH after installing gcc")
+            return Path(gcc)
+
+    def _kernel_record(self) -> Path:
+        return self.cache / "kernel" / "kernel.json"
+
+    def _cached_kernel(self) -> GuestKernel | None:
+        record = self._kernel_record()
+        if not record.is_file():
+            return None
+        try:
+            data = json.loads(record.read_text())
+            kernel = GuestKernel(
+                package=data["package"],
+                package_version=data["package_version"],
+                release=data["release"],
+                root=Path(data["root"]),
+                vmlinuz=Path(data["vmlinuz"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            log.warning("kernel: ignoring unreadable %s", record)
+            return None
+        pinned = os.environ.get(ENV_KERNEL_PACKAGE)
+        if pinned and pinned != kernel.package:
+            return None
+        if kernel.vmlinuz.is_file() and kernel.modules_dir.is_dir():
+            return kernel
+        return None
+
+    def select_kernel_package(self) -> str:
+        """The newest ``linux-image-6.12.*-amd64`` apt knows, preferring the unsigned image.
+
+        The unsigned package holds the same kernel and modules without the signed-shim plumbing. Both
+        bookworm-backports and bookworm-security carry Debian's 6.12 for bookworm (same config: udmabuf and the
+        system heap built in, virtio-gpu and vgem as modules); the newest wins, which is also the version
+        ``linux-source-6.12`` builds a patched kernel from. ``$VGPU_LAB_KERNEL_PACKAGE`` pins a name instead.
+        """
+        pinned = os.environ.get(ENV_KERNEL_PACKAGE)
+        if pinned:
+            return pinned
+        series = re.escape(KERNEL_SERIES)
+        pattern = re.compile(rf"^linux-image-{series}\.(\d+)(?:\+deb\d+)?(?:-(\d+))?-amd64(-unsigned)?$")
+        names = run(
+            ["apt-cache", "pkgnames", f"linux-image-{KERNEL_SERIES}."],
+            timeout=QUERY_TIMEOUT,
+            what="kernel",
+        ).stdout.split()
+        candidates: list[tuple[tuple[int, int, int], str]] = []
+        for name in names:
+            match = pattern.match(name)
+            if match:
+                rank = (int(match.group(1)), int(match.group(2) or 0), 1 if match.group(3) else 0)
+                candidates.append((rank, name))
+        if not candidates:
+            raise ProvisionError(
+                f"kernel: apt knows no linux-image-{KERNEL_SERIES}.*-amd64 package "
+                f"(is {self.backports_suite()} in the apt sources?)"
+            )
+        return max(candidates)[1]
+
+    def guest_kernel(self) -> GuestKernel:
+        """The 6.12 guest kernel, downloaded and unpacked once into ``<cache>/kernel``."""
+        with self.locked():
+            cached = self._cached_kernel()
+            if cached is not None:
+                return cached
+            self.ensure_apt()
+            package = self.select_kernel_package()
+            try:
+                return self._fetch_kernel(package)
+            except ProvisionError as first:
+                if not self.apt_update(force=True):
+                    raise
+                log.warning("kernel: retrying after apt-get update (%s)", str(first).splitlines()[0])
+                return self._fetch_kernel(self.select_kernel_package())
+
+    def _fetch_kernel(self, package: str) -> GuestKernel:
+        kernel_dir = self.cache / "kernel"
+        kernel_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="download-", dir=kernel_dir) as tmp_name:
+            tmp = Path(tmp_name)
+            # _apt cannot write into a root-only cache; downloading as root is what we intend here.
+            run(
+                ["apt-get", "-q", "download", "-o", "APT::Sandbox::User=root", package],
+                timeout=APT_DOWNLOAD_TIMEOUT,
+                what="kernel",
+                cwd=tmp,
+            )
+            debs = sorted(tmp.glob("*.deb"))
+            if len(debs) != 1:
+                raise ProvisionError(f"kernel: expected one .deb from apt-get download {package}, got {debs}")
+            version = run(
+                ["dpkg-deb", "-f", str(debs[0]), "Version"], timeout=QUERY_TIMEOUT, what="kernel"
+            ).stdout.strip()
+            unpack = tmp / "root"
+            run(["dpkg", "-x", str(debs[0]), str(unpack)], timeout=EXTRACT_TIMEOUT, what="kernel")
+            releases = sorted(p.name for p in (unpack / "lib" / "modules").glob("*") if p.is_dir())
+            if len(releases) != 1:
+                raise ProvisionError(f"kernel: {package} holds {len(releases)} module trees, expected one")
+            release = releases[0]
+            if not (unpack / "boot" / f"vmlinuz-{release}").is_file():
+                raise ProvisionError(f"kernel: {package} has no boot/vmlinuz-{release}")
+            safe_version = re.sub(r"[^A-Za-z0-9.+~-]", "_", version)
+            final = kernel_dir / f"{package}_{safe_version}"
+            if final.exists():
+                shutil.rmtree(final)
+            unpack.replace(final)
+        kernel = GuestKernel(
+            package=package,
+            package_version=version,
+            release=release,
+            root=final,
+            vmlinuz=final / "boot" / f"vmlinuz-{release}",
+        )
+        record = self._kernel_record()
+        tmp_record = record.with_name(record.name + ".tmp")
+        tmp_record.write_text(
+            json.dumps(
+                {
+                    "package": kernel.package,
+                    "package_version": kernel.package_version,
+                    "release": kernel.release,
+                    "root": str(kernel.root),
+                    "vmlinuz": str(kernel.vmlinuz),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        tmp_record.replace(record)
+        log.info("kernel: %s %s (release %s) unpacked in %s", package, version, release, final)
+        return kernel
+
+    def guest_programs(self) -> dict[str, Path]:
+        """Every static guest program, built into the cache (rebuilt only when its sources change)."""
+        with self.locked():
+            gcc = self.toolchain()
+            try:
+                return {name: guest.build_program(name, self.cache, gcc=gcc) for name in guest.program_names()}
+            except guest.GuestBuildError as exc:
+                raise ProvisionError(f"guest programs: {exc}") from exc
+
+    def all(self) -> Lab:
+        """Everything the e2e tests need now."""
+        with self.locked():
+            return Lab(
+                qemu=self.qemu(),
+                kernel=self.guest_kernel(),
+                busybox=self.busybox(),
+                guest_programs=self.guest_programs(),
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# module-level conveniences (each builds a default provisioner)
+
+
+def provision_qemu(cache: Path | None = None) -> Qemu:
+    """QEMU ≥ 10 and ``/usr/lib/qemu/vhost-user-gpu``, installed from backports when missing."""
+    return Provisioner(cache).qemu()
+
+
+def provision_guest_kernel(cache: Path | None = None) -> GuestKernel:
+    """The 6.12 guest kernel unpacked in the cache."""
+    return Provisioner(cache).guest_kernel()
+
+
+def provision_busybox(cache: Path | None = None) -> Path:
+    """Path of a static busybox."""
+    return Provisioner(cache).busybox()
+
+
+def provision_guest_programs(cache: Path | None = None) -> dict[str, Path]:
+    """Name → path of every static guest program."""
+    return Provisioner(cache).guest_programs()
+
+
+def provision_all(cache: Path | None = None) -> Lab:
+    """Everything at once."""
+    return Provisioner(cache).all()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# command line
+
+COMPONENTS = ("apt", "qemu", "busybox", "toolchain", "kernel", "guest")
+
+
+def _summary(p: Provisioner, components: Sequence[str]) -> dict[str, object]:
+    out: dict[str, object] = {"cache": str(p.cache)}
+    for component in components:
+        if component == "apt":
+            p.ensure_apt()
+            out["mirror"] = debian_mirror_uri(p.etc_apt)
+        elif component == "qemu":
+            q = p.qemu()
+            out["qemu"] = {
+                "system": str(q.system),
+                "vhost_user_gpu": str(q.vhost_user_gpu),
+                "package_version": q.package_version,
+            }
+        elif component == "busybox":
+            out["busybox"] = str(p.busybox())
+        elif component == "toolchain":
+            out["gcc"] = str(p.toolchain())
+        elif component == "kernel":
+            k = p.guest_kernel()
+            out["kernel"] = {
+                "package": k.package,
+                "package_version": k.package_version,
+                "release": k.release,
+                "vmlinuz": str(k.vmlinuz),
+                "modules_dir": str(k.modules_dir),
+            }
+        elif component == "guest":
+            out["guest_programs"] = {name: str(path) for name, path in p.guest_programs().items()}
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vgpu.lab.provision``: provision components, print where they are."""
+    parser = argparse.ArgumentParser(
+        prog="python -m vgpu.lab.provision",
+        description="Provision the vgpu end-to-end lab (QEMU 10, 6.12 guest kernel, busybox, guest programs).",
+    )
+    parser.add_argument(
+        "components",
+        nargs="*",
+        choices=(*COMPONENTS, "all"),
+        default=["all"],
+        metavar="COMPONENT",
+        help=f"one or more of {', '.join(COMPONENTS)}, or all (default)",
+    )
+    parser.add_argument("--cache", type=Path, help=f"cache directory (default ${ENV_CACHE} or <repo>/.cache/lab)")
+    parser.add_argument("--json", action="store_true", help="print the resulting paths as JSON on stdout")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="vgpu-lab: %(message)s",
+        stream=sys.stderr,
+    )
+    wanted: list[str] = []
+    for component in args.components:
+        for c in COMPONENTS if component == "all" else (component,):
+            if c not in wanted:
+                wanted.append(c)
+    try:
+        provisioner = Provisioner(args.cache)
+        with provisioner.locked():
+            summary = _summary(provisioner, wanted)
+    except ProvisionError as exc:
+        print(f"vgpu-lab: cannot provision: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for key, value in summary.items():
+            log.info("%s: %s", key, value)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
