@@ -200,11 +200,6 @@ def queue_index_out_of_range(fe: Frontend) -> None:
 
 
 @refusal
-def features_never_offered(fe: Frontend) -> None:
-    fe.request(FrontendRequest.SET_FEATURES, build_u64(1 << 63), need_reply=True)
-
-
-@refusal
 def kick_without_fd(fe: Frontend) -> None:
     fe.request(FrontendRequest.SET_VRING_KICK, build_u64(0), need_reply=True)
 

@@ -318,3 +318,19 @@ def test_without_protocol_features_rings_start_enabled(echo_backend: BackendProc
     finally:
         fe.close()
         ram.close()
+
+
+def test_features_never_offered_are_dropped_not_fatal(echo_backend: BackendProcess) -> None:
+    """QEMU 10 acks VIRTIO_F_RING_RESET to back ends that never offered it: keep what was offered."""
+    fe = Frontend.connect(echo_backend.socket_path)
+    ram = GuestRam(1 << 20)
+    try:
+        fe.negotiate()
+        fe.request(FrontendRequest.SET_FEATURES, build_u64(fe.features | 1 << 40))
+        fe.share_memory(ram)
+        fe.setup_queue(0, 64)
+        assert fe.submit(0, b"still fine", 16) == b"still fine"
+        assert "ignoring bits 0x10000000000" in echo_backend.log()
+    finally:
+        fe.close()
+        ram.close()

@@ -50,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scanout-png", type=Path, metavar="DIR",
                    help="write what each scanout shows to DIR/scanout-N.png on flush")
     p.add_argument("--png-rate", type=float, default=5.0, metavar="N", help="at most N pictures a second per scanout")
+    p.add_argument("--png-history", action="store_true", help="also keep every picture, numbered")
     lim = p.add_argument_group("limits a guest cannot exceed")
     lim.add_argument("--max-resources", type=int, default=Limits.max_resources)
     lim.add_argument("--max-host-memory", type=_bytes, default=Limits.max_host_bytes, metavar="BYTES",
@@ -85,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         max_backing_entries=args.max_backing_entries, max_contexts=args.max_contexts)
         config = GpuConfig(num_scanouts=args.scanouts, width=args.resolution[0], height=args.resolution[1],
                            edid=not args.no_edid, resource_uuid=not args.no_resource_uuid, blob=not args.no_blob,
-                           limits=limits, png_dir=args.scanout_png, png_rate=args.png_rate)
+                           limits=limits, png_dir=args.scanout_png, png_rate=args.png_rate,
+                           png_history=args.png_history)
     except ValueError as e:
         parser().error(str(e))
 

@@ -23,6 +23,8 @@ class GpuConfig:
     # Where to write scanout-N.png pictures (None: nowhere) and at most how many per second per scanout.
     png_dir: Path | None = None
     png_rate: float = 5.0
+    # Keep every picture (numbered) rather than only the latest: for tests and for looking back at a boot.
+    png_history: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_scanouts <= VIRTIO_GPU_MAX_SCANOUTS:

@@ -90,7 +90,8 @@ class GpuDevice(Device):
         self.display: DisplayClient | None = None
         self.resources = ResourceTable(config.limits)
         self.scanouts = [Scanout(i) for i in range(config.num_scanouts)]
-        self.pictures = PictureWriter(config.png_dir, config.png_rate) if config.png_dir else None
+        self.pictures = PictureWriter(config.png_dir, config.png_rate, config.png_history) if config.png_dir \
+            else None
         # What the driver was last told by GET_DISPLAY_INFO: a different layout later is a display change.
         self._reported = self._default_modes()
         self._handlers: dict[type, Handler] = {
@@ -146,9 +147,9 @@ class GpuDevice(Device):
     def set_gpu_socket(self, sock: socket.socket) -> None:
         if self.display is not None:
             self.display.close()
-        self.display = DisplayClient(self.transport, sock)
+        self.display = DisplayClient(self.transport, sock, on_ready=self._check_layout)
         try:
-            self.display.negotiate()
+            self.display.start_negotiation()
         except DisplayError as e:
             log.warning("display socket unusable: %s", e)
             self.display.close()
@@ -158,7 +159,11 @@ class GpuDevice(Device):
         for s in self.scanouts:
             if s.enabled:
                 self._show(s)
-        if self._modes() != self._reported:
+        # Whether its layout differs from what the driver was told is known only once it answers (on_ready):
+        # asking now would block the front end that is handing us the socket.
+
+    def _check_layout(self) -> None:
+        if self.display is not None and self.display.alive and self._modes() != self._reported:
             self.display_changed()
 
     def reset(self) -> None:
@@ -297,8 +302,15 @@ class GpuDevice(Device):
         if self.display is not None and self.display.alive:
             pixels = bgrx(s, self.transport.memory, r)
             self._to_display(lambda d: d.update(s.id, r.x - s.rect.x, r.y - s.rect.y, r.width, r.height, pixels))
-        if self.pictures is not None:
-            self.pictures.maybe_write(s, self.transport.memory)
+        pics = self.pictures
+        if pics is not None and not s.png_owed and not pics.maybe_write(s, self.transport.memory):
+            # Skipped by the rate limit: write the then-current picture once the interval has passed, so the
+            # last frame the guest shows is always on disk.
+            self.transport.call_later(pics.due_in(s), lambda: self._owed_picture(s))
+
+    def _owed_picture(self, s: Scanout) -> None:
+        if self.pictures is not None and s.png_owed and s.enabled and s in self.scanouts:
+            self.pictures.maybe_write(s, self.transport.memory, force=True)
 
     def _detach_scanouts(self, res: Resource) -> None:
         for sid in sorted(res.scanouts):
@@ -519,6 +531,8 @@ class GpuDevice(Device):
         argb = to_bgra(res.pixels.reshape(GPU_CURSOR_SIZE, GPU_CURSOR_SIZE, BPP), res.format, opaque=False)
         hot_x, hot_y, image = cmd.hot_x, cmd.hot_y, argb.tobytes()
         self._to_display(lambda d: d.cursor_update(pos.scanout_id, pos.x, pos.y, hot_x, hot_y, image))
+        if self.pictures is not None:
+            self.pictures.cursor(pos.scanout_id, argb)
         return responses.ok_nodata(cmd.hdr)
 
     def _move_cursor(self, cmd: Command) -> bytes:

@@ -45,6 +45,8 @@ class Scanout:
     rect: Rect = NO_RECT
     blob: BlobLayout | None = None
     last_png: float = 0.0
+    # A flush skipped by the rate limit: the picture is owed, and written when the interval has passed.
+    png_owed: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -84,24 +86,45 @@ def intersect(a: Rect, b: Rect) -> Rect | None:
 
 
 class PictureWriter:
-    """Writes `scanout-N.png` files, rate-limited per scanout."""
+    """Writes `scanout-N.png` (what scanout N shows, rate-limited) and `cursor-N.png` (the cursor image sent for
+    scanout N).  With `history`, every picture is also kept as `scanout-N-SEQ.png` / `cursor-N-SEQ.png`."""
 
-    def __init__(self, directory: Path, rate: float) -> None:
+    def __init__(self, directory: Path, rate: float, history: bool = False) -> None:
         self.directory = directory
         self.interval = 1.0 / rate if rate > 0 else 0.0
+        self.history = history
+        self.seq = 0
         directory.mkdir(parents=True, exist_ok=True)
 
+    def _write(self, name: str, rgb: npt.NDArray[np.uint8]) -> None:
+        data = encode(rgb)
+        write_atomically(self.directory / f"{name}.png", data)
+        if self.history:
+            self.seq += 1
+            write_atomically(self.directory / f"{name}-{self.seq:06d}.png", data)
+
+    def cursor(self, scanout_id: int, argb: npt.NDArray[np.uint8]) -> None:
+        """(64, 64, 4) B, G, R, A cursor pixels as sent to the display."""
+        self._write(f"cursor-{scanout_id}", np.ascontiguousarray(argb[..., [2, 1, 0]]))
+
+    def due_in(self, s: Scanout) -> float:
+        """Seconds until scanout `s` may have its next picture."""
+        return max(0.0, s.last_png + self.interval - time.monotonic())
+
     def maybe_write(self, s: Scanout, memory: GuestMemory, force: bool = False) -> bool:
+        """Write the picture now if the rate allows; otherwise mark it owed and return False."""
         now = time.monotonic()
         if not force and now - s.last_png < self.interval:
+            s.png_owed = True
             return False
         s.last_png = now
+        s.png_owed = False
         try:
             rgb = to_rgb(s.pixels(memory, s.rect), s.format)
         except BackingError as e:
             log.warning("scanout %d picture skipped: %s", s.id, e)
             return False
-        write_atomically(self.directory / f"scanout-{s.id}.png", encode(rgb))
+        self._write(f"scanout-{s.id}", rgb)
         return True
 
 

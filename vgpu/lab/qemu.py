@@ -343,6 +343,11 @@ class Backend:
         return b"".join(chunks).decode("utf-8", "replace")
 
     @property
+    def pid(self) -> int | None:
+        """The back end's process id while it runs (tests read its /proc/PID/fd)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def output(self) -> str:
         """Everything the back end printed (so far, while it runs)."""
         if self._log is not None:

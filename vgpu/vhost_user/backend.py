@@ -9,6 +9,7 @@ under the device's feet are deferred until the device returns.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import selectors
@@ -122,6 +123,8 @@ class Session(Transport):
         self._busy = 0
         self._deferred: list[Message] = []
         self._pending: set[int] = set()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = 0
         self._abandoned: dict[int, int] = {}
         self._stop_fd = stop_fd
         self.stopping = False
@@ -226,6 +229,28 @@ class Session(Transport):
         if self._watches.pop(fd, None) is not None:
             self._selector.unregister(fd)
 
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (time.monotonic() + delay, self._timer_seq, callback))
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now and not self._busy:
+            _, _, callback = heapq.heappop(self._timers)
+            with self._busy_scope():
+                try:
+                    callback()
+                except Exception:
+                    log.exception("timer callback failed")
+            self._run_deferred()
+
+    def _timeout(self) -> float | None:
+        if any(q.ready and q.kick_fd < 0 for q in self._queues):
+            return 0.001
+        if self._timers:
+            return max(0.0, self._timers[0][0] - time.monotonic())
+        return None
+
     # --- the loop ---------------------------------------------------------------------------------------------
 
     @contextmanager
@@ -240,8 +265,7 @@ class Session(Transport):
         """Serve until the front end disconnects, breaks the protocol, or the stop fd fires."""
         try:
             while not self.stopping:
-                timeout = 0.001 if any(q.ready and q.kick_fd < 0 for q in self._queues) else None
-                events = self._selector.select(timeout)
+                events = self._selector.select(self._timeout())
                 for key, _ in events:
                     self._dispatch(key)
                     if self.stopping or self.channel.closed:
@@ -249,6 +273,7 @@ class Session(Transport):
                 if self.channel.closed:
                     return
                 self._poll_kickless()
+                self._run_timers()
         except PeerClosed as e:
             log.info("front end disconnected: %s", e)
         except ProtocolError as e:
@@ -319,10 +344,13 @@ class Session(Transport):
     def _serve_frontend(self) -> None:
         self.channel.fill()
         while (msg := self.channel.poll()) is not None:
-            if self._busy and msg.request in _DEFERRED_WHILE_BUSY:
+            # Once one request waits for the device, every later one waits behind it: requests must take effect
+            # in the order the front end sent them (SET_VRING_KICK after the SET_VRING_ADDR it depends on).
+            if self._busy and (self._deferred or msg.request in _DEFERRED_WHILE_BUSY):
                 self._deferred.append(msg)
                 continue
             self.handle(msg)
+            self._run_deferred()
 
     def _run_deferred(self) -> None:
         while self._deferred and not self._busy:
@@ -344,6 +372,8 @@ class Session(Transport):
                 return
             raise ProtocolError(f"unknown request {msg.request}") from None
         handler = getattr(self, "_on_" + req.name.lower(), None)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("<- %s flags %#x size %d fds %d", req.name, msg.flags, len(msg.payload), len(msg.fds))
         ok = True
         reply: bytes | None = None
         try:
@@ -404,7 +434,10 @@ class Session(Transport):
     def _on_set_features(self, msg: Message) -> None:
         features = self._u64(msg)
         if features & ~self.offered_features:
-            raise Refused(f"features {features & ~self.offered_features:#x} were never offered")
+            # QEMU 10 acks VIRTIO_F_RING_RESET (bit 40) for a back end that never offered it; refusing would
+            # leave the device with no features at all.  Keep what we offered and say what we dropped.
+            log.info("SET_FEATURES: ignoring bits %#x that were never offered", features & ~self.offered_features)
+            features &= self.offered_features
         self.acked_features = features
         self.features_set = True
         event_idx = bool(features & bit(VIRTIO_RING_F_EVENT_IDX))

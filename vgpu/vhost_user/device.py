@@ -61,6 +61,9 @@ class Transport(Protocol):
 
     def unwatch(self, fd: int) -> None: ...
 
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run `callback` on the loop after `delay` seconds (not while the device is mid-command)."""
+
 
 class Device:
     """Base class: override what the device offers."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from typing import Final
 
 from .device import Transport
@@ -45,14 +46,19 @@ class DisplayError(Exception):
 class DisplayClient:
     """Owns the display socket; every method sends one message (queries wait for the answer)."""
 
-    def __init__(self, transport: Transport, sock: socket.socket) -> None:
+    def __init__(self, transport: Transport, sock: socket.socket,
+                 on_ready: Callable[[], None] | None = None) -> None:
         self.transport = transport
+        # Called once the front end has answered the feature negotiation: it is listening now.
+        self.on_ready = on_ready
         self.channel = Channel(sock, check_version=False)
         self.features = 0
+        self._negotiating = False
         self.transport.watch(self.channel.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
-        # Unsolicited traffic (or EOF) while nobody waits: QEMU closes the socket when the guest resets.
+        # Outside a query: the answer to our GET_PROTOCOL_FEATURES, unsolicited traffic, or EOF (QEMU closes the
+        # socket when the guest resets).
         try:
             self.channel.fill()
         except ProtocolError:
@@ -60,9 +66,13 @@ class DisplayClient:
             self.close()
             return
         while (msg := self.channel.poll()) is not None:
-            log.debug("ignoring display message %d", msg.request)
             msg.close_fds()
-
+            if self._negotiating and msg.is_reply and msg.request == GpuRequest.GET_PROTOCOL_FEATURES:
+                self._finish_negotiation(msg.payload)
+                if self.on_ready is not None and not self.channel.closed:
+                    self.on_ready()
+            else:
+                log.debug("ignoring display message %d", msg.request)
     @property
     def alive(self) -> bool:
         return not self.channel.closed
@@ -77,6 +87,8 @@ class DisplayClient:
             raise DisplayError(f"display socket: {e}") from e
 
     def _query(self, req: GpuRequest, payload: bytes = b"") -> bytes:
+        if self._negotiating:
+            self.negotiate()
         self._send(req, payload)
         try:
             msg = self.transport.wait_reply(self.channel, req, REPLY_TIMEOUT)
@@ -85,16 +97,38 @@ class DisplayClient:
         msg.close_fds()
         return msg.payload
 
-    def negotiate(self) -> int:
-        """GET_PROTOCOL_FEATURES then SET_PROTOCOL_FEATURES with what both sides support."""
-        offered = self._query(GpuRequest.GET_PROTOCOL_FEATURES)
-        if len(offered) != 8:
-            raise DisplayError("bad GET_PROTOCOL_FEATURES reply")
-        self.features = parse_u64(offered) & SUPPORTED
+    def start_negotiation(self) -> None:
+        """Ask for the front end's protocol features without waiting: QEMU hands the socket over while it is busy
+        starting the rings, and answers only when its main loop is free again."""
+        self._send(GpuRequest.GET_PROTOCOL_FEATURES)
+        self._negotiating = True
+
+    def _finish_negotiation(self, payload: bytes) -> None:
+        self._negotiating = False
+        if len(payload) != 8:
+            log.warning("bad GET_PROTOCOL_FEATURES reply of %d bytes; using no display features", len(payload))
+            return
+        self.features = parse_u64(payload) & SUPPORTED
         self._send(GpuRequest.SET_PROTOCOL_FEATURES, build_u64(self.features))
+
+    def negotiate(self) -> int:
+        """Finish the feature negotiation (waiting for the answer if it has not come yet)."""
+        if not self._negotiating:
+            self.start_negotiation()
+        try:
+            msg = self.transport.wait_reply(self.channel, GpuRequest.GET_PROTOCOL_FEATURES, REPLY_TIMEOUT)
+        except Exception as e:
+            raise DisplayError(f"no answer to GET_PROTOCOL_FEATURES: {e}") from e
+        msg.close_fds()
+        self._finish_negotiation(msg.payload)
         return self.features
 
     def has(self, feature: GpuProtocolFeature) -> bool:
+        if self._negotiating:
+            try:
+                self.negotiate()
+            except DisplayError as e:
+                log.warning("display: %s", e)
         return bool(self.features & bit(feature))
 
     def display_info(self) -> bytes:
