@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from tests.conftest import fd_count, wait_until
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.e2e
 MARK = "VGPU-FBCON-TEXT"
 
 
-def rgb_of(xrgb: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+def rgb_of(xrgb: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint8]:
     """(h, w) 0xAARRGGBB words as (h, w, 3) R, G, B bytes (what our PNG holds)."""
     out = np.empty((*xrgb.shape, 3), np.uint8)
     out[..., 0] = (xrgb >> 16) & 0xFF
