@@ -1,0 +1,82 @@
+"""The vocabulary shared by allocators, the dma-buf layer, the cache-attribute resolver and the device.
+
+A host buffer is a file descriptor the VMM can mmap into the guest's host-visible window.  What the guest must be
+told (`map_info`) is how the *host's* mapping of that fd is cached; every answer carries where it came from.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class CacheAttr(enum.IntEnum):
+    """The cache attribute of a mapping, numbered as virtio-gpu's map_info (VIRTIO_GPU_MAP_CACHE_*)."""
+
+    CACHED = 1
+    UNCACHED = 2
+    WC = 3
+
+
+class Provenance(enum.Enum):
+    """Why a buffer was given the attribute it has, strongest first (the resolver's order)."""
+
+    KERNEL = "kernel"  # the exporter answered DMA_BUF_IOCTL_INFO
+    ALLOCATOR = "allocator"  # the allocator knows how its buffers are mapped (with the kernel fact behind it)
+    OPERATOR = "operator rule"  # a rule the operator configured for this exporter name
+    HEURISTIC = "legacy heuristic"  # virglrenderer's driver-name guess, only when explicitly enabled
+
+
+@dataclass(frozen=True)
+class Resolution:
+    attr: CacheAttr
+    provenance: Provenance
+    detail: str  # e.g. "DMA_BUF_IOCTL_INFO: DMA_BUF_VM_PROT_WC" or "rule drm=wc in /etc/vgpu/cache.toml"
+
+    def __str__(self) -> str:
+        return f"{self.attr.name} ({self.provenance.value}: {self.detail})"
+
+
+class Unresolved(Exception):
+    """No source the resolver trusts could say how the buffer is cached: the buffer must not be mapped."""
+
+
+@dataclass(eq=False)
+class HostBuffer:
+    """A host buffer and the one fd that owns it.  `exporter` is the dma-buf exp_name (None for a memfd)."""
+
+    fd: int
+    size: int
+    allocator: str
+    exporter: str | None = None
+    # What the allocator knows about how mappings of its buffers are cached, if anything (with the reason).
+    allocator_attr: CacheAttr | None = None
+    allocator_reason: str = ""
+    resolution: Resolution | None = field(default=None)
+
+    @property
+    def is_dmabuf(self) -> bool:
+        return self.exporter is not None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Allocator(Protocol):
+    """Makes host buffers of at least `size` bytes (page-rounded)."""
+
+    name: str
+
+    def allocate(self, size: int) -> HostBuffer: ...
+
+    def close(self) -> None: ...
+
+
+class CacheResolver(Protocol):
+    """Decides the cache attribute of a buffer, or raises Unresolved."""
+
+    def resolve(self, buffer: HostBuffer) -> Resolution: ...
