@@ -119,6 +119,32 @@ class Backing:
             pos += take
             skip = 0
 
+    def scatter(self, memory: GuestMemory, start: int, data: bytes) -> None:
+        """Write `data` into backing bytes [start, start + len(data)) (answers the device writes for the guest,
+        such as a cross-domain query ring)."""
+        n = len(data)
+        if n == 0:
+            return
+        if start < 0 or start + n > self.size:
+            raise BackingError(f"range [{start}, +{n}) is past the {self.size}-byte backing")
+        try:
+            r = self._resolve(memory)
+        except GuestMemoryError as e:
+            raise BackingError(str(e)) from e
+        src = np.frombuffer(data, dtype=np.uint8)
+        first = int(np.searchsorted(self.ends, start, side="right"))
+        pos = 0
+        skip = start - (int(self.ends[first]) - int(self.length[first]))
+        i = first
+        while pos < n:
+            mapping = _bytes(r.region[int(r.region_index[i])])
+            dst = int(r.offset[i]) + skip
+            take = min(int(self.length[i]) - skip, n - pos)
+            mapping[dst:dst + take] = src[pos:pos + take]
+            pos += take
+            skip = 0
+            i += 1
+
     def _gather_pages(self, r: _Resolved, first: int, last: int, skip: int, out: npt.NDArray[np.uint8]) -> None:
         mapping = _bytes(r.region[int(r.region_index[first])])
         pages = mapping[: len(mapping) // PAGE * PAGE].reshape(-1, PAGE)

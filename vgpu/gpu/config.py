@@ -25,6 +25,14 @@ class GpuConfig:
     png_rate: float = 5.0
     # Keep every picture (numbered) rather than only the latest: for tests and for looking back at a boot.
     png_history: bool = False
+    # Context types offered (capset ids; cross-domain = 5).  Any context type makes us offer VIRGL and
+    # CONTEXT_INIT: the Linux guest accepts HOST3D blobs only with VIRGL, whatever the context type.
+    context_types: tuple[int, ...] = ()
+    # Size of the host-visible region (shared-memory id 1).  1 GiB or more lets firmware place the BAR above
+    # 4 GiB, where the guest's MTRRs do not force cached mappings down to uncached.
+    host_visible_size: int = 1 << 30
+    # How long to wait for the front end to ack SHMEM_MAP/UNMAP before answering the guest with an error.
+    map_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_scanouts <= VIRTIO_GPU_MAX_SCANOUTS:
@@ -33,3 +41,5 @@ class GpuConfig:
             raise ValueError("display size must be within 16..16384 pixels")
         if self.png_rate <= 0:
             raise ValueError("png_rate must be positive")
+        if self.host_visible_size % 4096 or self.host_visible_size < 0:
+            raise ValueError("host_visible_size must be a multiple of the page size")

@@ -12,10 +12,11 @@ import logging
 import socket
 import uuid
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 
+from ..blob.types import Allocator, CacheResolver
 from ..protocol import (
     CURSORQ,
     BlobFlag,
@@ -24,6 +25,10 @@ from ..protocol import (
     CommandError,
     CtrlHdr,
     CtrlType,
+    CtxAttachResource,
+    CtxCreate,
+    CtxDestroy,
+    CtxDetachResource,
     DisplayOne,
     Event,
     GetCapset,
@@ -40,9 +45,13 @@ from ..protocol import (
     ResourceCreateBlob,
     ResourceDetachBacking,
     ResourceFlush,
+    ResourceMapBlob,
+    ResourceUnmapBlob,
     ResourceUnref,
     SetScanout,
     SetScanoutBlob,
+    ShmId,
+    SubmitCmd,
     TransferToHost2D,
     UpdateCursor,
     build_edid,
@@ -55,6 +64,7 @@ from ..vhost_user.gpu_display import DisplayClient, DisplayError
 from ..vhost_user.virtqueue import Virtqueue, VirtqueueError, ring_sizes
 from ..vhost_user.wire import GPU_CURSOR_SIZE, BackendRequest, GpuProtocolFeature, ProtocolFeature, bit
 from .backing import Backing, BackingError
+from .blobs import BlobEngine
 from .config import GpuConfig
 from .formats import BPP, supported, to_bgra
 from .resources import Resource, ResourceTable
@@ -83,12 +93,15 @@ class GpuDevice(Device):
     num_queues = 2
     max_queue_size = 1024
 
-    def __init__(self, config: GpuConfig) -> None:
+    def __init__(self, config: GpuConfig, allocator: Allocator | None = None,
+                 resolver: CacheResolver | None = None) -> None:
         self.cfg = config
         self.events_read = 0
         self.acked = 0
         self.display: DisplayClient | None = None
         self.resources = ResourceTable(config.limits)
+        self.blobs = BlobEngine(self.resources, config.context_types, config.host_visible_size, allocator, resolver,
+                                config.limits.max_contexts, config.map_timeout, lambda: self.transport)
         self.scanouts = [Scanout(i) for i in range(config.num_scanouts)]
         self.pictures = PictureWriter(config.png_dir, config.png_rate, config.png_history) if config.png_dir \
             else None
@@ -97,8 +110,15 @@ class GpuDevice(Device):
         self._handlers: dict[type, Handler] = {
             GetDisplayInfo: self._get_display_info,
             GetEdid: self._get_edid,
-            GetCapsetInfo: self._get_capset_info,
-            GetCapset: self._get_capset,
+            GetCapsetInfo: self._gated(self.blobs.capset_info, None),
+            GetCapset: self._gated(self.blobs.capset, None),
+            CtxCreate: self._gated(self.blobs.ctx_create, GpuFeature.F_VIRGL),
+            CtxDestroy: self._gated(self.blobs.ctx_destroy, GpuFeature.F_VIRGL),
+            CtxAttachResource: self._gated(self.blobs.ctx_attach, GpuFeature.F_VIRGL),
+            CtxDetachResource: self._gated(self.blobs.ctx_detach, GpuFeature.F_VIRGL),
+            SubmitCmd: self._gated(self.blobs.submit, GpuFeature.F_VIRGL),
+            ResourceMapBlob: self._gated(self.blobs.map_blob, GpuFeature.F_RESOURCE_BLOB),
+            ResourceUnmapBlob: self._gated(self.blobs.unmap_blob, GpuFeature.F_RESOURCE_BLOB),
             ResourceCreate2D: self._create_2d,
             ResourceUnref: self._unref,
             ResourceAttachBacking: self._attach_backing,
@@ -123,10 +143,30 @@ class GpuDevice(Device):
             f |= GpuFeature.F_RESOURCE_UUID.mask
         if self.cfg.blob:
             f |= GpuFeature.F_RESOURCE_BLOB.mask
+        if self.cfg.context_types:
+            f |= GpuFeature.F_VIRGL.mask | GpuFeature.F_CONTEXT_INIT.mask
         return f
 
     def protocol_features(self) -> int:
-        return bit(ProtocolFeature.CONFIG)
+        f = bit(ProtocolFeature.CONFIG)
+        if self.cfg.blob and self.cfg.host_visible_size:
+            f |= bit(ProtocolFeature.SHMEM)
+        return f
+
+    def shmem_regions(self) -> dict[int, int]:
+        if not (self.cfg.blob and self.cfg.host_visible_size):
+            return {}
+        return {ShmId.SHM_ID_HOST_VISIBLE: self.cfg.host_visible_size}
+
+    def _gated(self, handler: Callable[[Any], bytes], feature: GpuFeature | None) -> Handler:
+        """A handler that first checks its feature was negotiated (3D commands need VIRGL)."""
+
+        def run(cmd: Command) -> bytes:
+            if feature is not None:
+                self._need(feature, cmd.hdr)
+            return handler(cmd)
+
+        return run
 
     def set_features(self, features: int) -> None:
         self.acked = features
@@ -136,7 +176,8 @@ class GpuDevice(Device):
 
     def config(self) -> bytes:
         return bytes(structs.config.build(dict(events_read=self.events_read, events_clear=0,
-                                               num_scanouts=self.cfg.num_scanouts, num_capsets=0)))
+                                               num_scanouts=self.cfg.num_scanouts,
+                                               num_capsets=len(self.cfg.context_types))))
 
     def write_config(self, offset: int, data: bytes) -> None:
         # Only events_clear is writable: a 1 clears that event in events_read.
@@ -170,6 +211,7 @@ class GpuDevice(Device):
         if self.display is not None:
             self.display.close()
             self.display = None
+        self.blobs.reset()
         self.resources.clear()
         self.scanouts = [Scanout(i) for i in range(self.cfg.num_scanouts)]
         self.events_read = 0
@@ -265,15 +307,6 @@ class GpuDevice(Device):
             return None
         return bytes(resp.edid[:size])
 
-    def _get_capset_info(self, cmd: Command) -> bytes:
-        assert isinstance(cmd, GetCapsetInfo)
-        # No context type is configured, so there are no capsets: every index is out of range.
-        raise _fail(_INVALID, f"capset index {cmd.capset_index} >= num_capsets 0", cmd.hdr)
-
-    def _get_capset(self, cmd: Command) -> bytes:
-        assert isinstance(cmd, GetCapset)
-        raise _fail(_INVALID, f"no capset {cmd.capset_id} version {cmd.capset_version}", cmd.hdr)
-
     def display_changed(self) -> None:
         """The display layout changed: raise EVENT_DISPLAY and a config interrupt so the driver asks again."""
         self.events_read |= int(Event.EVENT_DISPLAY)
@@ -332,6 +365,7 @@ class GpuDevice(Device):
         assert isinstance(cmd, ResourceUnref)
         res = self.resources.get(cmd.resource_id, cmd.hdr)
         self._detach_scanouts(res)
+        self.blobs.release(res)
         self.resources.remove(res)
         return responses.ok_nodata(cmd.hdr)
 
@@ -427,8 +461,9 @@ class GpuDevice(Device):
         if cmd.blob_mem not in (BlobMem.BLOB_MEM_GUEST, BlobMem.BLOB_MEM_HOST3D, BlobMem.BLOB_MEM_HOST3D_GUEST):
             raise _fail(_INVALID, f"blob_mem {cmd.blob_mem}", cmd.hdr)
         if cmd.blob_mem != BlobMem.BLOB_MEM_GUEST:
-            # Host blobs come from a context's blob_id, and contexts need VIRGL: not offered without a context type.
+            # Host blobs come from a context's blob_id, and contexts need VIRGL (offered with a context type).
             self._need(GpuFeature.F_VIRGL, cmd.hdr)
+            return self.blobs.create_host_blob(cmd)
         known = BlobFlag.BLOB_FLAG_USE_MAPPABLE | BlobFlag.BLOB_FLAG_USE_SHAREABLE | \
             BlobFlag.BLOB_FLAG_USE_CROSS_DEVICE
         if cmd.blob_flags & ~int(known):

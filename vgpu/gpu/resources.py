@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from ..blob.types import HostBuffer
 from ..protocol import CommandError, CtrlHdr, CtrlType
 from .backing import Backing
 from .formats import BPP
@@ -38,6 +39,8 @@ class Resource:
     blob_mem: int = 0
     blob_flags: int = 0
     backing: Backing | None = None
+    # A host blob's buffer (HOST3D): owned by the resource from RESOURCE_CREATE_BLOB until UNREF.
+    host_buffer: HostBuffer | None = None
     uuid: uuid.UUID | None = None
     host_bytes: int = 0
     scanouts: set[int] = field(default_factory=set)
@@ -69,7 +72,7 @@ class ResourceTable:
             raise CommandError(CtrlType.RESP_ERR_INVALID_RESOURCE_ID, f"no resource {rid}", hdr)
         return res
 
-    def _check_new_id(self, rid: int, hdr: CtrlHdr) -> None:
+    def check_new_id(self, rid: int, hdr: CtrlHdr) -> None:
         if rid == 0:
             raise CommandError(CtrlType.RESP_ERR_INVALID_RESOURCE_ID, "resource id 0 is reserved", hdr)
         if rid in self._by_id:
@@ -78,38 +81,54 @@ class ResourceTable:
             raise CommandError(CtrlType.RESP_ERR_OUT_OF_MEMORY,
                                f"resource limit {self.limits.max_resources} reached", hdr)
 
-    def _reserve(self, nbytes: int, hdr: CtrlHdr) -> None:
+    def reserve(self, nbytes: int, hdr: CtrlHdr) -> None:
+        """Count `nbytes` of host memory against the guest's quota, or refuse before anything is allocated."""
         if self.host_bytes + nbytes > self.limits.max_host_bytes:
             raise CommandError(CtrlType.RESP_ERR_OUT_OF_MEMORY,
-                      f"{nbytes} more host bytes would pass the quota of {self.limits.max_host_bytes}", hdr)
+                               f"{nbytes} more host bytes would pass the quota of {self.limits.max_host_bytes}",
+                               hdr)
+        self.host_bytes += nbytes
+
+    def unreserve(self, nbytes: int) -> None:
+        self.host_bytes -= nbytes
 
     def create_2d(self, rid: int, fmt: int, width: int, height: int, hdr: CtrlHdr) -> Resource:
-        self._check_new_id(rid, hdr)
+        self.check_new_id(rid, hdr)
         if width == 0 or height == 0:
             raise CommandError(CtrlType.RESP_ERR_INVALID_PARAMETER, f"{width}x{height} resource", hdr)
         nbytes = width * height * BPP
-        self._reserve(nbytes, hdr)
+        self.reserve(nbytes, hdr)
         try:
             pixels = np.zeros((height, width * BPP), dtype=np.uint8)
         except MemoryError:
+            self.unreserve(nbytes)
             raise CommandError(CtrlType.RESP_ERR_OUT_OF_MEMORY, f"cannot allocate {nbytes} bytes", hdr) from None
         res = Resource(rid, width, height, fmt, pixels, host_bytes=nbytes)
         self._by_id[rid] = res
-        self.host_bytes += nbytes
+        return res
+
+    def add_host_blob(self, rid: int, blob_mem: int, flags: int, buffer: HostBuffer) -> Resource:
+        """A host blob whose buffer was already counted against the quota when its context allocated it."""
+        res = Resource(rid, blob_size=buffer.size, blob_mem=blob_mem, blob_flags=flags, host_buffer=buffer,
+                       host_bytes=buffer.size)
+        self._by_id[rid] = res
         return res
 
     def create_guest_blob(self, rid: int, blob_mem: int, flags: int, size: int, backing: Backing | None,
                           hdr: CtrlHdr) -> Resource:
-        self._check_new_id(rid, hdr)
+        self.check_new_id(rid, hdr)
         res = Resource(rid, blob_size=size, blob_mem=blob_mem, blob_flags=flags, backing=backing)
         self._by_id[rid] = res
         return res
 
     def remove(self, res: Resource) -> None:
         del self._by_id[res.id]
-        self.host_bytes -= res.host_bytes
+        self.unreserve(res.host_bytes)
         res.pixels = None
         res.backing = None
+        if res.host_buffer is not None:
+            res.host_buffer.close()
+            res.host_buffer = None
 
     def clear(self) -> None:
         for res in list(self._by_id.values()):
