@@ -9,6 +9,7 @@ fancy-index copy.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,58 +93,50 @@ class Backing:
         self._resolved = r
         return r
 
+    def _checked(self, memory: GuestMemory, start: int, n: int) -> _Resolved:
+        if start < 0 or start + n > self.size:
+            raise BackingError(f"range [{start}, +{n}) is past the {self.size}-byte backing")
+        try:
+            return self._resolve(memory)
+        except GuestMemoryError as e:
+            raise BackingError(str(e)) from e
+
+    def _pieces(self, r: _Resolved, start: int, n: int) -> Iterator[tuple[npt.NDArray[np.uint8], int, int, int]]:
+        """(region bytes, offset in them, position in the range, length) for each entry the range touches."""
+        i = int(np.searchsorted(self.ends, start, side="right"))
+        skip = start - (int(self.ends[i]) - int(self.length[i]))
+        pos = 0
+        while pos < n:
+            take = min(int(self.length[i]) - skip, n - pos)
+            yield _bytes(r.region[int(r.region_index[i])]), int(r.offset[i]) + skip, pos, take
+            pos += take
+            skip = 0
+            i += 1
+
     def gather(self, memory: GuestMemory, start: int, out: npt.NDArray[np.uint8]) -> None:
         """Copy backing bytes [start, start + len(out)) into `out`."""
         n = len(out)
         if n == 0:
             return
-        if start < 0 or start + n > self.size:
-            raise BackingError(f"range [{start}, +{n}) is past the {self.size}-byte backing")
-        try:
-            r = self._resolve(memory)
-        except GuestMemoryError as e:
-            raise BackingError(str(e)) from e
+        r = self._checked(memory, start, n)
         first = int(np.searchsorted(self.ends, start, side="right"))
         last = int(np.searchsorted(self.ends, start + n - 1, side="right"))
-        entry_start = int(self.ends[first]) - int(self.length[first])
         if r.single_region_pages and last > first:
+            entry_start = int(self.ends[first]) - int(self.length[first])
             self._gather_pages(r, first, last, start - entry_start, out)
             return
-        pos = 0
-        skip = start - entry_start
-        for i in range(first, last + 1):
-            mapping = _bytes(r.region[int(r.region_index[i])])
-            src = int(r.offset[i]) + skip
-            take = min(int(self.length[i]) - skip, n - pos)
+        for mapping, src, pos, take in self._pieces(r, start, n):
             out[pos:pos + take] = mapping[src:src + take]
-            pos += take
-            skip = 0
 
     def scatter(self, memory: GuestMemory, start: int, data: bytes) -> None:
         """Write `data` into backing bytes [start, start + len(data)) (answers the device writes for the guest,
         such as a cross-domain query ring)."""
-        n = len(data)
-        if n == 0:
+        if not data:
             return
-        if start < 0 or start + n > self.size:
-            raise BackingError(f"range [{start}, +{n}) is past the {self.size}-byte backing")
-        try:
-            r = self._resolve(memory)
-        except GuestMemoryError as e:
-            raise BackingError(str(e)) from e
+        r = self._checked(memory, start, len(data))
         src = np.frombuffer(data, dtype=np.uint8)
-        first = int(np.searchsorted(self.ends, start, side="right"))
-        pos = 0
-        skip = start - (int(self.ends[first]) - int(self.length[first]))
-        i = first
-        while pos < n:
-            mapping = _bytes(r.region[int(r.region_index[i])])
-            dst = int(r.offset[i]) + skip
-            take = min(int(self.length[i]) - skip, n - pos)
+        for mapping, dst, pos, take in self._pieces(r, start, len(data)):
             mapping[dst:dst + take] = src[pos:pos + take]
-            pos += take
-            skip = 0
-            i += 1
 
     def _gather_pages(self, r: _Resolved, first: int, last: int, skip: int, out: npt.NDArray[np.uint8]) -> None:
         mapping = _bytes(r.region[int(r.region_index[first])])
