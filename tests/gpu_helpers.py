@@ -26,7 +26,7 @@ from vgpu.protocol import (
     encode_command,
 )
 from vgpu.vhost_user.driver import GuestRam
-from vgpu.vhost_user.frontend import Display, Frontend
+from vgpu.vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES, Display, Frontend
 
 ALL_FEATURES = GpuFeature.F_EDID.mask | GpuFeature.F_RESOURCE_UUID.mask | GpuFeature.F_RESOURCE_BLOB.mask
 PAGE = 4096
@@ -72,9 +72,9 @@ class Gpu:
 
     @classmethod
     def connect(cls, path: str, features: int = ALL_FEATURES, ram_size: int = 64 << 20,
-                display: Display | None = None) -> Gpu:
+                display: Display | None = None, protocol_features: int = FRONTEND_PROTOCOL_FEATURES) -> Gpu:
         fe = Frontend.connect(path)
-        fe.negotiate(device_features=features)
+        fe.negotiate(device_features=features, protocol_features=protocol_features)
         ram = GuestRam(ram_size)
         fe.share_memory(ram)
         fe.setup_queue(0, 256)

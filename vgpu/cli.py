@@ -13,6 +13,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .blob.allocators import AllocationError, open_allocator
+from .blob.resolve import Resolver
+from .blob.rules import load_rules
+from .gpu.blobs import CONTEXT_TYPES
 from .gpu.config import GpuConfig
 from .gpu.device import GpuDevice
 from .gpu.resources import Limits
@@ -51,6 +55,20 @@ def parser() -> argparse.ArgumentParser:
                    help="write what each scanout shows to DIR/scanout-N.png on flush")
     p.add_argument("--png-rate", type=float, default=5.0, metavar="N", help="at most N pictures a second per scanout")
     p.add_argument("--png-history", action="store_true", help="also keep every picture, numbered")
+    blobs = p.add_argument_group("blobs and host-visible memory")
+    blobs.add_argument("--context-types", default="", metavar="LIST",
+                       help="context types to offer, comma-separated: cross-domain (offering any also offers "
+                            "VIRGL and CONTEXT_INIT, which the Linux guest needs for host blobs)")
+    blobs.add_argument("--host-visible-size", type=_bytes, default=GpuConfig.host_visible_size, metavar="BYTES",
+                       help="size of the host-visible region (shared-memory id 1); 0 offers none (default 1G)")
+    blobs.add_argument("--allocator", default="auto",
+                       help="host buffer allocator: auto, memfd, udmabuf, dma-heap or vgem (default auto)")
+    blobs.add_argument("--cache-rules", type=Path, metavar="FILE",
+                       help="TOML rules mapping exporter names to cached/wc/uncached")
+    blobs.add_argument("--legacy-cache-heuristic", action="store_true",
+                       help="allow virglrenderer's guess (exporter i915 cached, anything else WC) as a last resort")
+    blobs.add_argument("--map-timeout", type=float, default=GpuConfig.map_timeout, metavar="SECONDS",
+                       help="how long to wait for the VMM to ack a blob mapping")
     lim = p.add_argument_group("limits a guest cannot exceed")
     lim.add_argument("--max-resources", type=int, default=Limits.max_resources)
     lim.add_argument("--max-host-memory", type=_bytes, default=Limits.max_host_bytes, metavar="BYTES",
@@ -72,6 +90,13 @@ def _bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a size like 512M, got {text!r}") from None
 
 
+def _context_type(name: str) -> int:
+    try:
+        return CONTEXT_TYPES[name.strip()]
+    except KeyError:
+        raise ValueError(f"unknown context type {name.strip()!r} (known: {', '.join(CONTEXT_TYPES)})") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.print_capabilities:
@@ -82,17 +107,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        context_types = tuple(_context_type(name) for name in args.context_types.split(",") if name.strip())
         limits = Limits(max_resources=args.max_resources, max_host_bytes=args.max_host_memory,
                         max_backing_entries=args.max_backing_entries, max_contexts=args.max_contexts)
         config = GpuConfig(num_scanouts=args.scanouts, width=args.resolution[0], height=args.resolution[1],
                            edid=not args.no_edid, resource_uuid=not args.no_resource_uuid, blob=not args.no_blob,
                            limits=limits, png_dir=args.scanout_png, png_rate=args.png_rate,
-                           png_history=args.png_history)
+                           png_history=args.png_history, context_types=context_types,
+                           host_visible_size=args.host_visible_size, map_timeout=args.map_timeout)
     except ValueError as e:
         parser().error(str(e))
 
+    try:
+        allocator = open_allocator(args.allocator, max_size=config.limits.max_host_bytes)
+        state = type(allocator).available()
+        if not state:
+            raise AllocationError(f"allocator {allocator.name} is unavailable: {state.reason}")
+        resolver = Resolver(rules=load_rules(args.cache_rules) if args.cache_rules else None,
+                            legacy_heuristic=args.legacy_cache_heuristic)
+    except (ValueError, OSError, AllocationError) as e:
+        # Backend program conventions: a requested feature that cannot be had fails at startup, not later.
+        log.error("%s", e)
+        return 1
+    log.info("allocator %s; cache rules %s; legacy heuristic %s", allocator.name, args.cache_rules or "none",
+             "on" if args.legacy_cache_heuristic else "off")
+
     def factory() -> Device:
-        return GpuDevice(config)
+        return GpuDevice(config, allocator, resolver)
 
     stop = StopSignal()
     try:

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Final
 
+from ..blob.allocators import AllocationError
 from ..blob.types import Allocator, CacheResolver, HostBuffer, Resolution, Unresolved
 from ..protocol import (
     VIRTIO_GPU_CONTEXT_INIT_CAPSET_ID_MASK,
@@ -142,7 +143,7 @@ class BlobEngine:
         self.resources.reserve(size, hdr)
         try:
             buffer = self.allocator.allocate(size)
-        except OSError as e:
+        except (OSError, AllocationError) as e:
             self.resources.unreserve(size)
             raise CommandError(CtrlType.RESP_ERR_OUT_OF_MEMORY, f"{self.allocator.name}: {e}", hdr) from e
         return buffer

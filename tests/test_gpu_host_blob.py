@@ -1,0 +1,289 @@
+"""Host blobs end to end through our front end: a cross-domain context hands out a host buffer, the guest makes a
+HOST3D blob of it and maps it; the back end resolves the cache attribute, SHMEM_MAPs the buffer's fd into the
+front end's window and answers RESP_OK_MAP_INFO.  What the front end maps is the back end's buffer (checked
+through /proc), and every failure path answers an error, keeps serving and leaks nothing."""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BackendProcess, fd_count, start_backend, stop_backend, wait_until
+from tests.gpu_helpers import ALL_FEATURES, PAGE, Gpu, resp_type
+from vgpu.protocol import (
+    BlobFlag,
+    BlobMem,
+    CtrlHdr,
+    CtrlType,
+    CtxAttachResource,
+    CtxCreate,
+    CtxDestroy,
+    GetCapset,
+    GetCapsetInfo,
+    GpuFeature,
+    MemEntries,
+    ResourceCreateBlob,
+    ResourceMapBlob,
+    ResourceUnmapBlob,
+    ResourceUnref,
+    SubmitCmd,
+)
+from vgpu.protocol import structs as s
+from vgpu.protocol.cross_domain import (
+    CrossDomainCapabilities,
+    CrossDomainGetImageRequirements,
+    CrossDomainImageRequirements,
+    CrossDomainInitV1,
+)
+from vgpu.vhost_user.frontend import ShmMapping
+
+E = CtrlType
+CTX = 1
+XR24 = int.from_bytes(b"XR24", "little")
+WINDOW = 64 << 20
+FEATURES = ALL_FEATURES | GpuFeature.F_VIRGL.mask | GpuFeature.F_CONTEXT_INIT.mask
+MAPPABLE = int(BlobFlag.BLOB_FLAG_USE_MAPPABLE | BlobFlag.BLOB_FLAG_USE_SHAREABLE)
+
+
+def h(t: CtrlType, ctx: int = CTX) -> CtrlHdr:
+    return CtrlHdr(t, ctx_id=ctx)
+
+
+def backend_args(**extra: str) -> list[str]:
+    args = {"--context-types": "cross-domain", "--allocator": "memfd", "--host-visible-size": str(WINDOW),
+            "--max-host-memory": "32M", "--map-timeout": "1", "--log-level": "info", **extra}
+    return [sys.executable, "-m", "vgpu", *(f"{k}={v}" for k, v in args.items())]
+
+
+@pytest.fixture
+def vgpu(tmp_path: Path) -> Iterator[BackendProcess]:
+    b = start_backend(backend_args(), tmp_path, "vgpu")
+    yield b
+    stop_backend(b)
+
+
+class Client:
+    """A guest that speaks cross-domain: context, query ring, INIT, image requirements."""
+
+    def __init__(self, gpu: Gpu) -> None:
+        self.gpu = gpu
+        self.ring_gpa = gpu.ram.alloc(PAGE, PAGE)
+
+    def start(self) -> None:
+        g = self.gpu
+        g.ok(CtxCreate(h(E.CMD_CTX_CREATE), 4, 5, b"test"))
+        g.ok(ResourceCreateBlob(h(E.CMD_RESOURCE_CREATE_BLOB, 0), 100, BlobMem.BLOB_MEM_GUEST, 1, 0, PAGE,
+                                MemEntries.of([(self.ring_gpa, PAGE)])))
+        g.ok(CtxAttachResource(h(E.CMD_CTX_ATTACH_RESOURCE), 100))
+        init = CrossDomainInitV1.build(dict(hdr=dict(cmd=1, ring_idx=0, cmd_size=20), query_ring_id=100,
+                                            channel_ring_id=0, channel_type=0))
+        g.ok(SubmitCmd(h(E.CMD_SUBMIT_3D), bytes(init)))
+
+    def requirements(self, width: int = 256, height: int = 256, fourcc: int = XR24) -> object:
+        req = CrossDomainGetImageRequirements.build(dict(hdr=dict(cmd=2, ring_idx=0, cmd_size=24), width=width,
+                                                         height=height, drm_format=fourcc, flags=0x11))
+        self.gpu.ok(SubmitCmd(h(E.CMD_SUBMIT_3D), bytes(req)))
+        return CrossDomainImageRequirements.parse(self.gpu.ram.read(self.ring_gpa, 64))
+
+    def blob(self, rid: int, reqs: object, flags: int = MAPPABLE) -> bytes:
+        return self.gpu.cmd(ResourceCreateBlob(h(E.CMD_RESOURCE_CREATE_BLOB), rid, BlobMem.BLOB_MEM_HOST3D, flags,
+                                               reqs.blob_id, reqs.size, MemEntries.of([])))  # type: ignore[attr-defined]
+
+    def map(self, rid: int, offset: int) -> bytes:
+        return self.gpu.cmd(ResourceMapBlob(h(E.CMD_RESOURCE_MAP_BLOB), rid, offset), 32)
+
+
+@pytest.fixture
+def client(vgpu: BackendProcess) -> Iterator[Client]:
+    g = Gpu.connect(vgpu.socket_path, features=FEATURES)
+    g.fe.reserve_shm()
+    c = Client(g)
+    c.start()
+    yield c
+    g.close()
+
+
+def backend_buffer_with(pid: int, needle: bytes) -> bytes | None:
+    """The contents of the back end's memfd that holds `needle` (reading its fds through /proc, as root)."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{fd}"
+        try:
+            if "memfd:" not in os.readlink(path):
+                continue
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        if needle in data:
+            return data
+    return None
+
+
+def test_capset_and_config(client: Client) -> None:
+    g = client.gpu
+    assert g.fe.features & GpuFeature.F_VIRGL.mask and g.fe.features & GpuFeature.F_CONTEXT_INIT.mask
+    assert s.config.parse(g.fe.get_config(0, 16)).num_capsets == 1
+    info = s.resp_capset_info.parse(g.cmd(GetCapsetInfo(h(E.CMD_GET_CAPSET_INFO, 0), 0), 40))
+    assert (info.hdr.type, info.capset_id, info.capset_max_version, info.capset_max_size) == \
+        (E.RESP_OK_CAPSET_INFO, 5, 0, 16)
+    raw = g.cmd(GetCapset(h(E.CMD_GET_CAPSET, 0), 5, 0), 24 + 16)
+    assert resp_type(raw) == E.RESP_OK_CAPSET
+    caps = CrossDomainCapabilities.parse(raw[24:])
+    assert (caps.version, caps.supported_channels, caps.supports_dmabuf) == (1, 0, 0)  # memfd: no dma-buf
+    assert g.err(GetCapsetInfo(h(E.CMD_GET_CAPSET_INFO, 0), 1)) == E.RESP_ERR_INVALID_PARAMETER
+    assert g.err(GetCapset(h(E.CMD_GET_CAPSET, 0), 5, 1)) == E.RESP_ERR_INVALID_PARAMETER
+    assert g.fe.shmem_config() == {1: WINDOW}
+
+
+def test_map_a_host_blob(client: Client, vgpu: BackendProcess) -> None:
+    reqs = client.requirements(256, 256)
+    assert (reqs.strides[0], reqs.size, reqs.map_info) == (1024, 256 * 1024, 1)  # type: ignore[attr-defined]
+    assert resp_type(client.blob(1, reqs)) == E.RESP_OK_NODATA
+    resp = s.resp_map_info.parse(client.map(1, 0x200000))
+    assert (resp.hdr.type, resp.map_info) == (E.RESP_OK_MAP_INFO, 1)
+    window = client.gpu.fe.shm[1]
+    assert [(k, m.shm_offset, m.length) for k, m in window.log] == [("map", 0x200000, 256 * 1024)]
+    # What the VMM mapped is the back end's buffer: a write through the window is in the back end's memfd.
+    window.write(0x200000 + 4096, b"written by the guest through the window")
+    data = backend_buffer_with(vgpu.pid, b"written by the guest through the window")
+    assert data is not None and len(data) == 256 * 1024
+    assert "map blob 1 at 0x200000 +0x40000: map_info CACHED (allocator: " in vgpu.log()
+    assert resp_type(client.gpu.cmd(ResourceUnmapBlob(h(E.CMD_RESOURCE_UNMAP_BLOB), 1))) == E.RESP_OK_NODATA
+    assert [k for k, _ in window.log] == ["map", "unmap"] and window.mappings == {}
+
+
+def test_unref_of_a_mapped_blob_unmaps_first_and_frees(client: Client, vgpu: BackendProcess) -> None:
+    before = fd_count(vgpu.pid)
+    reqs = client.requirements(64, 64)
+    client.blob(2, reqs)
+    assert resp_type(client.map(2, 0)) == E.RESP_OK_MAP_INFO
+    client.gpu.fe.shm[1].write(0, b"marker-2")
+    assert backend_buffer_with(vgpu.pid, b"marker-2") is not None
+    client.gpu.ok(ResourceUnref(h(E.CMD_RESOURCE_UNREF, 0), 2))
+    assert [k for k, _ in client.gpu.fe.shm[1].log] == ["map", "unmap"]
+    assert wait_until(lambda: fd_count(vgpu.pid) == before)
+
+
+def test_blob_and_map_errors(client: Client) -> None:
+    g = client.gpu
+    reqs = client.requirements(64, 64)
+    # A blob_id the context never produced, or the wrong size.
+    bad = ResourceCreateBlob(h(E.CMD_RESOURCE_CREATE_BLOB), 3, BlobMem.BLOB_MEM_HOST3D, MAPPABLE, 999,
+                             reqs.size, MemEntries.of([]))  # type: ignore[attr-defined]
+    assert g.err(bad) == E.RESP_ERR_INVALID_PARAMETER
+    wrong = ResourceCreateBlob(h(E.CMD_RESOURCE_CREATE_BLOB), 3, BlobMem.BLOB_MEM_HOST3D, MAPPABLE,
+                               reqs.blob_id, reqs.size + PAGE, MemEntries.of([]))  # type: ignore[attr-defined]
+    assert g.err(wrong) == E.RESP_ERR_INVALID_PARAMETER
+    # From an unknown context.
+    other = ResourceCreateBlob(h(E.CMD_RESOURCE_CREATE_BLOB, 9), 3, BlobMem.BLOB_MEM_HOST3D, MAPPABLE,
+                               reqs.blob_id, reqs.size, MemEntries.of([]))  # type: ignore[attr-defined]
+    assert g.err(other) == E.RESP_ERR_INVALID_CONTEXT_ID
+    # A blob that is not MAPPABLE cannot be mapped; nor a guest blob; nor twice; nor overlapping; nor outside.
+    assert resp_type(client.blob(3, reqs, flags=int(BlobFlag.BLOB_FLAG_USE_SHAREABLE))) == E.RESP_OK_NODATA
+    assert g.err(ResourceMapBlob(h(E.CMD_RESOURCE_MAP_BLOB), 3, 0)) == E.RESP_ERR_INVALID_PARAMETER
+    assert g.err(ResourceMapBlob(h(E.CMD_RESOURCE_MAP_BLOB), 100, 0)) == E.RESP_ERR_INVALID_PARAMETER
+    r2 = client.requirements(64, 64)
+    assert resp_type(client.blob(4, r2)) == E.RESP_OK_NODATA
+    assert g.err(ResourceMapBlob(h(E.CMD_RESOURCE_MAP_BLOB), 4, 0x1001)) == E.RESP_ERR_INVALID_PARAMETER
+    assert g.err(ResourceMapBlob(h(E.CMD_RESOURCE_MAP_BLOB), 4, WINDOW - PAGE)) == E.RESP_ERR_INVALID_PARAMETER
+    assert resp_type(client.map(4, 0x10000)) == E.RESP_OK_MAP_INFO
+    assert g.err(ResourceMapBlob(h(E.CMD_RESOURCE_MAP_BLOB), 4, 0x80000)) == E.RESP_ERR_INVALID_PARAMETER
+    r3 = client.requirements(64, 64)
+    assert resp_type(client.blob(5, r3)) == E.RESP_OK_NODATA
+    assert g.err(ResourceMapBlob(h(E.CMD_RESOURCE_MAP_BLOB), 5, 0x10000 + PAGE)) == E.RESP_ERR_INVALID_PARAMETER
+    assert g.err(ResourceUnmapBlob(h(E.CMD_RESOURCE_UNMAP_BLOB), 5)) == E.RESP_ERR_INVALID_PARAMETER
+    assert g.err(ResourceUnmapBlob(h(E.CMD_RESOURCE_UNMAP_BLOB), 77)) == E.RESP_ERR_INVALID_RESOURCE_ID
+    # Only the one good mapping reached the front end.
+    assert [(k, m.shm_offset) for k, m in g.fe.shm[1].log] == [("map", 0x10000)]
+
+
+def test_quota_refuses_before_allocating(client: Client, vgpu: BackendProcess) -> None:
+    before = fd_count(vgpu.pid)
+    g = client.gpu
+    # 32 MiB of host memory: a 4096x4096 XRGB image (64 MiB) is refused and nothing is allocated.
+    req = CrossDomainGetImageRequirements.build(dict(hdr=dict(cmd=2, ring_idx=0, cmd_size=24), width=4096,
+                                                     height=4096, drm_format=XR24, flags=0))
+    assert g.err(SubmitCmd(h(E.CMD_SUBMIT_3D), bytes(req))) == E.RESP_ERR_OUT_OF_MEMORY
+    assert fd_count(vgpu.pid) == before
+    client.requirements(1024, 1024)  # 4 MiB: fine
+    # Destroying the context gives back the buffer it never turned into a resource.
+    g.ok(CtxDestroy(h(E.CMD_CTX_DESTROY)))
+    assert wait_until(lambda: fd_count(vgpu.pid) == before)
+
+
+def test_cross_domain_bad_commands(client: Client) -> None:
+    g = client.gpu
+    for data in (b"\x02\x00", struct.pack("<BBHI", 2, 0, 0, 0) + bytes(16),   # cmd_size 0 would loop
+                 struct.pack("<BBHI", 2, 0, 200, 0) + bytes(16),                    # past the stream
+                 struct.pack("<BBHI", 7, 0, 8, 0),                                  # unknown command
+                 struct.pack("<BBHI", 1, 0, 24, 0) + bytes(16),                     # INIT of 24 bytes
+                 struct.pack("<BBHI", 1, 0, 20, 0) + struct.pack("<III", 999, 0, 0),  # ring not attached
+                 struct.pack("<BBHI", 1, 0, 20, 0) + struct.pack("<III", 100, 0, 1),  # a Wayland channel
+                 struct.pack("<BBHI", 2, 0, 24, 0) + struct.pack("<IIII", 16, 16, 0x12345678, 0)):  # format
+        assert g.err(SubmitCmd(h(E.CMD_SUBMIT_3D), data)) in (E.RESP_ERR_INVALID_PARAMETER,
+                                                               E.RESP_ERR_INVALID_RESOURCE_ID), data
+    assert g.err(SubmitCmd(h(E.CMD_SUBMIT_3D, 7), b"")) == E.RESP_ERR_INVALID_CONTEXT_ID
+    assert g.err(CtxCreate(h(E.CMD_CTX_CREATE), 0, 5, b"")) == E.RESP_ERR_INVALID_CONTEXT_ID  # duplicate
+    assert g.err(CtxCreate(h(E.CMD_CTX_CREATE, 2), 0, 4, b"")) == E.RESP_ERR_INVALID_PARAMETER  # venus: no
+    client.requirements(16, 16)  # and the context still works
+
+
+def test_no_deadlock_when_the_vmm_adds_the_region_before_acking(client: Client) -> None:
+    """QEMU 11.1 sends ADD_MEM_REG (NEED_REPLY) for the new mapping before it acks SHMEM_MAP."""
+    fe = client.gpu.fe
+    window = fe.shm[1]
+
+    def add_region(m: ShmMapping, fd: int) -> None:
+        fe.add_mem_reg(0x1_0000_0000 + m.shm_offset, m.length, window.base + m.shm_offset, m.fd_offset, fd)
+
+    fe.on_shmem_map = add_region
+    reqs = client.requirements(64, 64)
+    client.blob(6, reqs)
+    assert resp_type(client.map(6, 0)) == E.RESP_OK_MAP_INFO
+
+
+def test_a_vmm_that_never_acks(client: Client, vgpu: BackendProcess) -> None:
+    gate = threading.Event()
+    client.gpu.fe.on_shmem_map = lambda m, fd: gate.wait(3)
+    reqs = client.requirements(64, 64)
+    client.blob(7, reqs)
+    assert client.gpu.err(ResourceMapBlob(h(E.CMD_RESOURCE_MAP_BLOB), 7, 0)) == E.RESP_ERR_UNSPEC
+    gate.set()
+    client.gpu.fe.on_shmem_map = None
+    assert "SHMEM_MAP of blob 7 failed" in vgpu.log()
+    client.requirements(16, 16)  # still serving
+
+
+def test_without_shmem_there_is_no_region(vgpu: BackendProcess) -> None:
+    from vgpu.vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES
+    from vgpu.vhost_user.wire import ProtocolFeature
+
+    g = Gpu.connect(vgpu.socket_path, features=FEATURES,
+                    protocol_features=FRONTEND_PROTOCOL_FEATURES & ~(1 << ProtocolFeature.SHMEM))
+    try:
+        c = Client(g)
+        c.start()
+        reqs = c.requirements(64, 64)
+        c.blob(1, reqs)
+        assert g.err(ResourceMapBlob(h(E.CMD_RESOURCE_MAP_BLOB), 1, 0)) == E.RESP_ERR_UNSPEC
+    finally:
+        g.close()
+
+
+def test_features_without_context_types(tmp_path: Path) -> None:
+    b = start_backend(backend_args(**{"--context-types": ""}), tmp_path, "plain")
+    try:
+        g = Gpu.connect(b.socket_path, features=FEATURES)
+        try:
+            assert not g.fe.features & GpuFeature.F_VIRGL.mask
+            assert g.err(CtxCreate(h(E.CMD_CTX_CREATE), 0, 5, b"")) == E.RESP_ERR_UNSPEC
+        finally:
+            g.close()
+    finally:
+        stop_backend(b)
