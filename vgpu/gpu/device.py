@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import numpy as np
+import numpy.typing as npt
 
 from ..blob.types import Allocator, CacheResolver
 from ..protocol import (
@@ -31,6 +32,7 @@ from ..protocol import (
     CtxDetachResource,
     DisplayOne,
     Event,
+    Format,
     GetCapset,
     GetCapsetInfo,
     GetDisplayInfo,
@@ -76,6 +78,8 @@ EVENTS_CLEAR_OFFSET: Final = 4
 _INVALID = CtrlType.RESP_ERR_INVALID_PARAMETER
 _BAD_ID = CtrlType.RESP_ERR_INVALID_RESOURCE_ID
 _CURSOR_COMMANDS: Final = (UpdateCursor, MoveCursor)
+# A blob cursor has no format of its own; the Linux driver fills it as DRM_FORMAT_ARGB8888 (bytes B, G, R, A).
+_CURSOR_BLOB_FORMAT: Final = Format.FORMAT_B8G8R8A8_UNORM
 
 Handler = Callable[[Command], bytes]
 
@@ -560,15 +564,24 @@ class GpuDevice(Device):
             self._to_display(lambda d: d.cursor_pos(pos.scanout_id, pos.x, pos.y, hide=True))
             return responses.ok_nodata(cmd.hdr)
         res = self.resources.get(cmd.resource_id, cmd.hdr)
-        if res.is_blob or (res.width, res.height) != (GPU_CURSOR_SIZE, GPU_CURSOR_SIZE):
-            raise _fail(_INVALID, f"cursor resource {res.id} is not a 64x64 image", cmd.hdr)
-        assert res.pixels is not None
-        argb = to_bgra(res.pixels.reshape(GPU_CURSOR_SIZE, GPU_CURSOR_SIZE, BPP), res.format, opaque=False)
+        argb = to_bgra(self._cursor_pixels(res, cmd.hdr), res.format or _CURSOR_BLOB_FORMAT, opaque=False)
         hot_x, hot_y, image = cmd.hot_x, cmd.hot_y, argb.tobytes()
         self._to_display(lambda d: d.cursor_update(pos.scanout_id, pos.x, pos.y, hot_x, hot_y, image))
         if self.pictures is not None:
             self.pictures.cursor(pos.scanout_id, argb)
         return responses.ok_nodata(cmd.hdr)
+
+    def _cursor_pixels(self, res: Resource, hdr: CtrlHdr) -> npt.NDArray[np.uint8]:
+        """The 64x64 image of a cursor resource: a 2D image of that size, or a guest blob holding at least one
+        (with RESOURCE_BLOB the Linux guest makes its cursor a blob with no format: ARGB8888, as QEMU reads it)."""
+        n = GPU_CURSOR_SIZE * GPU_CURSOR_SIZE * BPP
+        if res.pixels is not None and (res.width, res.height) == (GPU_CURSOR_SIZE, GPU_CURSOR_SIZE):
+            return res.pixels.reshape(GPU_CURSOR_SIZE, GPU_CURSOR_SIZE, BPP)
+        if res.is_blob and res.backing is not None and res.blob_size >= n:
+            out = np.empty(n, dtype=np.uint8)
+            res.backing.gather(self.transport.memory, 0, out)
+            return out.reshape(GPU_CURSOR_SIZE, GPU_CURSOR_SIZE, BPP)
+        raise _fail(_INVALID, f"cursor resource {res.id} is not a 64x64 image", hdr)
 
     def _move_cursor(self, cmd: Command) -> bytes:
         assert isinstance(cmd, MoveCursor)

@@ -11,7 +11,10 @@ The mirror URI is read from the machine's apt sources at run time (deb822 ``debi
 
 Use as a library (``provision_qemu()``, ``provision_guest_kernel()``, ... return paths) or as a command::
 
-    python -m vgpu.lab.provision [all|apt|qemu|busybox|toolchain|kernel|guest ...] [--cache DIR] [--json]
+    python -m vgpu.lab.provision [all|apt|qemu|busybox|toolchain|kernel|guest|qemu11 ...] [--cache DIR] [--json]
+
+``qemu11`` (QEMU 11.1 in a sid chroot, see :mod:`vgpu.lab.sid`) is not part of ``all``: it costs about 50 s and
+about 1 GB, and only the tests of the host-visible window need it.
 """
 
 from __future__ import annotations
@@ -29,10 +32,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vgpu.lab import guest
+
+if TYPE_CHECKING:
+    from vgpu.lab.sid import SidQemu
 
 log = logging.getLogger("vgpu.lab")
 
@@ -665,6 +673,12 @@ class Provisioner:
             except guest.GuestBuildError as exc:
                 raise ProvisionError(f"guest programs: {exc}") from exc
 
+    def qemu11(self, root: Path | None = None) -> SidQemu:
+        """QEMU ≥ 11.1 in a sid chroot under the cache (``<cache>/sid``), for the generic vhost-user device."""
+        from vgpu.lab import sid  # sid builds on this module; imported here to keep the dependency one-way
+
+        return sid.provision_sid_qemu(self, root)
+
     def all(self) -> Lab:
         """Everything the e2e tests need now."""
         with self.locked():
@@ -709,6 +723,8 @@ def provision_all(cache: Path | None = None) -> Lab:
 # command line
 
 COMPONENTS = ("apt", "qemu", "busybox", "toolchain", "kernel", "guest")
+#: Components only provisioned when named (not part of ``all``).
+EXTRA_COMPONENTS = ("qemu11",)
 
 
 def _summary(p: Provisioner, components: Sequence[str]) -> dict[str, object]:
@@ -739,6 +755,16 @@ def _summary(p: Provisioner, components: Sequence[str]) -> dict[str, object]:
             }
         elif component == "guest":
             out["guest_programs"] = {name: str(path) for name, path in p.guest_programs().items()}
+        elif component == "qemu11":
+            started = time.monotonic()
+            s = p.qemu11()
+            out["qemu11"] = {
+                "root": str(s.root),
+                "system": str(s.system),
+                "version": s.version,
+                "package_version": s.package_version,
+                "seconds": round(time.monotonic() - started, 3),
+            }
     return out
 
 
@@ -751,10 +777,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "components",
         nargs="*",
-        choices=(*COMPONENTS, "all"),
+        choices=(*COMPONENTS, *EXTRA_COMPONENTS, "all"),
         default=["all"],
         metavar="COMPONENT",
-        help=f"one or more of {', '.join(COMPONENTS)}, or all (default)",
+        help=f"one or more of {', '.join((*COMPONENTS, *EXTRA_COMPONENTS))}, or all (default: all but "
+        f"{', '.join(EXTRA_COMPONENTS)})",
     )
     parser.add_argument("--cache", type=Path, help=f"cache directory (default ${ENV_CACHE} or <repo>/.cache/lab)")
     parser.add_argument("--json", action="store_true", help="print the resulting paths as JSON on stdout")

@@ -7,7 +7,8 @@ runs under TCG, and a hard timeout bounds every run because a wedged back end le
 
 The device string and extra arguments are free so the same runner can later drive
 ``vhost-user-test-device-pci`` (QEMU 11.1, host-visible window) or add ``-virtfs``; ``command_prefix`` lets a
-QEMU run from a chroot (``("chroot", DIR)``), in which case every path given must exist inside that chroot.
+QEMU run from a chroot, in which case every path given must exist inside that chroot —
+:meth:`vgpu.lab.sid.SidQemu.config` builds such a configuration for QEMU 11.1 in a sid chroot, binding the paths.
 """
 
 from __future__ import annotations
@@ -35,8 +36,15 @@ DEFAULT_APPEND = "console=ttyS0 quiet loglevel=4 panic=-1"
 CHARDEV_ID = "vgpu"
 #: The device QEMU 10 offers for a vhost-user GPU back end (no host-visible window).
 VHOST_USER_GPU_PCI = f"vhost-user-gpu-pci,chardev={CHARDEV_ID}"
+#: ``struct virtio_gpu_config`` (events_read, events_clear, num_scanouts, num_capsets: four le32).
+VIRTIO_GPU_CONFIG_SIZE = 16
 #: The generic device of QEMU >= 11.1 that sizes a shared-memory BAR from the back end's GET_SHMEM_CONFIG.
-VHOST_USER_TEST_DEVICE_GPU = f"vhost-user-test-device-pci,chardev={CHARDEV_ID},virtio-id=16,num_vqs=2,config_size=24"
+#: ``config_size`` must be exactly the GPU's config size: QEMU asks the back end for ``config_size`` bytes with
+#: GET_CONFIG, and a back end that follows the spec (ours, QEMU's C ``vhost-user-gpu``) refuses a read past its
+#: 16 bytes; QEMU then logs "Received bad msg size", the guest reads zeros and disables KMS (num_scanouts 0).
+VHOST_USER_TEST_DEVICE_GPU = (
+    f"vhost-user-test-device-pci,chardev={CHARDEV_ID},virtio-id=16,num_vqs=2,config_size={VIRTIO_GPU_CONFIG_SIZE}"
+)
 GUEST_LINE_PREFIX = "VGPU-GUEST"
 
 _END_RE = re.compile(rf"^{END_MARKER} rc=(\d+)", re.MULTILINE)
@@ -413,6 +421,7 @@ __all__ = [
     "DEFAULT_APPEND",
     "VHOST_USER_GPU_PCI",
     "VHOST_USER_TEST_DEVICE_GPU",
+    "VIRTIO_GPU_CONFIG_SIZE",
     "Backend",
     "BackendRun",
     "GuestRun",

@@ -641,13 +641,15 @@ class Session(Transport):
             raise ProtocolError("GET_CONFIG payload too short")
         hdr = ConfigHeader.parse(msg.payload[:CONFIG_HEADER_SIZE])
         space = self.device.config()
-        if hdr.size == 0 or hdr.size > MAX_CONFIG_SIZE or hdr.offset + hdr.size > len(space) \
-                or len(msg.payload) != CONFIG_HEADER_SIZE + hdr.size:
+        wrong_size = len(msg.payload) != CONFIG_HEADER_SIZE + hdr.size
+        if hdr.size == 0 or hdr.offset + hdr.size > MAX_CONFIG_SIZE or wrong_size:
             # A zero-sized payload is how the spec says "failed".
-            log.warning("GET_CONFIG offset %d size %d refused (config space is %d bytes)",
-                        hdr.offset, hdr.size, len(space))
+            log.warning("GET_CONFIG offset %d size %d refused", hdr.offset, hdr.size)
             return build(ConfigHeader, offset=hdr.offset, size=0, flags=hdr.flags)
-        return msg.payload[:CONFIG_HEADER_SIZE] + space[hdr.offset:hdr.offset + hdr.size]
+        # Bytes past the device's config space read as zero, as unimplemented registers do: a front end told a
+        # larger config_size (QEMU's generic vhost-user device takes it from the user) must not lose the device.
+        data = space[hdr.offset:hdr.offset + hdr.size]
+        return msg.payload[:CONFIG_HEADER_SIZE] + data + bytes(hdr.size - len(data))
 
     def _on_set_config(self, msg: Message) -> None:
         if len(msg.payload) < CONFIG_HEADER_SIZE:
