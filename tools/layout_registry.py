@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from construct import Construct
@@ -94,3 +95,30 @@ REGISTRY: list[LayoutEntry] = [LayoutEntry(VIRTIO_GPU_H, c_name, con) for c_name
 
 # C structs of a header that are knowingly not registered, with the reason (checked by the coverage test).
 UNREGISTERED_OK: dict[str, str] = {}
+
+# --------------------------------------------------------------------------------------------------------------
+# blob layer: the ioctl argument structs of vgpu/blob (dma-buf, udmabuf, dma-heap, DRM)
+
+_REPO = Path(__file__).resolve().parent.parent
+_BLOB = "vgpu.blob.uapi"
+#: The proposed DMA_BUF_IOCTL_INFO UAPI: never merged, so no installed header has it; ours is in spec/.
+DMA_BUF_INFO_H = str(_REPO / "spec" / "dma-buf-info.h")
+#: Debian's linux-libc-dev leaves include/uapi/drm out (libdrm-dev ships it). When a system drm.h exists the DRM
+#: structs are checked against it; otherwise against the lab's own copy of the DRM ABI, whose static asserts pin
+#: the sizes. drm_prime_handle is absent from that copy: without a system drm.h its layout is proven by the real
+#: vgem PRIME export in tests/test_e2e_dmabuf_guest.py (the exported fd is read back from offset 8).
+SYSTEM_DRM_H = next((h for h in ("/usr/include/drm/drm.h", "/usr/include/libdrm/drm.h") if Path(h).is_file()), None)
+LAB_DRM_UAPI_H = str(_REPO / "vgpu" / "lab" / "guest" / "drm_uapi.h")
+DRM_H = SYSTEM_DRM_H or LAB_DRM_UAPI_H
+
+REGISTRY += [
+    LayoutEntry("linux/dma-buf.h", "dma_buf_sync", f"{_BLOB}:dma_buf_sync"),
+    LayoutEntry(DMA_BUF_INFO_H, "dma_buf_info", f"{_BLOB}:dma_buf_info"),
+    LayoutEntry("linux/udmabuf.h", "udmabuf_create", f"{_BLOB}:udmabuf_create"),
+    LayoutEntry("linux/dma-heap.h", "dma_heap_allocation_data", f"{_BLOB}:dma_heap_allocation_data"),
+    LayoutEntry(DRM_H, "drm_version", f"{_BLOB}:drm_version"),
+    LayoutEntry(DRM_H, "drm_mode_create_dumb", f"{_BLOB}:drm_mode_create_dumb"),
+    LayoutEntry(DRM_H, "drm_mode_destroy_dumb", f"{_BLOB}:drm_mode_destroy_dumb"),
+]
+if SYSTEM_DRM_H is not None:
+    REGISTRY.append(LayoutEntry(SYSTEM_DRM_H, "drm_prime_handle", f"{_BLOB}:drm_prime_handle"))

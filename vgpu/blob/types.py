@@ -55,6 +55,9 @@ class HostBuffer:
     allocator_attr: CacheAttr | None = None
     allocator_reason: str = ""
     resolution: Resolution | None = field(default=None)
+    # The DRM driver (DRM_IOCTL_VERSION name) behind a PRIME export, recorded by the allocator that exported it:
+    # every PRIME export's exp_name is "drm", so this is the only way an operator rule can tell vgem from i915.
+    drm_driver: str | None = None
 
     @property
     def is_dmabuf(self) -> bool:

@@ -1,0 +1,239 @@
+"""The dma-buf layer on this host: real memfds, real ENOTTY; fakes only for kernel answers that cannot exist here.
+
+This host kernel has no dma-buf exporter at all, so the answers a patched kernel would give (a VM_PROT value,
+ENOSYS, EINVAL, an unknown value) are played by a fake ``ioctl`` in the tests whose names say "fake". The real
+exporters are exercised inside a guest by tests/test_e2e_dmabuf_guest.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from vgpu.blob import dmabuf, uapi
+from vgpu.blob.dmabuf import DmaBuf, KernelAnswerKind, VmProtAnswer
+from vgpu.blob.types import CacheAttr
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def memfd() -> Iterator[int]:
+    fd = os.memfd_create("test-blob", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 3 * 4096)
+    yield fd
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+# --- size and fdinfo -------------------------------------------------------------------------------------------
+
+
+def test_fd_size_is_lseek_end_and_rewinds(memfd: int) -> None:
+    os.lseek(memfd, 100, os.SEEK_SET)
+    assert dmabuf.fd_size(memfd) == 3 * 4096
+    assert os.lseek(memfd, 0, os.SEEK_CUR) == 0
+
+
+def test_fdinfo_of_memfd_has_no_exporter(memfd: int) -> None:
+    info = dmabuf.read_fdinfo(memfd)
+    assert "flags" in info.fields and "ino" in info.fields
+    assert info.exporter is None and not info.is_dmabuf and info.size is None
+
+
+def test_parse_fdinfo_of_a_dmabuf_text() -> None:
+    # Verbatim from the 6.12 lab guest (tests/test_e2e_dmabuf_guest.py): a 64 KiB udmabuf's fdinfo.
+    text = "pos:\t0\nflags:\t02000002\nmnt_id:\t12\nino:\t1\nsize:\t65536\ncount:\t1\nexp_name:\tudmabuf\n"
+    info = dmabuf.parse_fdinfo(text)
+    assert info.exporter == "udmabuf" and info.size == 65536 and info.is_dmabuf
+
+
+# --- DMA_BUF_IOCTL_INFO, real ------------------------------------------------------------------------------------
+
+
+def test_query_vm_prot_on_memfd_is_real_enotty(memfd: int) -> None:
+    answer = dmabuf.query_vm_prot(memfd)
+    assert answer == VmProtAnswer(KernelAnswerKind.ENOTTY, errno=errno.ENOTTY)
+    assert answer.attr is None and answer.code == "ENOTTY"
+    assert answer.describe().startswith("DMA_BUF_IOCTL_INFO: ENOTTY, no such ioctl")
+
+
+def test_query_vm_prot_on_closed_fd_raises(memfd: int) -> None:
+    os.close(memfd)
+    with pytest.raises(OSError) as exc:
+        dmabuf.query_vm_prot(memfd)
+    assert exc.value.errno == errno.EBADF
+
+
+# --- DMA_BUF_IOCTL_INFO, fake kernels ------------------------------------------------------------------------------
+
+
+def fake_ioctl(*, value: int | None = None, err: int | None = None) -> Callable[..., Any]:
+    """A kernel with DMA_BUF_IOCTL_INFO: checks the request exactly as posted, then answers."""
+    seen: list[bytes] = []
+
+    def ioctl(fd: int, request: int, arg: bytearray, mutate: bool = True) -> int:
+        assert request == 0xC0106202 and mutate and len(arg) == 16
+        seen.append(bytes(arg))
+        if err is not None:
+            raise OSError(err, os.strerror(err))
+        parsed = uapi.dma_buf_info.parse(bytes(arg))
+        arg[:] = uapi.dma_buf_info.build({"param": parsed.param, "pad": 0, "value": value})
+        return 0
+
+    ioctl.seen = seen  # type: ignore[attr-defined]
+    return ioctl
+
+
+@pytest.mark.parametrize(
+    ("value", "attr", "code"),
+    [(0, CacheAttr.WC, "DMA_BUF_VM_PROT_WC"), (1, CacheAttr.CACHED, "DMA_BUF_VM_PROT_CACHED")],
+)
+def test_fake_kernel_known_values(
+    monkeypatch: pytest.MonkeyPatch, memfd: int, value: int, attr: CacheAttr, code: str
+) -> None:
+    fake = fake_ioctl(value=value)
+    monkeypatch.setattr(fcntl, "ioctl", fake)
+    answer = dmabuf.query_vm_prot(memfd)
+    assert answer.kind is KernelAnswerKind.VALUE and answer.attr is attr and answer.code == code
+    assert answer.describe() == f"DMA_BUF_IOCTL_INFO: {code}"
+    # param 1, pad 0, value 0 on the way in.
+    assert fake.seen == [(1).to_bytes(4, "little") + bytes(12)]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("value", [2, 3, 0xFFFF_FFFF_FFFF_FFFF])
+def test_fake_kernel_unknown_value_is_never_an_attribute(
+    monkeypatch: pytest.MonkeyPatch, memfd: int, value: int
+) -> None:
+    monkeypatch.setattr(fcntl, "ioctl", fake_ioctl(value=value))
+    answer = dmabuf.query_vm_prot(memfd)
+    assert answer.kind is KernelAnswerKind.UNKNOWN_VALUE and answer.value == value and answer.attr is None
+    assert answer.code == f"value={value}" and "not used" in answer.describe()
+
+
+@pytest.mark.parametrize(
+    ("err", "kind"),
+    [
+        (errno.ENOSYS, KernelAnswerKind.ENOSYS),
+        (errno.EINVAL, KernelAnswerKind.EINVAL),
+        (errno.ENOTTY, KernelAnswerKind.ENOTTY),
+        (errno.EFAULT, KernelAnswerKind.ERROR),
+    ],
+)
+def test_fake_kernel_errnos_are_told_apart(
+    monkeypatch: pytest.MonkeyPatch, memfd: int, err: int, kind: KernelAnswerKind
+) -> None:
+    monkeypatch.setattr(fcntl, "ioctl", fake_ioctl(err=err))
+    answer = dmabuf.query_vm_prot(memfd)
+    assert answer.kind is kind and answer.errno == err and answer.attr is None
+    assert answer.code == errno.errorcode[err]
+
+
+def test_fake_kernel_value_for_another_param_is_not_vm_prot(monkeypatch: pytest.MonkeyPatch, memfd: int) -> None:
+    monkeypatch.setattr(fcntl, "ioctl", fake_ioctl(value=1))
+    answer = dmabuf.query_info(memfd, 99)
+    assert answer.kind is KernelAnswerKind.UNKNOWN_VALUE and answer.attr is None
+
+
+# --- DMA_BUF_IOCTL_SYNC ------------------------------------------------------------------------------------------
+
+
+def test_sync_on_memfd_is_enotty(memfd: int) -> None:
+    with pytest.raises(OSError) as exc, dmabuf.cpu_access(memfd, write=True):
+        pass
+    assert exc.value.errno == errno.ENOTTY
+
+
+def test_cpu_access_needs_a_direction(memfd: int) -> None:
+    with pytest.raises(ValueError, match="read, write or both"), dmabuf.cpu_access(memfd, read=False):
+        pass
+
+
+def test_fake_kernel_cpu_access_brackets_even_on_error(monkeypatch: pytest.MonkeyPatch, memfd: int) -> None:
+    calls: list[tuple[int, int]] = []
+
+    def ioctl(fd: int, request: int, arg: bytes, mutate: bool = False) -> bytes:
+        calls.append((request, int(uapi.dma_buf_sync.parse(arg).flags)))
+        return arg
+
+    monkeypatch.setattr(fcntl, "ioctl", ioctl)
+    with pytest.raises(RuntimeError), dmabuf.cpu_access(memfd, read=True, write=True):
+        raise RuntimeError("body failed")
+    assert calls == [(0x40086200, uapi.DMA_BUF_SYNC_START | 3), (0x40086200, uapi.DMA_BUF_SYNC_END | 3)]
+
+
+# --- DmaBuf ownership and fd paths -----------------------------------------------------------------------------------
+
+
+def test_dmabuf_open_proc_self_dup_and_close(memfd: int) -> None:
+    before = fd_count()
+    with DmaBuf.open(f"/proc/self/fd/{memfd}") as buf:
+        assert buf.fd != memfd and buf.size == 3 * 4096 and buf.exporter is None
+        assert fcntl.fcntl(buf.fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        assert buf.query_vm_prot().kind is KernelAnswerKind.ENOTTY
+        assert fd_count() == before + 1
+    assert buf.closed and fd_count() == before
+    buf.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        _ = buf.fd
+
+
+def test_dmabuf_open_dev_fd_path(memfd: int) -> None:
+    with DmaBuf.open(f"/dev/fd/{memfd}") as buf:
+        os.pwrite(memfd, b"shared", 0)
+        assert os.pread(buf.fd, 6, 0) == b"shared"  # the same open file, not a copy
+
+
+def test_dmabuf_open_another_process_fd_with_pidfd_getfd() -> None:
+    code = (
+        "import os,sys\n"
+        "fd=os.memfd_create('peer'); os.ftruncate(fd, 8192); os.pwrite(fd, b'peer', 0)\n"
+        "print(fd, flush=True); sys.stdin.read()\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        target = int(child.stdout.readline())
+        with DmaBuf.open(f"/proc/{child.pid}/fd/{target}") as buf:
+            assert buf.size == 8192 and os.pread(buf.fd, 4, 0) == b"peer"
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(10)
+
+
+def test_dmabuf_open_missing_fd_raises_without_leak() -> None:
+    before = fd_count()
+    with pytest.raises(OSError):
+        DmaBuf.open("/proc/self/fd/999999")
+    with pytest.raises(OSError):
+        DmaBuf.open(f"/proc/{os.getpid() + 10_000_000}/fd/3")
+    assert fd_count() == before
+
+
+def test_into_host_buffer_transfers_ownership(memfd: int) -> None:
+    before = fd_count()
+    buf = DmaBuf.open(f"/proc/self/fd/{memfd}")
+    host = buf.into_host_buffer()
+    assert buf.closed and host.fd >= 0 and host.allocator == "external" and not host.is_dmabuf
+    assert host.size == 3 * 4096 and fd_count() == before + 1
+    buf.close()  # must not close the fd the HostBuffer now owns
+    assert fd_count() == before + 1
+    host.close()
+    assert fd_count() == before
+
+
+def test_dmabuf_rejects_negative_fd() -> None:
+    with pytest.raises(ValueError):
+        DmaBuf(-1)

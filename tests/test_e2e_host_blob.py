@@ -1,0 +1,73 @@
+"""End to end, the main job: a real Linux guest maps a host-visible blob from our back end.
+
+QEMU 11.1 (sid chroot, generic vhost-user device with a shared-memory BAR sized by our GET_SHMEM_CONFIG) boots the
+6.12 guest; `blob_map` uses the cross-domain context to get a host buffer, creates a HOST3D blob, maps it, and
+writes a pattern the host then finds in our buffer; the host writes one back that the guest reads.  The guest
+kernel's PAT list shows the memory type it used for our map_info: write-back for CACHED, write-combining for WC.
+Run once with each: CACHED from the memfd allocator's knowledge, WC from an operator override (no exporter on
+this host maps write-combined, so an override is the honest way to make the guest take its WC path).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.test_lab_qemu_peer import _component
+from vgpu.lab import provision
+from vgpu.lab.hostblob import PAT_TYPE, HostBlobRun, run_host_blob
+
+pytestmark = pytest.mark.e2e
+
+STEPS = ("params", "context", "ring", "init", "reqs", "blob", "mmap", "pat", "write", "host", "done")
+
+
+@pytest.fixture(scope="module")
+def provisioner() -> provision.Provisioner:
+    p = _component("cache", provision.Provisioner)
+    for name, make in (("qemu11 (QEMU >= 11.1 in a sid chroot)", p.qemu11), ("kernel", p.guest_kernel),
+                       ("busybox", p.busybox), ("guest programs", p.guest_programs)):
+        _component(name, make)
+    return p
+
+
+def check(run: HostBlobRun, map_info: int, provenance: str) -> None:
+    context = run.describe()
+    assert not run.guest.timed_out and run.guest.returncode == 0 and run.guest.guest_status == 0, context
+    features = re.search(r"\[drm\] features: (.*)", run.guest.dmesg)
+    assert features and "+resource_blob" in features.group(1) and "+host_visible" in features.group(1), context
+    steps = run.steps
+    for step in STEPS:
+        assert steps.get(step, "").startswith("ok"), f"{step}: {steps.get(step)}\n{context}"
+    # The guest was told the attribute up front (image requirements) and again by MAP_BLOB.
+    assert f"map_info={map_info}" in steps["reqs"], context
+    m = run.map_log
+    assert m is not None, context
+    offset, length = int(m.group(2), 16), int(m.group(3), 16)
+    assert m.group(4) == {1: "CACHED", 2: "UNCACHED", 3: "WC"}[map_info] and m.group(5).startswith(provenance), m[0]
+    # The guest kernel mapped the window range with the memory type our map_info asked for.
+    window = run.window
+    assert window is not None and window[0] >= 1 << 32, context  # a 1 GiB BAR lies above 4 GiB: MTRRs stay out
+    start = window[0] + offset
+    types = {t for a, b, t in run.pat if a <= start and start + length <= b}
+    assert types == {PAT_TYPE[map_info]}, f"PAT for [{start:#x}, +{length:#x}): {run.pat}\n{context}"
+    # Bytes went both ways through the same memory: our buffer held the guest's pattern, the guest read ours.
+    assert run.host.saw_guest_pattern and not run.host.error, f"{run.host}\n{context}"
+    assert "unmapped blob" in run.backend_output, context
+    assert run.released, context
+
+
+def test_cached_blob_from_the_allocators_knowledge(provisioner: provision.Provisioner, tmp_path: Path) -> None:
+    run = run_host_blob(provisioner, tmp_path, backend_args=("--allocator=memfd",))
+    print(f"CACHED run: {run.wall:.2f} s; {run.map_log[0] if run.map_log else ''}")
+    check(run, 1, "allocator: memfd")
+
+
+def test_wc_blob_from_an_operator_override(provisioner: provision.Provisioner, tmp_path: Path) -> None:
+    rules = tmp_path / "cache.toml"
+    rules.write_text('[allocator_overrides]\nmemfd = "wc"\n')
+    run = run_host_blob(provisioner, tmp_path, backend_args=("--allocator=memfd", f"--cache-rules={rules}"))
+    print(f"WC run: {run.wall:.2f} s; {run.map_log[0] if run.map_log else ''}")
+    check(run, 3, "operator rule: rule allocator_overrides.memfd = wc")

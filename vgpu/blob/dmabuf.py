@@ -1,0 +1,394 @@
+"""dma-buf fds as the kernel presents them: size, exporter name, CPU-access sync, and the cache-attribute query.
+
+Why a layer of its own: the question "how is a host mapping of this buffer cached?" is asked of the kernel, and
+only the kernel's answers decide what the rest of vgpu may do with a buffer. This module turns each kernel answer
+into a typed value and never invents one: a stock kernel has no ``DMA_BUF_IOCTL_INFO`` (ENOTTY), an exporter may
+lack the hook (ENOSYS), a param may be unknown (EINVAL), or a future kernel may return a value we do not know —
+all of these are told apart and none of them is ever passed on as a cache attribute.
+
+The free functions *borrow* an fd (the caller keeps owning it, e.g. a :class:`~vgpu.blob.types.HostBuffer`);
+:class:`DmaBuf` *owns* one and closes it deterministically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import enum
+import errno
+import fcntl
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+
+from . import uapi
+from .types import CacheAttr, HostBuffer
+
+# ---------------------------------------------------------------------------------------------------------------
+# size and /proc/<pid>/fdinfo
+
+
+def fd_size(fd: int) -> int:
+    """The buffer's size in bytes, as ``lseek(SEEK_END)`` reports it.
+
+    dma-buf's llseek supports exactly SEEK_END (to learn the size) and SEEK_SET 0, which is what this does, so
+    it works for dma-bufs and memfds alike; the offset is put back to 0 because the fd may be shared.
+    """
+    size = os.lseek(fd, 0, os.SEEK_END)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return size
+
+
+@dataclass(frozen=True)
+class FdInfo:
+    """What ``/proc/<pid>/fdinfo/<fd>`` says about an fd.
+
+    A dma-buf's fdinfo (``dma_buf_show_fdinfo``) has ``size:``, ``count:`` and ``exp_name:`` — the exporter's
+    module name, e.g. ``udmabuf``, ``system`` (the heap's name) or ``drm`` for every DRM PRIME export. Any other
+    fd has no ``exp_name``: that is how a dma-buf is told from a memfd without ioctls.
+    """
+
+    fields: Mapping[str, str]
+
+    @property
+    def exporter(self) -> str | None:
+        return self.fields.get("exp_name")
+
+    @property
+    def size(self) -> int | None:
+        raw = self.fields.get("size")
+        return int(raw) if raw is not None and raw.isdigit() else None
+
+    @property
+    def is_dmabuf(self) -> bool:
+        return self.exporter is not None
+
+
+def parse_fdinfo(text: str) -> FdInfo:
+    """``key:<tab>value`` lines; later lines of a repeated key (e.g. per-lock ``lock:``) keep the first."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key and not key.startswith(" "):
+            fields.setdefault(key.strip(), value.strip())
+    return FdInfo(fields)
+
+
+def read_fdinfo(fd: int, pid: int | str = "self") -> FdInfo:
+    with open(f"/proc/{pid}/fdinfo/{fd}", encoding="utf-8", errors="replace") as f:
+        return parse_fdinfo(f.read())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DMA_BUF_IOCTL_SYNC
+
+
+def sync(fd: int, flags: int) -> None:
+    """One ``DMA_BUF_IOCTL_SYNC`` call; raises OSError (ENOTTY for a non-dma-buf, EINVAL for bad flags)."""
+    fcntl.ioctl(fd, uapi.DMA_BUF_IOCTL_SYNC, uapi.dma_buf_sync.build({"flags": flags}))
+
+
+def _access_flags(read: bool, write: bool) -> int:
+    flags = (uapi.DMA_BUF_SYNC_READ if read else 0) | (uapi.DMA_BUF_SYNC_WRITE if write else 0)
+    if not flags:
+        raise ValueError("CPU access must read, write or both")
+    return flags
+
+
+@contextlib.contextmanager
+def cpu_access(fd: int, *, read: bool = True, write: bool = False) -> Iterator[None]:
+    """Bracket CPU access to an mmap of the dma-buf with SYNC_START/SYNC_END of the same direction.
+
+    Exporters with non-coherent caches flush/invalidate here; the END must be issued even when the body
+    raises, or the exporter's view of who owns the buffer stays wrong.
+    """
+    flags = _access_flags(read, write)
+    sync(fd, uapi.DMA_BUF_SYNC_START | flags)
+    try:
+        yield
+    finally:
+        sync(fd, uapi.DMA_BUF_SYNC_END | flags)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DMA_BUF_IOCTL_INFO
+
+
+class KernelAnswerKind(enum.Enum):
+    """The distinguishable outcomes of ``DMA_BUF_IOCTL_INFO``."""
+
+    VALUE = "value"  # a DMA_BUF_VM_PROT_* value we know
+    UNKNOWN_VALUE = "unknown value"  # the kernel answered, but with a value this code does not know
+    ENOTTY = "ENOTTY"  # no such ioctl: every stock kernel (the proposal was never merged), or not a dma-buf
+    ENOSYS = "ENOSYS"  # the kernel has the ioctl but this exporter has no mmap_info hook
+    EINVAL = "EINVAL"  # the kernel does not know the param
+    ERROR = "error"  # any other errno: reported, never interpreted
+
+
+_EXPLAIN = {
+    KernelAnswerKind.ENOTTY: "no such ioctl: a kernel without DMA_BUF_IOCTL_INFO, or not a dma-buf",
+    KernelAnswerKind.ENOSYS: "the exporter does not say: it has no mmap_info hook",
+    KernelAnswerKind.EINVAL: "the kernel does not know this param",
+}
+
+_VM_PROT_ATTR = {
+    uapi.DMA_BUF_VM_PROT_WC: (CacheAttr.WC, "DMA_BUF_VM_PROT_WC"),
+    uapi.DMA_BUF_VM_PROT_CACHED: (CacheAttr.CACHED, "DMA_BUF_VM_PROT_CACHED"),
+}
+
+
+@dataclass(frozen=True)
+class VmProtAnswer:
+    """The kernel's answer to ``DMA_BUF_IOCTL_INFO(DMA_BUF_INFO_VM_PROT)``, one of :class:`KernelAnswerKind`.
+
+    Only ``VALUE`` carries a cache attribute (:attr:`attr`); every other kind is "the kernel did not say".
+    """
+
+    kind: KernelAnswerKind
+    value: int | None = None
+    errno: int | None = None
+
+    @property
+    def attr(self) -> CacheAttr | None:
+        if self.kind is KernelAnswerKind.VALUE and self.value in _VM_PROT_ATTR:
+            return _VM_PROT_ATTR[self.value][0]
+        return None
+
+    @property
+    def code(self) -> str:
+        """A short machine-readable form: the DMA_BUF_VM_PROT_* name, the errno name, or ``value=N``."""
+        if self.kind is KernelAnswerKind.VALUE and self.value in _VM_PROT_ATTR:
+            return _VM_PROT_ATTR[self.value][1]
+        if self.kind is KernelAnswerKind.UNKNOWN_VALUE:
+            return f"value={self.value}"
+        return errno.errorcode.get(self.errno or 0, f"errno {self.errno}")
+
+    def describe(self) -> str:
+        text = f"DMA_BUF_IOCTL_INFO: {self.code}"
+        if self.kind is KernelAnswerKind.UNKNOWN_VALUE:
+            return text + ", a value this vgpu does not know (not used)"
+        if self.kind in _EXPLAIN:
+            return f"{text}, {_EXPLAIN[self.kind]}"
+        if self.kind is KernelAnswerKind.ERROR:
+            return f"{text}, {os.strerror(self.errno or 0)}"
+        return text
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+_ERRNO_KIND = {
+    errno.ENOTTY: KernelAnswerKind.ENOTTY,
+    errno.ENOSYS: KernelAnswerKind.ENOSYS,
+    errno.EINVAL: KernelAnswerKind.EINVAL,
+}
+
+
+def query_info(fd: int, param: int) -> VmProtAnswer:
+    """Issue ``DMA_BUF_IOCTL_INFO`` for ``param`` exactly as posted (16-byte struct, pad 0).
+
+    EBADF is a bug in the caller (a closed fd), not a kernel answer, so it propagates as OSError.
+    """
+    arg = bytearray(uapi.dma_buf_info.build({"param": param, "value": 0}))
+    try:
+        fcntl.ioctl(fd, uapi.DMA_BUF_IOCTL_INFO, arg, True)
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            raise
+        return VmProtAnswer(_ERRNO_KIND.get(exc.errno or 0, KernelAnswerKind.ERROR), errno=exc.errno)
+    value = int(uapi.dma_buf_info.parse(bytes(arg)).value)
+    if param == uapi.DMA_BUF_INFO_VM_PROT and value in _VM_PROT_ATTR:
+        return VmProtAnswer(KernelAnswerKind.VALUE, value=value)
+    return VmProtAnswer(KernelAnswerKind.UNKNOWN_VALUE, value=value)
+
+
+def query_vm_prot(fd: int) -> VmProtAnswer:
+    """Ask the exporter how user-space mappings of the buffer are cached (``DMA_BUF_INFO_VM_PROT``)."""
+    return query_info(fd, uapi.DMA_BUF_INFO_VM_PROT)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DRM driver identity
+
+
+@dataclass(frozen=True)
+class DrmVersion:
+    """``DRM_IOCTL_VERSION`` of a DRM node: the only way to tell which driver made a PRIME export.
+
+    The dma-buf of every DRM PRIME export reports ``exp_name: drm`` (the module name of drm_prime.c), so the
+    exporter name cannot distinguish vgem from i915 or virtio_gpu; the allocator records this at export time.
+    """
+
+    name: str
+    major: int
+    minor: int
+    patchlevel: int
+    date: str
+    desc: str
+
+
+def drm_version(fd: int) -> DrmVersion:
+    """Two calls, as libdrm does: the first learns the string lengths, the second fills our buffers."""
+    arg = bytearray(uapi.drm_version.build(dict.fromkeys(_DRM_VERSION_FIELDS, 0)))
+    fcntl.ioctl(fd, uapi.DRM_IOCTL_VERSION, arg, True)
+    lengths = uapi.drm_version.parse(bytes(arg))
+    bufs = {k: ctypes.create_string_buffer(int(lengths[f"{k}_len"]) + 1) for k in ("name", "date", "desc")}
+    request = {f: 0 for f in _DRM_VERSION_FIELDS}
+    for key, buf in bufs.items():
+        request[f"{key}_len"] = len(buf) - 1
+        request[key] = ctypes.addressof(buf)
+    arg = bytearray(uapi.drm_version.build(request))
+    fcntl.ioctl(fd, uapi.DRM_IOCTL_VERSION, arg, True)
+    out = uapi.drm_version.parse(bytes(arg))
+
+    def text(key: str) -> str:
+        n = min(int(out[f"{key}_len"]), len(bufs[key]) - 1)
+        return bufs[key].raw[:n].decode("utf-8", "replace")
+
+    return DrmVersion(
+        name=text("name"),
+        major=int(out.version_major),
+        minor=int(out.version_minor),
+        patchlevel=int(out.version_patchlevel),
+        date=text("date"),
+        desc=text("desc"),
+    )
+
+
+_DRM_VERSION_FIELDS = (
+    "version_major",
+    "version_minor",
+    "version_patchlevel",
+    "name_len",
+    "name",
+    "date_len",
+    "date",
+    "desc_len",
+    "desc",
+)
+
+# ---------------------------------------------------------------------------------------------------------------
+# getting hold of someone else's fd
+
+_PIDFD_GETFD = 438  # same number on every architecture (the unified syscall table)
+_FD_PATH = re.compile(r"^/(?:proc/(?P<pid>self|thread-self|\d+)/fd|dev/fd)/(?P<fd>\d+)$")
+
+
+def _pidfd_getfd(pid: int, target: int) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        fd = int(libc.syscall(_PIDFD_GETFD, pidfd, target, 0))
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"pidfd_getfd(pid {pid}, fd {target}): {os.strerror(err)}")
+        return fd  # the kernel sets O_CLOEXEC on it
+    finally:
+        os.close(pidfd)
+
+
+def open_fd_path(path: str) -> int:
+    """A new fd (close-on-exec) for what ``path`` names, owned by the caller.
+
+    ``/proc/PID/fd/N`` of a dma-buf cannot be re-opened through the path (dma-buf inodes have no ``open``;
+    the kernel answers ENXIO), so such paths duplicate the *same* open file instead: ``F_DUPFD_CLOEXEC`` for our
+    own process, ``pidfd_getfd(2)`` for another (needs ptrace rights over it, like reading its memory would).
+    Any other path is opened read-write, or read-only when that is all we may do.
+    """
+    match = _FD_PATH.match(os.path.normpath(path))
+    if match:
+        pid_text, target = match.group("pid"), int(match.group("fd"))
+        if pid_text in (None, "self", "thread-self") or int(pid_text) == os.getpid():
+            return fcntl.fcntl(target, fcntl.F_DUPFD_CLOEXEC, 0)
+        return _pidfd_getfd(int(pid_text), target)
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the owning object
+
+
+class DmaBuf:
+    """Owns one fd of a (possibly) dma-buf and closes it exactly once.
+
+    ``drm_driver`` is the DRM driver that exported it, when whoever made the buffer knew (see
+    :class:`DrmVersion`); it cannot be learnt from the fd afterwards.
+    """
+
+    def __init__(self, fd: int, *, drm_driver: str | None = None) -> None:
+        if fd < 0:
+            raise ValueError(f"invalid fd {fd}")
+        self._fd = fd
+        self.drm_driver = drm_driver
+
+    @classmethod
+    def open(cls, path: str) -> DmaBuf:
+        """Take hold of ``/proc/PID/fd/N`` (any process we may ptrace), ``/dev/fd/N``, or a file path."""
+        return cls(open_fd_path(path))
+
+    @property
+    def fd(self) -> int:
+        if self._fd < 0:
+            raise ValueError("DmaBuf is closed")
+        return self._fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    @property
+    def size(self) -> int:
+        return fd_size(self.fd)
+
+    def fdinfo(self) -> FdInfo:
+        return read_fdinfo(self.fd)
+
+    @property
+    def exporter(self) -> str | None:
+        return self.fdinfo().exporter
+
+    def query_vm_prot(self) -> VmProtAnswer:
+        return query_vm_prot(self.fd)
+
+    def cpu_access(self, *, read: bool = True, write: bool = False) -> contextlib.AbstractContextManager[None]:
+        return cpu_access(self.fd, read=read, write=write)
+
+    def into_host_buffer(self, allocator: str = "external") -> HostBuffer:
+        """Hand the fd over to a :class:`HostBuffer` (which then owns it); this object is closed afterwards.
+
+        A buffer that came from outside carries no allocator knowledge: only the kernel, operator rules or the
+        legacy heuristic can then decide its cache attribute.
+        """
+        fd = self.fd
+        info = read_fdinfo(fd)
+        buffer = HostBuffer(
+            fd=fd, size=fd_size(fd), allocator=allocator, exporter=info.exporter, drm_driver=self.drm_driver
+        )
+        self._fd = -1
+        return buffer
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> DmaBuf:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"DmaBuf(fd={self._fd}, drm_driver={self.drm_driver!r})"
