@@ -1,56 +1,83 @@
-"""The main job, as far as it reaches today: start the vgpu back end, drive it with our own front end the way QEMU
-does, and show what was negotiated and one command round trip.  (Once host-visible blobs land this boots a real
-guest and shows the mapped blob with its map_info and provenance.)"""
+"""The main job: a real Linux guest maps a host-visible blob from the vgpu back end, and we show what it got.
+
+QEMU 11.1 boots the Debian 6.12 guest (TCG) against `vhost-user-vgpu --context-types=cross-domain`; the guest
+program asks the cross-domain context for a 256x256 XRGB8888 buffer, creates the HOST3D blob, maps it and writes a
+pattern; the host finds that pattern in the back end's buffer and writes one back for the guest to read.  Printed:
+the map_info the guest was told, why (provenance), the memory type the guest kernel then used (its PAT list), the
+round trip, and that the back end released everything.  Exit status 0 only if every one of those holds.
+"""
 
 from __future__ import annotations
 
-import os
-import subprocess
+import argparse
+import re
 import sys
 import tempfile
-import time
+from pathlib import Path
 
-from vgpu.protocol import CtrlFlag, CtrlHdr, CtrlType, GetDisplayInfo, GpuFeature, encode_command, structs
-from vgpu.vhost_user.driver import GuestRam
-from vgpu.vhost_user.frontend import Frontend
-from vgpu.vhost_user.wire import ProtocolFeature
+from vgpu.lab.hostblob import PAT_TYPE, run_host_blob
+from vgpu.lab.provision import Provisioner
+
+NAMES = {1: "CACHED", 2: "UNCACHED", 3: "WC"}
 
 
-def main() -> int:
-    with tempfile.TemporaryDirectory() as d:
-        sock = os.path.join(d, "vgpu.sock")
-        backend = subprocess.Popen([sys.executable, "-m", "vgpu", f"--socket-path={sock}", "--log-level=warning"])
-        try:
-            fe = Frontend.connect(sock)
-            fe.negotiate(device_features=GpuFeature.F_EDID.mask)
-            gpu = [f.name for f in GpuFeature if fe.features & f.mask]
-            proto = [f.name for f in ProtocolFeature if fe.protocol_features & (1 << f)]
-            print(f"back end      : vhost-user-vgpu (pid {backend.pid}) on {sock}")
-            print(f"virtio        : features {fe.features:#x}; virtio-gpu {' '.join(gpu) or '-'}")
-            print(f"protocol      : {' '.join(proto)}")
-            cfg = structs.config.parse(fe.get_config(0, 16))
-            print(f"config space  : num_scanouts={cfg.num_scanouts} num_capsets={cfg.num_capsets}")
-            ram = GuestRam(16 << 20)
-            fe.share_memory(ram)
-            fe.setup_queue(0, 256)
-            fe.setup_queue(1, 256)
-            req = encode_command(GetDisplayInfo(CtrlHdr(CtrlType.CMD_GET_DISPLAY_INFO, CtrlFlag.FLAG_FENCE, 1)))
-            t0 = time.perf_counter()
-            raw = fe.submit(0, req, structs.resp_display_info.sizeof())
-            dt = time.perf_counter() - t0
-            resp = structs.resp_display_info.parse(raw)
-            m = resp.pmodes[0]
-            print(
-                f"round trip    : GET_DISPLAY_INFO (fenced, id 1) -> {CtrlType(resp.hdr.type).name} "
-                f"fence {resp.hdr.fence_id}, scanout 0 {m.r.width}x{m.r.height} enabled={m.enabled} "
-                f"in {dt * 1e3:.2f} ms"
-            )
-            fe.close()
-            ram.close()
-        finally:
-            backend.terminate()
-            backend.wait(5)
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--allocator", default="auto", help="host buffer allocator for the back end (default auto)")
+    p.add_argument("--cache-rules", type=Path, help="operator rules file passed to the back end")
+    p.add_argument("--size", default="256x256", help="image size the guest asks for (WxH)")
+    args = p.parse_args(argv)
+    width, height = (int(v) for v in args.size.split("x"))
+    backend_args = [f"--allocator={args.allocator}"]
+    if args.cache_rules:
+        backend_args.append(f"--cache-rules={args.cache_rules.resolve()}")
+    prov = Provisioner()
+    q11, kernel = prov.qemu11(), prov.guest_kernel()
+    with tempfile.TemporaryDirectory(prefix="vgpu-demo-") as d:
+        run = run_host_blob(prov, Path(d), backend_args=tuple(backend_args), width=width, height=height)
+    steps = run.steps
+    features = re.search(r"\[drm\] features: (.*)", run.guest.dmesg)
+    allocator = re.search(r"allocator (\S+);", run.backend_output)
+    reqs = re.search(r"stride=(\d+) size=(\d+) blob_id=(\d+) map_info=(\d+)", steps.get("reqs", ""))
+    m = run.map_log
+    print("vgpu main job: a real Linux guest maps a host-visible blob from the vgpu back end\n")
+    print(f"back end    : vhost-user-vgpu --context-types=cross-domain {' '.join(backend_args)}"
+          f" (allocator in use: {allocator.group(1) if allocator else '?'})")
+    print(f"VMM         : QEMU {q11.version} (sid chroot), -device vhost-user-test-device-pci, TCG")
+    print(f"guest       : Linux {kernel.release}; [drm] features: {features.group(1).strip() if features else '?'}")
+    window = run.window
+    if window:
+        print(f"window      : host-visible region at {window[0]:#x}, {window[1] >> 20} MiB")
+    ok = not run.guest.timed_out and run.guest.returncode == 0 and run.guest.guest_status == 0
+    if reqs:
+        print(f"buffer      : {width}x{height} XR24, stride {reqs[1]}, {reqs[2]} bytes, blob_id {reqs[3]}, "
+              f"map_info {reqs[4]} ({NAMES.get(int(reqs[4]), '?')}) in the image requirements")
+    if m is None or window is None:
+        print("mapping     : none — the guest did not map the blob")
+        print(run.describe()[-3000:])
+        return 1
+    offset, length, attr = int(m[2], 16), int(m[3], 16), m[4]
+    print(f"mapping     : blob {m[1]} at window offset {offset:#x}, {length} bytes -> RESP_OK_MAP_INFO {attr}")
+    print(f"provenance  : {m[5]}")
+    start = window[0] + offset
+    pat = {t for a, b, t in run.pat if a <= start and start + length <= b}
+    want = PAT_TYPE[{v: k for k, v in NAMES.items()}[attr]]
+    pat_ok = pat == {want}
+    print(f"guest PAT   : [{start:#x}, +{length:#x}) {', '.join(sorted(pat)) or 'not listed'}"
+          f" ({'matches' if pat_ok else 'DOES NOT match'} {attr}: {want})")
+    guest_read = steps.get("host", "").startswith("ok")
+    host_ok = run.host.saw_guest_pattern and guest_read
+    print(f"round trip  : guest's pattern in the back end's buffer ({run.host.buffer or '?'}): "
+          f"{'yes' if run.host.saw_guest_pattern else 'no'}; host's pattern read by the guest: "
+          f"{'yes' if guest_read else 'no'}{'  ' + run.host.error if run.host.error else ''}")
+    print(f"teardown    : {'unmapped' if 'unmapped blob' in run.backend_output else 'NOT unmapped'}; back end "
+          f"back to its idle fds: {'yes' if run.released else 'no'}")
+    print(f"time        : {run.wall:.1f} s from QEMU start to guest poweroff")
+    good = ok and pat_ok and host_ok and run.released
+    if not good:
+        print("\nsomething did not hold; the guest's serial log and the back end's log follow:\n")
+        print(run.describe()[-4000:])
+    return 0 if good else 1
 
 
 if __name__ == "__main__":
