@@ -287,3 +287,36 @@ def test_features_without_context_types(tmp_path: Path) -> None:
             g.close()
     finally:
         stop_backend(b)
+
+
+def test_a_host_blob_on_a_scanout(tmp_path: Path) -> None:
+    """A cross-domain buffer shown with SET_SCANOUT_BLOB: its pixels come from the host buffer (copy path)."""
+    import numpy as np
+
+    from tests.gpu_helpers import pattern
+    from tests.test_gpu_2d import display, updates
+    from vgpu.protocol import Format, Rect, ResourceFlush, SetScanoutBlob
+
+    b = start_backend(backend_args(), tmp_path, "vgpu")
+    g = Gpu.connect(b.socket_path, features=FEATURES, display=display())
+    try:
+        g.fe.reserve_shm()
+        c = Client(g)
+        c.start()
+        reqs = c.requirements(128, 64)
+        c.blob(1, reqs)
+        assert resp_type(c.map(1, 0)) == E.RESP_OK_MAP_INFO
+        px = pattern(128, 64)
+        stride = reqs.strides[0]  # type: ignore[attr-defined]
+        rows = np.zeros((64, stride), np.uint8)
+        rows[:, :128 * 4] = px.reshape(64, 128 * 4)
+        g.fe.shm[1].write(0, rows.tobytes())  # the guest draws through its mapping of the window
+        g.ok(SetScanoutBlob(h(E.CMD_SET_SCANOUT_BLOB, 0), Rect(0, 0, 128, 64), 0, 1, 128, 64,
+                            Format.FORMAT_B8G8R8X8_UNORM, (stride, 0, 0, 0), (0, 0, 0, 0)))
+        g.ok(ResourceFlush(h(E.CMD_RESOURCE_FLUSH, 0), Rect(0, 0, 128, 64), 1))
+        ((rect, data),) = updates(g, 1)
+        assert rect == (0, 0, 0, 128, 64)
+        assert np.array_equal(np.frombuffer(data, np.uint8).reshape(64, 128, 4)[..., :3], px[..., :3])
+    finally:
+        g.close()
+        stop_backend(b)

@@ -521,8 +521,8 @@ class GpuDevice(Device):
             raise _fail(_INVALID, f"image passes the end of the {res.blob_size}-byte blob", cmd.hdr)
         if cmd.r.width == 0 or cmd.r.height == 0 or not _inside(cmd.r, cmd.width, cmd.height):
             raise _fail(_INVALID, f"scanout rect {cmd.r} not inside the {cmd.width}x{cmd.height} image", cmd.hdr)
-        if res.backing is None:
-            raise _fail(_INVALID, f"blob {res.id} has no backing to show", cmd.hdr)
+        if res.backing is None and res.host_buffer is None:
+            raise _fail(_INVALID, f"blob {res.id} has no memory to show", cmd.hdr)
         self._attach(s, res, cmd.r, BlobLayout(cmd.width, cmd.height, cmd.format, stride, offset))
         return responses.ok_nodata(cmd.hdr)
 
