@@ -195,11 +195,12 @@ class Display:
             reply = self.edid(GpuEdidRequest.parse(msg.payload).scanout_id)
         elif req == GpuRequest.DMABUF_UPDATE:
             reply = b""
-        if reply is not None:
-            ch.send(req, 0x4, reply)
+        # Record before replying: whoever sees the effect of the reply must also see the record.
         with self.cond:
             self.events.append(DisplayEvent(req, msg.payload, msg.take_fds()))
             self.cond.notify_all()
+        if reply is not None:
+            ch.send(req, 0x4, reply)
 
     def wait_for(self, req: GpuRequest, count: int = 1, timeout: float = DEFAULT_TIMEOUT) -> list[DisplayEvent]:
         with self.cond:
