@@ -1,0 +1,178 @@
+"""Boot a guest that asks real dma-buf exporters ``DMA_BUF_IOCTL_INFO`` and reads the truth from its page tables.
+
+Why this module: the kernel-query path of vgpu can only be proven on a kernel that has the ioctl (our patched
+build, :mod:`vgpu.lab.kernel_build`) and compared with one that has not (Debian's 6.12). Both boots run the same
+static ``dmabuf_info`` guest program under QEMU TCG with no vhost-user device at all — udmabuf, the system heap
+and vgem are virtual — plus QEMU's built-in ``virtio-gpu-pci``, whose PRIME exports use virtio-gpu's own
+dma_buf_ops (the "exporter without a hook" case). Optionally the host's root is shared read-only over virtio-9p
+and the program ``exec``s our Python (:mod:`vgpu.lab.dmabuf_probe`) in a chroot of it, on the same fds.
+
+:func:`parse_report` and :func:`parse_python` turn the guest's ``VGPU-GUEST`` lines into typed rows, so tests and
+the cache-attribute benchmark read the same table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from vgpu.lab import initramfs
+from vgpu.lab.qemu import GuestRun, QemuConfig, run_guest
+
+REPO = Path(__file__).resolve().parents[2]
+#: Every buffer the guest program makes, in its order.
+BUFFERS = ("udmabuf", "system-heap", "vgem", "virtio-gpu", "memfd")
+#: The guest waits for both DRM devices (vgem and virtio-gpu) before it runs.
+WAIT_FOR = "/dev/dri/card1"
+HOST_ROOT_TAG = "hostroot"
+GUEST_HOST_ROOT = "/mnt/host"
+#: Modules the Debian kernel needs for this program (udmabuf and the system heap are built in there).
+STOCK_MODULES = ("virtio-gpu", "vgem")
+STOCK_9P_MODULES = initramfs.EXTRA_MODULE_SETS["9p"]
+BOOT_TIMEOUT = 240.0
+
+_PAIR = re.compile(r"(\w+)=(\S+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class BufferReport:
+    """One ``VGPU-GUEST dmabuf`` line of the C program: what the kernel said and what the PTE says."""
+
+    name: str
+    exp_name: str
+    info: str
+    param99: str
+    pad1: str
+    pte: str
+    pte_bits: str
+    mmap: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PythonReport:
+    """One ``VGPU-GUEST py`` line: what :func:`vgpu.blob.dmabuf.query_vm_prot` and the resolver made of it."""
+
+    name: str
+    exporter: str
+    answer: str
+    kind: str
+    param99: str
+    resolved: str
+    provenance: str
+
+
+def _fields(line: str) -> dict[str, str]:
+    return dict(_PAIR.findall(line))
+
+
+def parse_report(lines: Iterable[str]) -> dict[str, BufferReport]:
+    """Buffer name → report, from the guest's lines (failed buffers are absent; see :func:`failures`)."""
+    out: dict[str, BufferReport] = {}
+    for line in lines:
+        if not line.startswith("VGPU-GUEST dmabuf ") or " fail " in line:
+            continue
+        f = _fields(line)
+        out[f["name"]] = BufferReport(
+            name=f["name"], exp_name=f["exp_name"], info=f["info"], param99=f["param99"], pad1=f["pad1"],
+            pte=f["pte"], pte_bits=f["pte_bits"], mmap=f["mmap"],
+        )
+    return out
+
+
+def failures(lines: Iterable[str]) -> list[str]:
+    """The guest's failure lines (a buffer it could not make, a missing page-table dump, a failed exec)."""
+    return [line for line in lines if " fail " in line or "ptdump missing" in line]
+
+
+def parse_python(lines: Iterable[str]) -> dict[str, PythonReport]:
+    """Buffer name → what our Python layer answered."""
+    out: dict[str, PythonReport] = {}
+    for line in lines:
+        if not line.startswith("VGPU-GUEST py "):
+            continue
+        f = _fields(line)
+        out[f["name"]] = PythonReport(
+            name=f["name"], exporter=f["exporter"], answer=f["answer"], kind=f["kind"], param99=f["param99"],
+            resolved=f["resolved"], provenance=f["provenance"],
+        )
+    return out
+
+
+def host_root_args(tag: str = HOST_ROOT_TAG) -> tuple[str, ...]:
+    """QEMU arguments sharing the host's ``/`` read-only over virtio-9p.
+
+    ``multidevs=remap`` keeps inode numbers unique across the host's several file systems (otherwise QEMU warns
+    and the guest may see collisions); ``readonly=on`` because the guest must never write to the host.
+    """
+    return (
+        "-fsdev", f"local,id={tag},path=/,security_model=none,readonly=on,multidevs=remap",
+        "-device", f"virtio-9p-pci,fsdev={tag},mount_tag={tag}",
+    )
+
+
+def python_command(program: str, *, python: Path | None = None, repo: Path = REPO) -> str:
+    """The guest shell command: mount the host root, bind the guest's /dev, /proc, /sys into it, and let the C
+    program exec our Python probe in a chroot there (the fds are inherited across both execs)."""
+    interpreter = python or Path(sys.executable)
+    root = GUEST_HOST_ROOT
+    steps = [
+        f"mkdir -p {root}",
+        f"mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 {HOST_ROOT_TAG} {root}",
+        f"mount --bind /dev {root}/dev",
+        f"mount --bind /proc {root}/proc",
+        f"mount --bind /sys {root}/sys",
+        shlex.join([
+            program, "--exec", "chroot", root, "/usr/bin/env", f"PYTHONPATH={repo}", "PYTHONDONTWRITEBYTECODE=1",
+            str(interpreter), "-m", "vgpu.lab.dmabuf_probe",
+        ]),
+    ]
+    return " && ".join(steps)
+
+
+def run_dmabuf_guest(
+    *,
+    kernel: Path,
+    busybox: Path,
+    program: Path,
+    work: Path,
+    qemu: Path | None = None,
+    modules_dir: Path | None = None,
+    modules: Sequence[str] = (),
+    with_python: bool = False,
+    python: Path | None = None,
+    timeout: float = BOOT_TIMEOUT,
+) -> GuestRun:
+    """Boot ``kernel`` once with the ``dmabuf_info`` program (and, ``with_python``, our Python on the same fds)."""
+    guest_program = "/bin/dmabuf_info"
+    command = python_command(guest_program, python=python) if with_python else guest_program
+    initrd = initramfs.build_initramfs(
+        work / "initrd.gz", busybox=busybox, command=command, modules_dir=modules_dir, modules=modules,
+        files={guest_program: program}, wait_for=WAIT_FOR,
+    )
+    extra: tuple[str, ...] = ("-device", "virtio-gpu-pci")
+    if with_python:
+        extra += host_root_args()
+    config = QemuConfig(device=None, extra_args=extra)
+    if qemu is not None:
+        config = dataclasses.replace(config, qemu=qemu)
+    return run_guest(kernel=kernel, initrd=initrd, socket_path=None, config=config, timeout=timeout,
+                     serial_log=work / "serial.log")
+
+
+def table(c_reports: dict[str, BufferReport], py_reports: dict[str, PythonReport] | None = None) -> str:
+    """A plain-text table of one boot (for logs and the benchmark note)."""
+    rows = [("buffer", "exp_name", "ioctl", "param 99", "pad 1", "PTE", "PTE bits", "python", "provenance")]
+    for name in BUFFERS:
+        c = c_reports.get(name)
+        p = (py_reports or {}).get(name)
+        if c is None:
+            rows.append((name, "(not made)", "", "", "", "", "", "", ""))
+            continue
+        rows.append((name, c.exp_name, c.info, c.param99, c.pad1, c.pte, c.pte_bits,
+                     p.answer if p else "", p.provenance if p else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)

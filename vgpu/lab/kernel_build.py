@@ -1,0 +1,352 @@
+"""Build the lab's patched guest kernel: Debian's 6.12 source + our DMA_BUF_IOCTL_INFO patch, minimal and built in.
+
+Why this exists: no released kernel answers ``DMA_BUF_IOCTL_INFO`` (the proposal was never merged), so vgpu's
+primary path — asking the exporter — could otherwise only ever meet ``ENOTTY`` or a fake. The patch in
+``tools/kernel/*.patch`` adds the ioctl and the exporter hooks; this module turns it into a bootable ``bzImage``
+from nothing but Debian packages (``linux-source-6.12`` through apt, no other download).
+
+How: unpack ``/usr/src/linux-source-6.12.tar.xz``, apply the patches (checked with ``--dry-run`` first), configure
+``make tinyconfig`` + ``tools/kernel/vgpu-guest.config`` + ``olddefconfig`` out of tree (``O=``), verify that every
+option of the fragment survived (tinyconfig silently drops options whose dependencies are missing — a dropped
+PTDUMP_DEBUGFS or X86_PAT would make the ground truth lie, so that fails loudly), then ``make bzImage``.
+
+The image is cached under ``<cache>/patched-kernel/<key>/`` where the key hashes the source package version, the
+patches, the fragment, the compiler version and this module's recipe version, so a second run costs a few hashes.
+The build happens in a scratch directory next to it and only a finished image is renamed into place: an
+interrupted build leaves no key directory and is redone from scratch, never half-used.
+
+Use as a library (:func:`build_patched_kernel` returns the bzImage path) or as a command::
+
+    python -m vgpu.lab.kernel_build [--cache DIR] [--jobs N] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from vgpu.lab import provision
+
+log = logging.getLogger("vgpu.lab")
+
+REPO = Path(__file__).resolve().parents[2]
+KERNEL_TOOLS = REPO / "tools" / "kernel"
+FRAGMENT = KERNEL_TOOLS / "vgpu-guest.config"
+
+SOURCE_PACKAGE = "linux-source-6.12"
+SOURCE_TARBALL = Path("/usr/src/linux-source-6.12.tar.xz")
+#: The top directory inside the tarball.
+SOURCE_TOP = "linux-source-6.12"
+#: What a kernel build needs beyond gcc/make: the source itself, kconfig's parser generators, objtool's libelf,
+#: and the small tools the kernel's scripts call.
+BUILD_PACKAGES = (SOURCE_PACKAGE, "flex", "bison", "libelf-dev", "bc", "libssl-dev", "cpio", "xz-utils", "make", "gcc")
+ARCH = "x86_64"
+#: Bumped whenever the recipe below changes in a way that changes the image (part of the cache key).
+RECIPE_VERSION = "1"
+
+TAR_TIMEOUT = 900.0
+PATCH_TIMEOUT = 120.0
+CONFIG_TIMEOUT = 600.0
+#: A cold build takes about 6 minutes on 2 cores; the bound only stops a wedged build from hanging CI.
+BUILD_TIMEOUT = 3600.0
+QUERY_TIMEOUT = 60.0
+
+
+class KernelBuildError(RuntimeError):
+    """The patched kernel cannot be built; the message names the step and the reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchedKernel:
+    """A finished build in the cache."""
+
+    bzimage: Path
+    config: Path
+    key: str
+    source_version: str
+    build_seconds: float
+    cached: bool
+
+
+# --------------------------------------------------------------------------------------------------------------
+# inputs and the cache key
+
+
+def patch_files() -> list[Path]:
+    """Our kernel patches, applied in name order (``0001-...``, ``0002-...``)."""
+    patches = sorted(KERNEL_TOOLS.glob("*.patch"))
+    if not patches:
+        raise KernelBuildError(f"patches: no *.patch in {KERNEL_TOOLS}")
+    return patches
+
+
+def parse_fragment(text: str) -> dict[str, str]:
+    """``CONFIG_X=value`` lines of a config fragment (``# CONFIG_X is not set`` counts as ``n``)."""
+    options: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        unset = re.match(r"^# (CONFIG_[A-Za-z0-9_]+) is not set$", line)
+        if unset:
+            options[unset.group(1)] = "n"
+            continue
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.startswith("CONFIG_"):
+            raise KernelBuildError(f"config fragment: cannot parse line {raw!r}")
+        options[key] = value
+    return options
+
+
+def parse_dotconfig(text: str) -> dict[str, str]:
+    """A kernel ``.config``: set options with their values; options that are ``not set`` are left out."""
+    options: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.startswith("CONFIG_"):
+            options[key] = value
+    return options
+
+
+def dropped_options(fragment: Mapping[str, str], final: Mapping[str, str]) -> list[str]:
+    """Fragment options whose value did not survive ``olddefconfig``, each described as ``X wanted a, got b``.
+
+    An ``=n`` in the fragment is satisfied by the option being absent (its dependencies gone) or unset.
+    """
+    problems = []
+    for key, want in fragment.items():
+        got = final.get(key)
+        if want == "n":
+            if got not in (None, "n"):
+                problems.append(f"{key} wanted n, got {got}")
+        elif got != want:
+            problems.append(f"{key} wanted {want}, got {'not set' if got is None else got}")
+    return problems
+
+
+def _tool_version(cmd: Sequence[str]) -> str:
+    try:
+        proc = subprocess.run(
+            list(cmd), capture_output=True, text=True, timeout=QUERY_TIMEOUT, check=False, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KernelBuildError(f"toolchain: cannot run {cmd[0]}: {exc}") from exc
+    return proc.stdout.splitlines()[0].strip() if proc.stdout else ""
+
+
+def cache_key(source_version: str, patches: Sequence[Path], fragment: Path, compiler: str) -> str:
+    """Hash of everything that decides the image's bytes (modulo the kernel's own timestamps)."""
+    digest = hashlib.sha256()
+    for part in (RECIPE_VERSION, ARCH, source_version, compiler):
+        digest.update(part.encode() + b"\0")
+    for path in (*patches, fragment):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:20]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# steps
+
+
+def _run_logged(cmd: Sequence[str], *, cwd: Path, log_file: Path, timeout: float, what: str) -> None:
+    """Run a (chatty) build command with its output appended to ``log_file``; failures quote the log's tail."""
+    log.info("%s: $ %s", what, " ".join(cmd))
+    with log_file.open("ab") as out:
+        out.write(f"\n$ {' '.join(cmd)}\n".encode())
+        out.flush()
+        try:
+            proc = subprocess.run(
+                list(cmd), cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                timeout=timeout, check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise KernelBuildError(f"{what}: {cmd[0]} did not finish within {timeout:.0f} s (log {log_file})") from exc
+        except OSError as exc:
+            raise KernelBuildError(f"{what}: cannot run {cmd[0]}: {exc}") from exc
+    if proc.returncode != 0:
+        tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-25:])
+        raise KernelBuildError(f"{what}: {' '.join(cmd)} exited with {proc.returncode} (log {log_file}):\n{tail}")
+
+
+def ensure_build_packages(provisioner: provision.Provisioner) -> str:
+    """Install the source package and build tools through apt when missing; returns the source version."""
+    have = provisioner.installed_versions(BUILD_PACKAGES)
+    missing = [p for p in BUILD_PACKAGES if p not in have]
+    if missing or not SOURCE_TARBALL.is_file():
+        try:
+            provisioner.apt_install(missing or [SOURCE_PACKAGE], what="kernel source")
+        except provision.ProvisionError as exc:
+            raise KernelBuildError(str(exc)) from exc
+        have = provisioner.installed_versions(BUILD_PACKAGES)
+    if SOURCE_PACKAGE not in have or not SOURCE_TARBALL.is_file():
+        raise KernelBuildError(f"kernel source: {SOURCE_TARBALL} is missing after installing {SOURCE_PACKAGE}")
+    return have[SOURCE_PACKAGE]
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Serialise builds sharing one cache (parallel test workers), without holding the provisioner's lock."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _finished(final: Path) -> PatchedKernel | None:
+    record = final / "build.json"
+    if not (final / "bzImage").is_file() or not record.is_file():
+        return None
+    try:
+        data = json.loads(record.read_text())
+        return PatchedKernel(
+            bzimage=final / "bzImage",
+            config=final / "config",
+            key=str(data["key"]),
+            source_version=str(data["source_version"]),
+            build_seconds=float(data["build_seconds"]),
+            cached=True,
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _build(work: Path, *, patches: Sequence[Path], jobs: int) -> tuple[Path, Path]:
+    """Unpack, patch, configure, verify the config, build; returns (bzImage, .config) inside ``work``."""
+    log_file = work / "build.log"
+    _run_logged(["tar", "-xf", str(SOURCE_TARBALL), "-C", str(work)], cwd=work, log_file=log_file,
+                timeout=TAR_TIMEOUT, what="unpack")
+    src = work / SOURCE_TOP
+    obj = work / "obj"
+    obj.mkdir()
+    for patch in patches:
+        for extra in (["--dry-run"], []):
+            _run_logged(["patch", "-p1", "--forward", "--batch", *extra, "-i", str(patch)], cwd=src,
+                        log_file=log_file, timeout=PATCH_TIMEOUT, what=f"patch {patch.name}")
+    make = ["make", f"O={obj}", f"ARCH={ARCH}"]
+    _run_logged([*make, "tinyconfig"], cwd=src, log_file=log_file, timeout=CONFIG_TIMEOUT, what="tinyconfig")
+    _run_logged(["scripts/kconfig/merge_config.sh", "-m", "-O", str(obj), str(obj / ".config"), str(FRAGMENT)],
+                cwd=src, log_file=log_file, timeout=CONFIG_TIMEOUT, what="merge config fragment")
+    _run_logged([*make, "olddefconfig"], cwd=src, log_file=log_file, timeout=CONFIG_TIMEOUT, what="olddefconfig")
+    dotconfig = obj / ".config"
+    problems = dropped_options(parse_fragment(FRAGMENT.read_text()), parse_dotconfig(dotconfig.read_text()))
+    if problems:
+        raise KernelBuildError(
+            f"config: olddefconfig dropped options of {FRAGMENT.name} (missing dependencies?): " + "; ".join(problems)
+        )
+    _run_logged([*make, f"-j{jobs}", "bzImage"], cwd=src, log_file=log_file, timeout=BUILD_TIMEOUT,
+                what="make bzImage")
+    bzimage = obj / "arch" / "x86" / "boot" / "bzImage"
+    if not bzimage.is_file():
+        raise KernelBuildError(f"make bzImage: finished without {bzimage} (log {log_file})")
+    return bzimage, dotconfig
+
+
+def patched_kernel(cache: Path | None = None, *, jobs: int | None = None) -> PatchedKernel:
+    """The cached patched kernel, built first when the cache holds none for the current inputs."""
+    provisioner = provision.Provisioner(cache)
+    root = provisioner.cache / "patched-kernel"
+    with _locked(root):
+        source_version = ensure_build_packages(provisioner)
+        patches = patch_files()
+        compiler = _tool_version(["gcc", "--version"])
+        key = cache_key(source_version, patches, FRAGMENT, compiler)
+        final = root / key
+        done = _finished(final)
+        if done is not None:
+            return done
+        # Anything else under this key is debris of an interrupted run: start over, never reuse half a build.
+        work = root / f".work-{key}"
+        for debris in (work, final):
+            if debris.exists():
+                log.warning("patched kernel: removing unfinished %s", debris)
+                shutil.rmtree(debris)
+        work.mkdir()
+        started = time.monotonic()
+        bzimage, dotconfig = _build(work, patches=patches, jobs=jobs or os.cpu_count() or 1)
+        seconds = time.monotonic() - started
+        staging = root / f".staging-{key}"
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        shutil.copy2(bzimage, staging / "bzImage")
+        shutil.copy2(dotconfig, staging / "config")
+        shutil.copy2(work / "build.log", staging / "build.log")
+        record = {
+            "key": key,
+            "source_package": SOURCE_PACKAGE,
+            "source_version": source_version,
+            "patches": [p.name for p in patches],
+            "fragment": FRAGMENT.name,
+            "compiler": compiler,
+            "build_seconds": round(seconds, 1),
+        }
+        (staging / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+        staging.replace(final)
+        shutil.rmtree(work)
+        # Older keys and debris of other interrupted builds: nobody else builds while we hold the lock.
+        for stale in root.iterdir():
+            if stale.is_dir() and stale != final:
+                shutil.rmtree(stale)
+        log.info("patched kernel: built %s in %.0f s", final / "bzImage", seconds)
+        return PatchedKernel(
+            bzimage=final / "bzImage", config=final / "config", key=key, source_version=source_version,
+            build_seconds=seconds, cached=False,
+        )
+
+
+def build_patched_kernel(cache: Path | None = None, *, jobs: int | None = None) -> Path:
+    """Path of the patched kernel's bzImage, built (about 6 minutes on 2 cores) only when not cached."""
+    return patched_kernel(cache, jobs=jobs).bzimage
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vgpu.lab.kernel_build``: build (or find) the patched guest kernel and say where it is."""
+    parser = argparse.ArgumentParser(prog="python -m vgpu.lab.kernel_build", description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, help="cache directory (default $VGPU_LAB_CACHE or <repo>/.cache/lab)")
+    parser.add_argument("--jobs", type=int, help="parallel make jobs (default: number of CPUs)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="vgpu-lab: %(message)s",
+                        stream=sys.stderr)
+    started = time.monotonic()
+    try:
+        kernel = patched_kernel(args.cache, jobs=args.jobs)
+    except (KernelBuildError, provision.ProvisionError, OSError) as exc:
+        print(f"vgpu-lab: cannot build the patched kernel: {exc}", file=sys.stderr)
+        return 1
+    summary = {
+        "bzimage": str(kernel.bzimage),
+        "config": str(kernel.config),
+        "key": kernel.key,
+        "source_version": kernel.source_version,
+        "cached": kernel.cached,
+        "build_seconds": round(kernel.build_seconds, 1),
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for key, value in summary.items():
+            log.info("%s: %s", key, value)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
