@@ -320,3 +320,37 @@ def test_a_host_blob_on_a_scanout(tmp_path: Path) -> None:
     finally:
         g.close()
         stop_backend(b)
+
+
+def test_host3d_guest_blob_transfers_both_ways(client: Client) -> None:
+    from vgpu.protocol import Box, TransferFromHost3D, TransferToHost3D
+
+    g = client.gpu
+    reqs = client.requirements(64, 64)
+    size = int(reqs.size)  # type: ignore[attr-defined]
+    shadow = g.backing(size)
+    short = MemEntries.of([(p, PAGE) for p in shadow.pages[:-1]])
+    assert g.err(ResourceCreateBlob(h(E.CMD_RESOURCE_CREATE_BLOB), 8, BlobMem.BLOB_MEM_HOST3D_GUEST, MAPPABLE,
+                                    reqs.blob_id, size, short)) == E.RESP_ERR_INVALID_PARAMETER  # type: ignore
+    g.ok(ResourceCreateBlob(h(E.CMD_RESOURCE_CREATE_BLOB), 8, BlobMem.BLOB_MEM_HOST3D_GUEST, MAPPABLE,
+                            reqs.blob_id, size, shadow.entries))  # type: ignore[attr-defined]
+    assert resp_type(client.map(8, 0)) == E.RESP_OK_MAP_INFO
+    half = size // 2
+    guest_bytes = bytes((i * 13 + 5) & 0xFF for i in range(half))
+    g.write_backing(shadow, guest_bytes)
+    g.ok(TransferToHost3D(h(E.CMD_TRANSFER_TO_HOST_3D), Box(0, 0, 0, half, 1, 1), 0, 8, 0, 0, 0))
+    assert g.fe.shm[1].read(0, half) == guest_bytes  # the host buffer now holds the guest's shadow
+    host_bytes = bytes((i * 7 + 1) & 0xFF for i in range(half))
+    g.fe.shm[1].write(half, host_bytes)
+    g.ok(TransferFromHost3D(h(E.CMD_TRANSFER_FROM_HOST_3D), Box(half, 0, 0, half, 1, 1), half, 8, 0, 0, 0))
+    got = b"".join(g.ram.read(p, PAGE) for p in shadow.pages)[half:size]
+    assert got == host_bytes
+    # One row of bytes only, inside the blob and its shadow; and only blobs with a shadow.
+    for box, off in ((Box(0, 1, 0, 16, 1, 1), 0), (Box(0, 0, 0, 16, 2, 1), 0), (Box(size - 8, 0, 0, 16, 1, 1), 0),
+                     (Box(0, 0, 0, 16, 1, 1), size)):
+        assert g.err(TransferToHost3D(h(E.CMD_TRANSFER_TO_HOST_3D), box, off, 8, 0, 0, 0)) == \
+            E.RESP_ERR_INVALID_PARAMETER, (box, off)
+    r2 = client.requirements(16, 16)
+    client.blob(9, r2)
+    assert g.err(TransferToHost3D(h(E.CMD_TRANSFER_TO_HOST_3D), Box(0, 0, 0, 16, 1, 1), 0, 9, 0, 0, 0)) == \
+        E.RESP_ERR_INVALID_PARAMETER

@@ -11,7 +11,10 @@ import logging
 from collections.abc import Callable
 from typing import Final
 
+import numpy as np
+
 from ..blob.allocators import AllocationError
+from ..blob.bufferio import read_host, write_host
 from ..blob.types import Allocator, CacheResolver, HostBuffer, Resolution, Unresolved
 from ..protocol import (
     VIRTIO_GPU_CONTEXT_INIT_CAPSET_ID_MASK,
@@ -26,16 +29,19 @@ from ..protocol import (
     CtxDetachResource,
     GetCapset,
     GetCapsetInfo,
+    MemEntries,
     ResourceCreateBlob,
     ResourceMapBlob,
     ResourceUnmapBlob,
     ShmId,
     SubmitCmd,
+    TransferFromHost3D,
+    TransferToHost3D,
     responses,
 )
 from ..vhost_user.device import BackendChannelError, Transport
 from ..vhost_user.wire import MMAP_FLAG_READ_WRITE, BackendRequest, MMapRequest, ProtocolFeature, bit, build
-from .backing import BackingError
+from .backing import Backing, BackingError
 from .contexts import Context, ContextServices
 from .cross_domain import CAPSET_MAX_VERSION, CrossDomainContext, capabilities
 from .hostmem import HostVisibleRegion, RegionError
@@ -178,19 +184,54 @@ class BlobEngine:
 
     # --- host blobs -------------------------------------------------------------------------------------------
 
-    def create_host_blob(self, cmd: ResourceCreateBlob) -> bytes:
-        """RESOURCE_CREATE_BLOB for HOST3D (HOST3D_GUEST is refused: no context type here keeps a shadow)."""
+    def create_host_blob(self, cmd: ResourceCreateBlob, new_backing: Callable[[MemEntries, CtrlHdr], Backing]
+                         ) -> bytes:
+        """RESOURCE_CREATE_BLOB for HOST3D, and HOST3D_GUEST: the same host buffer with the guest's entries as a
+        shadow copy that TRANSFER_TO/FROM_HOST_3D keep in step."""
         hdr = cmd.hdr
-        if cmd.blob_mem == BlobMem.BLOB_MEM_HOST3D_GUEST:
-            raise CommandError(_INVALID, "HOST3D_GUEST blobs are not supported by the cross-domain context", hdr)
         if cmd.blob_flags & ~KNOWN_FLAGS:
             raise CommandError(_INVALID, f"unknown blob flags {cmd.blob_flags:#x}", hdr)
-        if len(cmd.entries):
+        shadow = None
+        if cmd.blob_mem == BlobMem.BLOB_MEM_HOST3D_GUEST:
+            if len(cmd.entries):
+                shadow = new_backing(cmd.entries, hdr)
+                if shadow.size < cmd.size:
+                    raise CommandError(_INVALID, f"entries cover {shadow.size} of {cmd.size} bytes", hdr)
+        elif len(cmd.entries):
             raise CommandError(_INVALID, "a HOST3D blob takes no guest entries", hdr)
         ctx = self._context(hdr)
         self.resources.check_new_id(cmd.resource_id, hdr)
         buffer = ctx.take_blob(cmd.blob_id, cmd.size, hdr)
-        self.resources.add_host_blob(cmd.resource_id, cmd.blob_mem, cmd.blob_flags, buffer)
+        res = self.resources.add_host_blob(cmd.resource_id, cmd.blob_mem, cmd.blob_flags, buffer)
+        res.backing = shadow
+        return responses.ok_nodata(hdr)
+
+    def transfer_3d(self, cmd: TransferToHost3D | TransferFromHost3D) -> bytes:
+        """Copy bytes between a HOST3D_GUEST blob's guest shadow (at `offset`) and its host buffer (at box.x):
+        a blob is a buffer, so the box is one row of box.w bytes."""
+        hdr = cmd.hdr
+        res = self.resources.get(cmd.resource_id, hdr)
+        buffer = res.host_buffer
+        if buffer is None or res.backing is None:
+            raise CommandError(_INVALID, f"resource {res.id} is not a host blob with guest backing", hdr)
+        b = cmd.box
+        if (b.y, b.z, b.h, b.d) != (0, 0, 1, 1) or cmd.level:
+            raise CommandError(_INVALID, f"a blob transfer is one row of bytes, not {b}", hdr)
+        if b.x + b.w > res.blob_size or cmd.offset + b.w > res.backing.size:
+            raise CommandError(_INVALID, f"transfer of {b.w} bytes at {b.x} (shadow offset {cmd.offset}) passes "
+                                         f"the {res.blob_size}-byte blob or its backing", hdr)
+        if b.w == 0:
+            return responses.ok_nodata(hdr)
+        memory = self._transport().memory
+        try:
+            if isinstance(cmd, TransferToHost3D):
+                data = np.empty(b.w, dtype=np.uint8)
+                res.backing.gather(memory, cmd.offset, data)
+                write_host(buffer, b.x, data.tobytes())
+            else:
+                res.backing.scatter(memory, cmd.offset, read_host(buffer, b.x, b.w))
+        except (BackingError, ValueError, OSError) as e:
+            raise CommandError(_INVALID, f"transfer on blob {res.id}: {e}", hdr) from e
         return responses.ok_nodata(hdr)
 
     def map_blob(self, cmd: ResourceMapBlob) -> bytes:

@@ -54,7 +54,9 @@ from ..protocol import (
     SetScanoutBlob,
     ShmId,
     SubmitCmd,
+    TransferFromHost3D,
     TransferToHost2D,
+    TransferToHost3D,
     UpdateCursor,
     build_edid,
     decode,
@@ -121,6 +123,8 @@ class GpuDevice(Device):
             CtxAttachResource: self._gated(self.blobs.ctx_attach, GpuFeature.F_VIRGL),
             CtxDetachResource: self._gated(self.blobs.ctx_detach, GpuFeature.F_VIRGL),
             SubmitCmd: self._gated(self.blobs.submit, GpuFeature.F_VIRGL),
+            TransferToHost3D: self._gated(self.blobs.transfer_3d, GpuFeature.F_VIRGL),
+            TransferFromHost3D: self._gated(self.blobs.transfer_3d, GpuFeature.F_VIRGL),
             ResourceMapBlob: self._gated(self.blobs.map_blob, GpuFeature.F_RESOURCE_BLOB),
             ResourceUnmapBlob: self._gated(self.blobs.unmap_blob, GpuFeature.F_RESOURCE_BLOB),
             ResourceCreate2D: self._create_2d,
@@ -467,7 +471,7 @@ class GpuDevice(Device):
         if cmd.blob_mem != BlobMem.BLOB_MEM_GUEST:
             # Host blobs come from a context's blob_id, and contexts need VIRGL (offered with a context type).
             self._need(GpuFeature.F_VIRGL, cmd.hdr)
-            return self.blobs.create_host_blob(cmd)
+            return self.blobs.create_host_blob(cmd, self._new_backing)
         known = BlobFlag.BLOB_FLAG_USE_MAPPABLE | BlobFlag.BLOB_FLAG_USE_SHAREABLE | \
             BlobFlag.BLOB_FLAG_USE_CROSS_DEVICE
         if cmd.blob_flags & ~int(known):

@@ -6,9 +6,7 @@ pictures in a directory, at most `png_rate` per second per scanout, so a person 
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import mmap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from ..blob.dmabuf import cpu_access
-from ..blob.types import HostBuffer
+from ..blob.bufferio import read_host
 from ..protocol import Rect
 from ..vhost_user.memory import GuestMemory
 from .backing import BackingError
@@ -76,23 +73,15 @@ class Scanout:
         span = (r.height - 1) * b.stride + r.width * BPP
         buf = np.empty(r.height * b.stride, dtype=np.uint8)
         if res.host_buffer is not None:
-            buf[:span] = np.frombuffer(read_host(res.host_buffer, start, span), dtype=np.uint8)
+            try:
+                buf[:span] = np.frombuffer(read_host(res.host_buffer, start, span), dtype=np.uint8)
+            except (ValueError, OSError) as e:
+                raise BackingError(str(e)) from e
         elif res.backing is not None:
             res.backing.gather(memory, start, buf[:span])
         else:
             raise BackingError("blob has no memory to show")
         return buf.reshape(r.height, b.stride)[:, :r.width * BPP].reshape(r.height, r.width, BPP)
-
-
-def read_host(buffer: HostBuffer, start: int, n: int) -> bytes:
-    """Bytes of a host buffer, read through a mapping (a dma-buf has no read(); its CPU access is bracketed)."""
-    if start < 0 or start + n > buffer.size:
-        raise BackingError(f"range [{start}, +{n}) is past the {buffer.size}-byte buffer")
-    with contextlib.ExitStack() as stack:
-        if buffer.is_dmabuf:
-            stack.enter_context(cpu_access(buffer.fd, read=True))
-        mm = stack.enter_context(mmap.mmap(buffer.fd, buffer.size, mmap.MAP_SHARED, mmap.PROT_READ))
-        return mm[start:start + n]
 
 
 def intersect(a: Rect, b: Rect) -> Rect | None:
