@@ -14,6 +14,7 @@ the cache-attribute benchmark read the same table.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shlex
 import sys
@@ -176,3 +177,34 @@ def table(c_reports: dict[str, BufferReport], py_reports: dict[str, PythonReport
                      p.answer if p else "", p.provenance if p else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class FallbackReport:
+    """One ``VGPU-GUEST py-fallback`` line: the resolver on a real fd in one fallback mode (rule, heuristic, none).
+
+    ``resolved``/``provenance`` are None when the resolver refused (``detail`` is then the refusal's text).
+    """
+
+    name: str
+    mode: str
+    exporter: str | None
+    answer: str
+    resolved: str | None
+    provenance: str | None
+    detail: str
+
+
+def parse_fallbacks(lines: Iterable[str]) -> dict[tuple[str, str], FallbackReport]:
+    """(buffer name, mode) → what the resolver decided, from :func:`vgpu.lab.dmabuf_probe.fallbacks` lines."""
+    prefix = "VGPU-GUEST py-fallback "
+    out: dict[tuple[str, str], FallbackReport] = {}
+    for line in lines:
+        if not line.startswith(prefix):
+            continue
+        f = json.loads(line[len(prefix):])
+        out[(str(f["name"]), str(f["mode"]))] = FallbackReport(
+            name=str(f["name"]), mode=str(f["mode"]), exporter=f.get("exporter"), answer=str(f["answer"]),
+            resolved=f.get("resolved"), provenance=f.get("provenance"), detail=str(f["detail"]),
+        )
+    return out

@@ -11,21 +11,37 @@ One line per buffer, for the test to parse::
     VGPU-GUEST py name=<buffer> fd=<n> exporter=<exp_name|-> answer=<code> kind=<KernelAnswerKind>
         param99=<code> resolved=<CACHED|WC|...|-> provenance=<kernel|...|->
 
-and ``VGPU-GUEST py-done ok count=<n>`` at the end (``py-done fail`` with the reason if the fds are missing).
+then one ``VGPU-GUEST py-fallback <json>`` line per buffer and fallback mode, and ``VGPU-GUEST py-done ok
+count=<n>`` at the end (``py-done fail`` with the reason if the fds are missing).
+
+The fallback lines exist for the exporters the kernel cannot speak for (a virtio-gpu PRIME export answers
+``ENOSYS`` on the patched kernel, everything answers ``ENOTTY`` on a stock one): the same real fd goes through
+the resolver three more times — with an operator rule for the ``virtio_gpu`` exporter (:data:`FALLBACK_RULES`),
+with only the legacy heuristic enabled, and with neither — so the test sees which fallback decided, with which
+provenance, and that the kernel's own answer is named in the detail (or in the refusal)::
+
+    VGPU-GUEST py-fallback {"name": ..., "mode": "rule"|"heuristic"|"none", "answer": ...,
+                            "resolved": <attr|null>, "provenance": <value|null>, "detail": <text>}
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Sequence
 
 from vgpu.blob.dmabuf import query_info, query_vm_prot, read_fdinfo
 from vgpu.blob.resolve import Resolver
+from vgpu.blob.rules import parse_rules
 from vgpu.blob.types import HostBuffer, Unresolved
 
 ENV_FDS = "VGPU_DMABUF_FDS"
 UNKNOWN_PARAM = 99
+FALLBACK_PREFIX = "VGPU-GUEST py-fallback "
+#: The operator's assertion for virtio-gpu's PRIME exports (the exporter without a DMA_BUF_IOCTL_INFO hook).
+FALLBACK_RULES = '[exporters]\nvirtio_gpu = "wc"\n'
+FALLBACK_RULES_SOURCE = "probe-rules.toml"
 
 
 def parse_fds(text: str) -> list[tuple[str, int]]:
@@ -56,6 +72,33 @@ def probe(name: str, fd: int) -> str:
     )
 
 
+def fallbacks(name: str, fd: int) -> list[str]:
+    """The fallback report lines for one borrowed fd: the resolver with a rule, with the heuristic, with neither.
+
+    Why a fresh :class:`HostBuffer` per mode: the resolver records its decision on the buffer, and each mode
+    must decide from nothing but the fd (allocator ``external``: no allocator knowledge to fall back on).
+    """
+    exporter = read_fdinfo(fd).exporter
+    answer = query_vm_prot(fd)
+    modes = (
+        ("rule", Resolver(rules=parse_rules(FALLBACK_RULES, FALLBACK_RULES_SOURCE))),
+        ("heuristic", Resolver(legacy_heuristic=True)),
+        ("none", Resolver()),
+    )
+    lines = []
+    for mode, resolver in modes:
+        buffer = HostBuffer(fd=fd, size=os.fstat(fd).st_size, allocator="external", exporter=exporter)
+        record: dict[str, str | None] = {"name": name, "mode": mode, "exporter": exporter, "answer": answer.code}
+        try:
+            resolution = resolver.resolve(buffer)
+            record.update(resolved=resolution.attr.name, provenance=resolution.provenance.value,
+                          detail=resolution.detail)
+        except Unresolved as exc:
+            record.update(resolved=None, provenance=None, detail=str(exc))
+        lines.append(FALLBACK_PREFIX + json.dumps(record, sort_keys=True))
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Report on every fd named in ``$VGPU_DMABUF_FDS``."""
     del argv  # no options: everything comes from the environment the C program set
@@ -69,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     for name, fd in pairs:
         print(probe(name, fd), flush=True)
+    for name, fd in pairs:
+        for line in fallbacks(name, fd):
+            print(line, flush=True)
     print(f"VGPU-GUEST py-done ok count={len(pairs)}", flush=True)
     return 0
 
