@@ -33,6 +33,7 @@ import json
 import mmap
 import os
 import re
+import struct
 import sys
 import time
 import traceback
@@ -186,12 +187,60 @@ def _round(allocator: str) -> None:
     _emit("round", **record)
 
 
+def _scanout_round() -> None:
+    """A guest blob on a scanout, with a display that takes dma-bufs: the back end exports the blob's guest pages
+    as a udmabuf and sends DMABUF_SCANOUT2; a flush is a DMABUF_UPDATE the display answers."""
+    from tests.conftest import start_backend, stop_backend
+    from tests.gpu_helpers import Gpu, hdr, pattern, resp_type
+    from tests.test_gpu_2d import display
+    from vgpu.protocol import BlobMem, CtrlType, Format, Rect, ResourceCreateBlob, ResourceFlush, SetScanoutBlob
+    from vgpu.vhost_user.wire import GpuRequest
+
+    sock = SOCKET_DIR / f"{BACKEND_NAME}.sock"
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+    backend = start_backend([sys.executable, "-m", "vgpu", "--log-level=info"], SOCKET_DIR, BACKEND_NAME)
+    record: dict[str, Any] = {}
+    w, h = 64, 64
+    try:
+        gpu = Gpu.connect(backend.socket_path, display=display())
+        try:
+            b = gpu.backing(w * h * 4)
+            px = pattern(w, h)
+            gpu.write_backing(b, px.tobytes())
+            record["create"] = resp_type(gpu.cmd(ResourceCreateBlob(
+                hdr(CtrlType.CMD_RESOURCE_CREATE_BLOB), 1, BlobMem.BLOB_MEM_GUEST, 2, 0, w * h * 4, b.entries)))
+            record["set_scanout_blob"] = resp_type(gpu.cmd(SetScanoutBlob(
+                hdr(CtrlType.CMD_SET_SCANOUT_BLOB), Rect(0, 0, w, h), 0, 1, w, h, Format.FORMAT_B8G8R8X8_UNORM,
+                (w * 4, 0, 0, 0), (0, 0, 0, 0))))
+            assert gpu.display is not None
+            (ev,) = gpu.display.wait_for(GpuRequest.DMABUF_SCANOUT2)
+            record["scanout_fields"] = list(struct.unpack_from("<9Ii", ev.payload))
+            fd = ev.fds[0]
+            info = Path(f"/proc/self/fdinfo/{fd}").read_text()
+            record["exp_name"] = next((ln.split()[1] for ln in info.splitlines() if ln.startswith("exp_name:")), None)
+            with mmap.mmap(fd, w * h * 4, prot=mmap.PROT_READ) as m:
+                record["contents_match"] = m[:] == px.tobytes()
+            record["flush"] = resp_type(gpu.cmd(ResourceFlush(hdr(CtrlType.CMD_RESOURCE_FLUSH), Rect(0, 0, w, h), 1)))
+            record["dmabuf_updates"] = len(gpu.display.wait_for(GpuRequest.DMABUF_UPDATE))
+            record["copied_updates"] = len(gpu.display.of(GpuRequest.UPDATE))
+        finally:
+            gpu.close()
+    finally:
+        stop_backend(backend)
+    record["log"] = [ln for ln in backend.log().splitlines() if "blob 1 shown" in ln]
+    _emit("scanout", **record)
+
+
 def guest_main(allocators: list[str]) -> int:
     """Every round, each reported even when another failed (one broken exporter must not hide the other)."""
     started = time.monotonic()
     _emit("start", kernel=os.uname().release, uptime=float(Path("/proc/uptime").read_text().split()[0]))
     for allocator in allocators:
         try:
+            if allocator == "scanout":
+                _scanout_round()
+                continue
             _round(allocator)
         except Exception as exc:
             _emit("exception", allocator=allocator, error=f"{type(exc).__name__}: {exc}",
@@ -237,15 +286,16 @@ def _records(lines: list[str]) -> list[dict[str, Any]]:
     return [json.loads(line[len(PREFIX):]) for line in lines if line.startswith(PREFIX)]
 
 
-def _boot_device(rig: Rig, tmp_path: Path, *, patched: bool) -> tuple[dict[str, dict[str, Any]], str, float]:
-    """Boot one kernel with both allocator rounds; returns (allocator → round record, failure context, seconds)."""
+def _boot_device(rig: Rig, tmp_path: Path, *, patched: bool, rounds: tuple[str, ...] = ALLOCATORS
+                 ) -> tuple[dict[str, dict[str, Any]], str, float]:
+    """Boot one kernel with the given rounds; returns (allocator → round record, failure context, seconds)."""
     from vgpu.lab import dmabuf_guest, initramfs
     from vgpu.lab.qemu import QemuConfig, run_guest
 
     script = tmp_path / "device-guest"
     script.write_text(GUEST_SCRIPT.format(
         root=dmabuf_guest.GUEST_HOST_ROOT, tag=dmabuf_guest.HOST_ROOT_TAG, repo=REPO, python=sys.executable,
-        script=Path(__file__).resolve(), allocators=" ".join(ALLOCATORS),
+        script=Path(__file__).resolve(), allocators=" ".join(rounds),
     ))
     script.chmod(0o755)
     modules: tuple[str, ...] = ()
@@ -271,9 +321,12 @@ def _boot_device(rig: Rig, tmp_path: Path, *, patched: bool) -> tuple[dict[str, 
     assert records and records[-1]["kind"] == "done", context
     start = next(r for r in records if r["kind"] == "start")
     assert start["kernel"].startswith("6.12."), context
-    rounds = {r["allocator"]: r for r in records if r["kind"] == "round"}
-    assert set(rounds) == set(ALLOCATORS), context
-    return rounds, context, run.elapsed
+    found = {r["allocator"]: r for r in records if r["kind"] == "round"}
+    for r in records:
+        if r["kind"] == "scanout":
+            found["scanout"] = r
+    assert set(found) == set(rounds), context
+    return found, context, run.elapsed
 
 
 def test_pte_decoding() -> None:
@@ -383,6 +436,22 @@ def _boot_probe(rig: Rig, tmp_path: Path, *, patched: bool) -> tuple[dict[tuple[
 
 
 @pytest.mark.e2e
+def test_a_guest_blob_is_shown_as_a_udmabuf(rig: Rig, tmp_path: Path) -> None:
+    """Where the kernel has udmabuf, a guest blob on a scanout reaches the display as a dma-buf of its own guest
+    pages (DMABUF_SCANOUT2), holding exactly what the guest drew; a flush is a DMABUF_UPDATE, no pixels copied."""
+    from vgpu.protocol import CtrlType
+
+    found, context, elapsed = _boot_device(rig, tmp_path, patched=False, rounds=("scanout",))
+    r = found["scanout"]
+    print(f"guest blob scanout via udmabuf: {elapsed:.2f} s wall; {r}")
+    ok = int(CtrlType.RESP_OK_NODATA)
+    assert (r["create"], r["set_scanout_blob"], r["flush"]) == (ok, ok, ok), context
+    assert r["exp_name"] == "udmabuf" and r["contents_match"], context
+    assert r["scanout_fields"][:9] == [0, 0, 0, 64, 64, 64, 64, 256, 0], context  # rect, size, stride, flags
+    assert r["dmabuf_updates"] == 1 and r["copied_updates"] == 0, context
+    assert r["log"] and "shown as a udmabuf" in r["log"][0], context
+
+
 def test_enosys_falls_back_with_the_fallbacks_provenance(rig: Rig, tmp_path: Path) -> None:
     """virtio-gpu's PRIME export answers ENOSYS on the patched kernel: rule, heuristic or refusal, ENOSYS named."""
     fallbacks, context = _boot_probe(rig, tmp_path, patched=True)

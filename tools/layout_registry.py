@@ -115,6 +115,8 @@ REGISTRY += [
     LayoutEntry("linux/dma-buf.h", "dma_buf_sync", f"{_BLOB}:dma_buf_sync"),
     LayoutEntry(DMA_BUF_INFO_H, "dma_buf_info", f"{_BLOB}:dma_buf_info"),
     LayoutEntry("linux/udmabuf.h", "udmabuf_create", f"{_BLOB}:udmabuf_create"),
+    LayoutEntry("linux/udmabuf.h", "udmabuf_create_item", f"{_BLOB}:udmabuf_create_item"),
+    LayoutEntry("linux/udmabuf.h", "udmabuf_create_list", f"{_BLOB}:udmabuf_create_list"),
     LayoutEntry("linux/dma-heap.h", "dma_heap_allocation_data", f"{_BLOB}:dma_heap_allocation_data"),
     LayoutEntry(DRM_H, "drm_version", f"{_BLOB}:drm_version"),
     LayoutEntry(DRM_H, "drm_mode_create_dumb", f"{_BLOB}:drm_mode_create_dumb"),

@@ -90,6 +90,18 @@ udmabuf_create = Struct(
 UDMABUF_FLAGS_CLOEXEC = 0x01
 UDMABUF_CREATE = _IOW("u", 0x42, udmabuf_create)
 
+udmabuf_create_item = Struct(
+    "memfd" / Int32ul,
+    "pad" / Padding(4),
+    "offset" / Int64ul,
+    "size" / Int64ul,
+)
+# The fixed head; `count` items follow (a flexible array member, so the ioctl number encodes only the head).
+udmabuf_create_list = Struct("flags" / Int32ul, "count" / Int32ul)
+UDMABUF_CREATE_LIST = _IOW("u", 0x43, udmabuf_create_list)
+# The kernel's list_limit module parameter default: more items than this get EINVAL.
+UDMABUF_LIST_LIMIT = 1024
+
 # ---------------------------------------------------------------------------------------------------------------
 # dma-heap (linux/dma-heap.h)
 

@@ -138,6 +138,19 @@ class Backing:
         for mapping, dst, pos, take in self._pieces(r, start, len(data)):
             mapping[dst:dst + take] = src[pos:pos + take]
 
+    def file_ranges(self, memory: GuestMemory, size: int) -> list[tuple[int, int, int]]:
+        """(region fd, offset in that file, length) covering the first `size` bytes: what a udmabuf is made of."""
+        r = self._checked(memory, 0, size)
+        out = []
+        pos = i = 0
+        while pos < size:
+            take = min(int(self.length[i]), size - pos)
+            region = r.region[int(r.region_index[i])]
+            out.append((region.fd, region.desc.mmap_offset - region.skew + int(r.offset[i]), take))
+            pos += take
+            i += 1
+        return out
+
     def _gather_pages(self, r: _Resolved, first: int, last: int, skip: int, out: npt.NDArray[np.uint8]) -> None:
         mapping = _bytes(r.region[int(r.region_index[first])])
         pages = mapping[: len(mapping) // PAGE * PAGE].reshape(-1, PAGE)

@@ -17,7 +17,9 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from ..blob.types import Allocator, CacheResolver
+from ..blob.allocators import AllocationError
+from ..blob.guestmem import guest_dmabuf
+from ..blob.types import Allocator, CacheResolver, HostBuffer
 from ..protocol import (
     CURSORQ,
     BlobFlag,
@@ -70,7 +72,7 @@ from ..vhost_user.wire import GPU_CURSOR_SIZE, BackendRequest, GpuProtocolFeatur
 from .backing import Backing, BackingError
 from .blobs import BlobEngine
 from .config import GpuConfig
-from .formats import BPP, supported, to_bgra
+from .formats import BPP, DRM_FOURCC, supported, to_bgra
 from .resources import Resource, ResourceTable
 from .scanout import NO_RECT, BlobLayout, PictureWriter, Scanout, bgrx, intersect
 
@@ -334,15 +336,24 @@ class GpuDevice(Device):
             log.warning("display: %s", e)
 
     def _show(self, s: Scanout) -> None:
-        """Tell the display what scanout `s` now shows (nothing: 0x0)."""
+        """Tell the display what scanout `s` now shows: its dma-buf when it has one, else its size (0x0: off)."""
+        if s.enabled and s.dmabuf is not None and s.blob is not None:
+            buf, b, r = s.dmabuf, s.blob, s.rect
+            self._to_display(lambda d: d.dmabuf_scanout(s.id, (r.x, r.y, r.width, r.height), buf.fd, b.width,
+                                                         b.height, b.stride, 0, DRM_FOURCC[b.format], 0))
+            return
         w, h = (s.rect.width, s.rect.height) if s.enabled else (0, 0)
         self._to_display(lambda d: d.scanout(s.id, w, h))
 
     def _output(self, s: Scanout, r: Rect) -> None:
         """Send the pixels of resource rectangle `r` (already clipped to the scanout) and maybe a picture."""
-        if self.display is not None and self.display.alive:
+        x, y = r.x - s.rect.x, r.y - s.rect.y
+        if s.dmabuf is not None:
+            # The display reads the buffer itself; DMABUF_UPDATE returns once it has.
+            self._to_display(lambda d: d.dmabuf_update(s.id, x, y, r.width, r.height))
+        elif self.display is not None and self.display.alive:
             pixels = bgrx(s, self.transport.memory, r)
-            self._to_display(lambda d: d.update(s.id, r.x - s.rect.x, r.y - s.rect.y, r.width, r.height, pixels))
+            self._to_display(lambda d: d.update(s.id, x, y, r.width, r.height, pixels))
         pics = self.pictures
         if pics is not None and not s.png_owed and not pics.maybe_write(s, self.transport.memory):
             # Skipped by the rate limit: write the then-current picture once the interval has passed, so the
@@ -356,7 +367,7 @@ class GpuDevice(Device):
     def _detach_scanouts(self, res: Resource) -> None:
         for sid in sorted(res.scanouts):
             s = self.scanouts[sid]
-            s.resource, s.blob, s.rect = None, None, NO_RECT
+            s.resource, s.blob, s.rect, s.dmabuf = None, None, NO_RECT, None
             self._show(s)
         res.scanouts.clear()
 
@@ -421,6 +432,7 @@ class GpuDevice(Device):
         if res.is_blob and res.scanouts:
             # A guest blob's pixels are its backing: what the scanout shows goes with it.
             self._detach_scanouts(res)
+        res.drop_guest_dmabuf()
         res.backing = None
         return responses.ok_nodata(cmd.hdr)
 
@@ -527,14 +539,33 @@ class GpuDevice(Device):
             raise _fail(_INVALID, f"scanout rect {cmd.r} not inside the {cmd.width}x{cmd.height} image", cmd.hdr)
         if res.backing is None and res.host_buffer is None:
             raise _fail(_INVALID, f"blob {res.id} has no memory to show", cmd.hdr)
-        self._attach(s, res, cmd.r, BlobLayout(cmd.width, cmd.height, cmd.format, stride, offset))
+        layout = BlobLayout(cmd.width, cmd.height, cmd.format, stride, offset)
+        self._attach(s, res, cmd.r, layout, self._scanout_dmabuf(res, layout))
         return responses.ok_nodata(cmd.hdr)
 
-    def _attach(self, s: Scanout, res: Resource, r: Rect, blob: BlobLayout | None) -> None:
+    def _scanout_dmabuf(self, res: Resource, layout: BlobLayout) -> HostBuffer | None:
+        """A dma-buf the display can show this blob from without copies, when there is a display, the blob's
+        image starts at offset 0 (DMABUF_SCANOUT has no offset) and a dma-buf exists or can be made over the
+        guest's pages; None means the copy path."""
+        if self.display is None or not self.display.alive or layout.offset:
+            return None
+        if res.host_buffer is not None:
+            return res.host_buffer if res.host_buffer.is_dmabuf else None
+        if res.guest_dmabuf is None and res.backing is not None:
+            try:
+                ranges = res.backing.file_ranges(self.transport.memory, res.blob_size)
+                res.guest_dmabuf = guest_dmabuf(ranges)
+                log.info("blob %d shown as a udmabuf over %d guest ranges", res.id, len(ranges))
+            except (AllocationError, BackingError) as e:
+                log.info("blob %d shown by copying: no dma-buf over guest memory (%s)", res.id, e)
+        return res.guest_dmabuf
+
+    def _attach(self, s: Scanout, res: Resource, r: Rect, blob: BlobLayout | None,
+                dmabuf: HostBuffer | None = None) -> None:
         if s.resource is not None and s.resource is not res:
             s.resource.scanouts.discard(s.id)
-        changed = (s.resource is not res) or s.rect != r
-        s.resource, s.rect, s.blob = res, r, blob
+        changed = (s.resource is not res) or s.rect != r or s.blob != blob or s.dmabuf is not dmabuf
+        s.resource, s.rect, s.blob, s.dmabuf = res, r, blob, dmabuf
         res.scanouts.add(s.id)
         if changed:
             self._show(s)
@@ -542,7 +573,7 @@ class GpuDevice(Device):
     def _disable(self, s: Scanout) -> None:
         if s.resource is not None:
             s.resource.scanouts.discard(s.id)
-        s.resource, s.blob, s.rect = None, None, NO_RECT
+        s.resource, s.blob, s.rect, s.dmabuf = None, None, NO_RECT, None
         self._show(s)
 
     def _flush(self, cmd: Command) -> bytes:

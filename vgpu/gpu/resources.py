@@ -41,6 +41,8 @@ class Resource:
     backing: Backing | None = None
     # A host blob's buffer (HOST3D): owned by the resource from RESOURCE_CREATE_BLOB until UNREF.
     host_buffer: HostBuffer | None = None
+    # A guest blob exported as a dma-buf over its own guest pages, made when a display can take it (owned here).
+    guest_dmabuf: HostBuffer | None = None
     uuid: uuid.UUID | None = None
     host_bytes: int = 0
     scanouts: set[int] = field(default_factory=set)
@@ -48,6 +50,11 @@ class Resource:
     @property
     def is_blob(self) -> bool:
         return self.blob_mem != 0
+
+    def drop_guest_dmabuf(self) -> None:
+        if self.guest_dmabuf is not None:
+            self.guest_dmabuf.close()
+            self.guest_dmabuf = None
 
     @property
     def stride(self) -> int:
@@ -126,6 +133,7 @@ class ResourceTable:
         self.unreserve(res.host_bytes)
         res.pixels = None
         res.backing = None
+        res.drop_guest_dmabuf()
         if res.host_buffer is not None:
             res.host_buffer.close()
             res.host_buffer = None

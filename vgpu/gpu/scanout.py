@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..blob.bufferio import read_host
+from ..blob.types import HostBuffer
 from ..protocol import Rect
 from ..vhost_user.memory import GuestMemory
 from .backing import BackingError
@@ -45,6 +46,8 @@ class Scanout:
     resource: Resource | None = None
     rect: Rect = NO_RECT
     blob: BlobLayout | None = None
+    # The dma-buf the display was given for this scanout (owned by the resource), or None: pixels are copied.
+    dmabuf: HostBuffer | None = None
     last_png: float = 0.0
     # A flush skipped by the rate limit: the picture is owed, and written when the interval has passed.
     png_owed: bool = False

@@ -8,6 +8,7 @@ not give it.  Buffers are carved out of one memfd with a first-fit allocator; th
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 import select
@@ -42,8 +43,10 @@ class GuestRam:
     def __init__(self, size: int, gpa_base: int = 0, name: str = "vgpu-guest-ram") -> None:
         self.size = _align(size, PAGE_SIZE)
         self.gpa_base = gpa_base
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, self.size)
+        # Sealed against resizing, as QEMU's memfd backend seals guest RAM: what udmabuf requires to export it.
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         self.map = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         # The front end's own virtual address: what SET_VRING_ADDR and the memory table's userspace_addr name.
         self.uva = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
