@@ -25,6 +25,13 @@ RESULTS = REPO / "benchmarks" / "results"
 @contextmanager
 def backend(cmd: list[str]) -> Iterator[str]:
     """Run a back end on a fresh socket; yields the socket path."""
+    with backend_process(cmd) as (sock, _pid):
+        yield sock
+
+
+@contextmanager
+def backend_process(cmd: list[str]) -> Iterator[tuple[str, int]]:
+    """Run a back end on a fresh socket; yields the socket path and the process id (for its RSS and fds)."""
     with tempfile.TemporaryDirectory() as d:
         sock = os.path.join(d, "b.sock")
         proc = subprocess.Popen([*cmd, f"--socket-path={sock}"], stdout=subprocess.DEVNULL,
@@ -35,7 +42,7 @@ def backend(cmd: list[str]) -> Iterator[str]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{cmd[0]} did not start")
                 time.sleep(0.01)
-            yield sock
+            yield sock, proc.pid
         finally:
             proc.terminate()
             try:
@@ -74,6 +81,21 @@ def measure(name: str, batch: int, run_batch: Callable[[], object], seconds: flo
 def machine() -> dict[str, object]:
     return {"host": socket.gethostname(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
             "platform": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (VmRSS of /proc/<pid>/status)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    """(p50, p99) of a list of samples, in the samples' unit."""
+    ordered = sorted(samples)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
 def write_result(name: str, data: dict[str, object]) -> Path:

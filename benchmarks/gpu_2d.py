@@ -41,13 +41,15 @@ E = CtrlType
 X = Format.FORMAT_B8G8R8X8_UNORM
 
 
-def _display() -> Display:
+def display() -> Display:
+    """A front-end display of one 1280x800 output (what QEMU's back end needs before it serves commands)."""
     return Display(lambda: responses.display_info(CtrlHdr(0), [DisplayOne(Rect(0, 0, 1280, 800), True)]),
                    lambda scanout: b"")
 
 
-def mix_rate(sock: str, label: str, seconds: float) -> Rate:
-    g = Gpu.connect(sock, features=GpuFeature.F_EDID.mask, display=_display())
+def mix_rate(sock: str, label: str, seconds: float, gpu: Gpu | None = None) -> Rate:
+    """The mix on resource id 1; on `gpu` when given (kept open: the scale benchmark reuses its connection)."""
+    g = gpu or Gpu.connect(sock, features=GpuFeature.F_EDID.mask, display=display())
     try:
         b = g.backing(256 * 256 * 4)
         reqs = [
@@ -66,7 +68,8 @@ def mix_rate(sock: str, label: str, seconds: float) -> Rate:
 
         return measure(label, 1, one, seconds)
     finally:
-        g.close()
+        if gpu is None:
+            g.close()
 
 
 def transfer_rate(sock: str, seconds: float) -> tuple[float, float]:

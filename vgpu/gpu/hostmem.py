@@ -7,7 +7,7 @@ unaligned offsets and does not stop a guest writing a read-only map, so these ch
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, insort
 from dataclasses import dataclass
 
 PAGE = 4096
@@ -27,7 +27,8 @@ class RegionError(Exception):
 class HostVisibleRegion:
     def __init__(self, size: int) -> None:
         self.size = size
-        self._by_offset: list[Mapping] = []  # sorted by offset
+        self._starts: list[int] = []  # sorted offsets of the mappings, for O(log n) neighbour lookup
+        self._at: dict[int, Mapping] = {}  # offset -> mapping
         self._by_resource: dict[int, Mapping] = {}
 
     def __len__(self) -> int:
@@ -45,23 +46,26 @@ class HostVisibleRegion:
         length = (size + PAGE - 1) // PAGE * PAGE
         if length == 0 or offset + length > self.size:
             raise RegionError(f"[{offset:#x}, +{length:#x}) is outside the {self.size:#x}-byte region")
-        starts = [m.offset for m in self._by_offset]
-        i = bisect_left(starts, offset)
-        for m in self._by_offset[max(0, i - 1):i + 1]:
+        # Mappings never overlap, so only the nearest one on each side can.
+        i = bisect_left(self._starts, offset)
+        for start in self._starts[max(0, i - 1):i + 1]:
+            m = self._at[start]
             if offset < m.offset + m.length and m.offset < offset + length:
                 raise RegionError(f"[{offset:#x}, +{length:#x}) overlaps resource {m.resource_id}")
         return Mapping(resource_id, offset, length)
 
     def add(self, m: Mapping) -> None:
         self._by_resource[m.resource_id] = m
-        self._by_offset.append(m)
-        self._by_offset.sort(key=lambda x: x.offset)
+        self._at[m.offset] = m
+        insort(self._starts, m.offset)
 
     def remove(self, resource_id: int) -> Mapping:
         m = self._by_resource.pop(resource_id)
-        self._by_offset.remove(m)
+        del self._at[m.offset]
+        del self._starts[bisect_left(self._starts, m.offset)]
         return m
 
     def clear(self) -> None:
-        self._by_offset.clear()
+        self._starts.clear()
+        self._at.clear()
         self._by_resource.clear()

@@ -293,6 +293,9 @@ class Session(Transport):
             cb = self._watches.get(key.fd)
             if cb is not None:
                 cb()
+                # The callback may have waited for a reply (busy): requests and kicks that arrived meanwhile were
+                # deferred, and nothing else would run them until the front end sends something more.
+                self._run_deferred()
         elif key.data == "stop":
             self.stopping = True
 
