@@ -96,8 +96,9 @@ def test_blob_checklist(gpu: Gpu) -> None:
     page = MemEntries.of([(gpu.ram.alloc(PAGE, PAGE), PAGE)])
     for blob_mem in (0, 4, 0xFFFF):
         assert gpu.err(ResourceCreateBlob(hdr(CB), 3, blob_mem, 0, 0, PAGE, page)) == E.RESP_ERR_INVALID_PARAMETER
-    # HOST3D blobs need VIRGL, which is not offered without a context type.
-    assert gpu.err(ResourceCreateBlob(hdr(CB), 3, BlobMem.BLOB_MEM_HOST3D, 1, 5, PAGE, page)) == E.RESP_ERR_UNSPEC
+    # HOST3D blobs need VIRGL, which is not offered without a context type (checklist 47).
+    assert gpu.err(ResourceCreateBlob(hdr(CB), 3, BlobMem.BLOB_MEM_HOST3D, 1, 5, PAGE, page)) == \
+        E.RESP_ERR_INVALID_PARAMETER
     assert gpu.err(ResourceCreateBlob(hdr(CB), 3, GUEST, 0, 0, 2 * PAGE, page)) == E.RESP_ERR_INVALID_PARAMETER
     assert gpu.err(ResourceCreateBlob(hdr(CB), 3, GUEST, 0x80, 0, PAGE, page)) == E.RESP_ERR_INVALID_PARAMETER
     assert gpu.err(ResourceCreateBlob(hdr(CB), 3, GUEST, 0, 9, PAGE, page)) == E.RESP_ERR_INVALID_PARAMETER

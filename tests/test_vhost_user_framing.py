@@ -146,3 +146,20 @@ def test_real_socket_glues_messages_and_fds_land_right() -> None:
             os.close(fd)
         a.close()
         ch.close()
+
+
+def test_fill_never_blocks_on_a_stale_readiness_report() -> None:
+    """An event loop can act on a 'readable' report that a nested wait has since consumed: the read must not
+    block (it did once, stalling the device until the VMM gave up)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ch = Channel(b)
+    try:
+        b.settimeout(None)  # a blocking socket, as the back end's channels are
+        ch.fill()  # nothing to read: returns at once instead of waiting for data
+        assert ch.poll() is None
+        a.sendall(frame(FrontendRequest.GET_FEATURES))
+        msg = ch.recv()
+        assert msg.request == FrontendRequest.GET_FEATURES
+    finally:
+        a.close()
+        ch.close()

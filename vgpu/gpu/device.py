@@ -481,8 +481,10 @@ class GpuDevice(Device):
         if cmd.blob_mem not in (BlobMem.BLOB_MEM_GUEST, BlobMem.BLOB_MEM_HOST3D, BlobMem.BLOB_MEM_HOST3D_GUEST):
             raise _fail(_INVALID, f"blob_mem {cmd.blob_mem}", cmd.hdr)
         if cmd.blob_mem != BlobMem.BLOB_MEM_GUEST:
-            # Host blobs come from a context's blob_id, and contexts need VIRGL (offered with a context type).
-            self._need(GpuFeature.F_VIRGL, cmd.hdr)
+            # Host blobs come from a context's blob_id, and contexts need VIRGL (offered with a context type);
+            # without it the blob_mem itself is invalid (virtio spec: HOST3D* only when VIRGL is supported).
+            if not self.has(GpuFeature.F_VIRGL):
+                raise _fail(_INVALID, f"blob_mem {cmd.blob_mem} needs VIRTIO_GPU_F_VIRGL", cmd.hdr)
             return self.blobs.create_host_blob(cmd, self._new_backing)
         known = BlobFlag.BLOB_FLAG_USE_MAPPABLE | BlobFlag.BLOB_FLAG_USE_SHAREABLE | \
             BlobFlag.BLOB_FLAG_USE_CROSS_DEVICE

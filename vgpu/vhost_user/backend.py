@@ -178,6 +178,7 @@ class Session(Transport):
             raise BackendChannelError(f"front end refused {request.name} (ack {status})")
 
     def wait_reply(self, channel: Channel, request: int, timeout: float) -> Message:
+        log.debug("waiting for reply %d on fd %d", request, channel.fileno())
         deadline = time.monotonic() + timeout
         registered = False
         try:
@@ -203,6 +204,7 @@ class Session(Transport):
                         continue
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
+                        log.debug("no reply %d on fd %d", request, channel.fileno())
                         self._abandoned[request] = self._abandoned.get(request, 0) + 1
                         raise BackendChannelError(f"no reply to request {request} within {timeout:.1f} s")
                     for key, _ in self._selector.select(remaining):
@@ -284,6 +286,7 @@ class Session(Transport):
             self._serve_frontend()
         elif key.data == "kick":
             q = self._kicks.get(key.fd)
+            log.debug("kick on fd %d (queue %s)", key.fd, q.index if q is not None else None)
             if q is not None:
                 q.drain_kick()
                 self._process(q)
@@ -292,7 +295,12 @@ class Session(Transport):
         elif key.data == "watch":
             cb = self._watches.get(key.fd)
             if cb is not None:
-                cb()
+                try:
+                    cb()
+                except Exception:
+                    # A device's callback must not take the process (and every later VMM) down with it.
+                    log.exception("callback for fd %d failed; no longer watching it", key.fd)
+                    self.unwatch(key.fd)
                 # The callback may have waited for a reply (busy): requests and kicks that arrived meanwhile were
                 # deferred, and nothing else would run them until the front end sends something more.
                 self._run_deferred()
@@ -306,8 +314,11 @@ class Session(Transport):
 
     def _process(self, q: Virtqueue) -> None:
         if not q.ready:
+            log.debug("queue %d not ready: started %s enabled %s mapped %s broken %s", q.index, q.started,
+                      q.enabled, q.mapped, q.broken)
             return
         if self._busy:
+            log.debug("queue %d kicked while the device is busy: served when it returns", q.index)
             # Never re-enter the device: a kick seen while it waits for an ack is served when it returns.
             self._pending.add(q.index)
             return

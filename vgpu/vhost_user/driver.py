@@ -20,7 +20,7 @@ import numpy as np
 
 from .layout import dtype_of
 from .memory import PAGE_SIZE
-from .virtqueue import need_event, ring_sizes
+from .virtqueue import full_fence, need_event, ring_sizes
 from .wire import (
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
@@ -225,6 +225,7 @@ class DriverQueue:
     def needs_kick(self) -> bool:
         """With EVENT_IDX, kick only if the device asked (avail_event crossed); otherwise unless it said not to."""
         old, self.kicked_avail = self.kicked_avail, self.avail_idx
+        full_fence()  # our avail idx store before this load of the device's avail_event / flags
         if self.event_idx:
             return need_event(int(self._avail_event[0]), self.avail_idx, old)
         return not int(self._used[0]) & 1

@@ -68,7 +68,12 @@ class DisplayClient:
         while (msg := self.channel.poll()) is not None:
             msg.close_fds()
             if self._negotiating and msg.is_reply and msg.request == GpuRequest.GET_PROTOCOL_FEATURES:
-                self._finish_negotiation(msg.payload)
+                try:
+                    self._finish_negotiation(msg.payload)
+                except DisplayError as e:
+                    # The front end went away mid-negotiation: the display is gone, the device carries on.
+                    log.info("display negotiation ended: %s", e)
+                    return
                 if self.on_ready is not None and not self.channel.closed:
                     self.on_ready()
             else:

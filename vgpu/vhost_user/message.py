@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import contextlib
 import os
+import select
 import socket
 from dataclasses import dataclass, field
 from typing import Final
@@ -130,7 +131,8 @@ _FD_SPACE: Final = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 def recv_with_fds(sock: socket.socket, bufsize: int) -> tuple[bytes, list[int]]:
     """One recvmsg; returns data and every fd that came with it (truncated control data is a protocol error,
     after closing what did arrive)."""
-    data, anc, flags, _ = sock.recvmsg(bufsize, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
+    # Never block: an event loop may act on a readiness report that a nested wait has since made stale.
+    data, anc, flags, _ = sock.recvmsg(bufsize, _FD_SPACE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
     fds: list[int] = []
     for level, kind, cdata in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -189,6 +191,7 @@ class Channel:
     def recv(self) -> Message:
         """Block until a whole message is here."""
         while not self._ready:
+            select.select([self.sock], [], [])
             self.fill()
         return self._ready.pop(0)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -50,6 +51,18 @@ class RingBroken(VirtqueueError):
 def ring_sizes(num: int) -> tuple[int, int, int]:
     """Bytes of the descriptor table, available ring and used ring (with their event-index words)."""
     return 16 * num, 4 + 2 * num + 2, 4 + 8 * num + 2
+
+
+_FENCE = threading.Lock()
+
+
+def full_fence() -> None:
+    """A full memory barrier (an uncontended lock is a locked read-modify-write: x86 orders every earlier store
+    before every later load around it).  The event-index protocol needs one between writing our index and
+    reading the other side's: without it both sides can read the other's stale value, and a kick or an
+    interrupt is lost for good."""
+    with _FENCE:
+        pass
 
 
 def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
@@ -214,6 +227,8 @@ class Virtqueue:
         avail = self._avail
         if avail is None:
             return None
+        if self.event_idx:
+            full_fence()  # our avail_event store (previous pop) before this load of the driver's avail idx
         idx = int(avail[1])
         pending = (idx - self.last_avail_idx) & 0xFFFF
         if pending == 0:
@@ -310,6 +325,7 @@ class Virtqueue:
         self.signalled_used_valid = True
         if not valid:
             return True
+        full_fence()  # our used idx store before this load of the driver's used_event
         used_event = int(self._avail[2 + self.size])
         return need_event(used_event, new, old)
 
