@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -23,10 +24,14 @@ def require(path_or_cmd: str, what: str) -> str:
     found = path_or_cmd if os.path.exists(path_or_cmd) else shutil.which(path_or_cmd)
     if found:
         return found
-    msg = f"{what} ({path_or_cmd}) is not installed; the README's test command provisions it"
+    unavailable(f"{what} ({path_or_cmd}) is not installed; the README's test command provisions it")
+
+
+def unavailable(message: str) -> NoReturn:
+    """A component a test needs is missing: in CI that is a failure; elsewhere the test skips, saying which."""
     if IN_CI:
-        pytest.fail(msg)
-    pytest.skip(msg)
+        pytest.fail(message)
+    pytest.skip(reason=f"not in CI, and missing: {message}")
 
 
 def open_fds(pid: int) -> set[str]:

@@ -52,21 +52,21 @@ def test_memfd_is_available() -> None:
 def test_device_allocators_say_why_unavailable(cls: type[al.BaseAllocator], path: str, why: str) -> None:
     state = cls.available()
     if os.path.exists(path):
-        pytest.skip(f"{path} exists on this machine; the guest test covers the unavailable case's opposite")
+        pytest.skip(reason=f"{path} exists here, so the unavailable case cannot happen (the guest test covers it)")
     assert not state and path in state.reason and why in state.reason
 
 
 def test_vgem_says_why_unavailable() -> None:
     state = al.VgemAllocator.available()
     if state.ok:
-        pytest.skip("this machine has a vgem node")
+        pytest.skip(reason="this machine has a vgem node, so the no-vgem case cannot happen")
     assert "vgem" in state.reason
 
 
 @pytest.mark.parametrize("name", ["udmabuf", "dma-heap", "vgem"])
 def test_unavailable_allocator_raises_with_reason_and_no_leak(name: str, no_leak: None) -> None:
     if al.ALLOCATORS[name].available():
-        pytest.skip(f"{name} is available here")
+        pytest.skip(reason=f"{name} is available here, so its unavailable case cannot happen")
     with al.open_allocator(name) as allocator, pytest.raises(al.AllocatorUnavailable, match=name):
         allocator.allocate(PAGE)
 

@@ -72,7 +72,7 @@ def test_auto_on_this_host(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_unavailable_allocator_exits_1_with_reason(capsys: pytest.CaptureFixture[str]) -> None:
     if allocators.UdmabufAllocator.available():
-        pytest.skip("udmabuf exists here")
+        pytest.skip(reason="udmabuf exists here, so its unavailable case cannot happen")
     status, out, err = run(capsys, "--allocate", "udmabuf")
     assert status == 1 and out == "" and "no /dev/udmabuf" in err
 

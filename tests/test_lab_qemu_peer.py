@@ -10,7 +10,6 @@ reason naming it.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Callable
@@ -19,12 +18,12 @@ from typing import TypeVar
 
 import pytest
 
+from tests.conftest import unavailable
 from vgpu.lab import initramfs, provision
 from vgpu.lab.qemu import QemuConfig, run_with_backend
 
 pytestmark = pytest.mark.e2e
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 BOOT_TIMEOUT = 180.0
 
 
@@ -37,9 +36,7 @@ def _component(name: str, make: Callable[[], T]) -> T:
         return make()
     except (provision.ProvisionError, OSError) as exc:
         message = f"lab component {name!r} unavailable: {exc}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(message)
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,13 @@ needs_gcc = pytest.mark.skipif(GCC is None, reason="gcc is not installed (python
 DEB822 = """\
 Types: deb
 # http://snapshot.debian.org/archive/debian/20250520T000000Z
-URIs: http://mirror.example/debian
+URIs: http://mirror.example/archive/debian
 Suites: bookworm bookworm-updates
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 
 Types: deb
-URIs: http://mirror.example/debian-security
+URIs: http://mirror.example/archive/debian-security
 Suites: bookworm-security
 Components: main
 Signed-By:
@@ -42,7 +42,7 @@ Signed-By:
  -----END PGP PUBLIC KEY BLOCK-----
 
 Types: deb
-URIs: http://disabled.example/debian
+URIs: http://disabled.example/archive/debian
 Suites: bookworm
 Components: main
 Enabled: no
@@ -52,7 +52,7 @@ Enabled: no
 def test_deb822_parsing_keeps_continuations_and_flags() -> None:
     sources = provision.parse_deb822_sources(DEB822, Path("x.sources"))
     assert len(sources) == 3
-    assert sources[0].uris == ("http://mirror.example/debian",)
+    assert sources[0].uris == ("http://mirror.example/archive/debian",)
     assert sources[0].suites == ("bookworm", "bookworm-updates")
     assert sources[1].signed_by is not None and "BEGIN PGP" in sources[1].signed_by
     assert not sources[2].enabled
@@ -60,7 +60,7 @@ def test_deb822_parsing_keeps_continuations_and_flags() -> None:
 
 def test_mirror_is_the_codename_entry_not_security() -> None:
     sources = [s for s in provision.parse_deb822_sources(DEB822, Path("x.sources")) if s.enabled]
-    assert provision.debian_mirror(sources, "bookworm").uris[0] == "http://mirror.example/debian"
+    assert provision.debian_mirror(sources, "bookworm").uris[0] == "http://mirror.example/archive/debian"
     with pytest.raises(provision.ProvisionError):
         provision.debian_mirror(sources, "trixie")
 
@@ -68,14 +68,14 @@ def test_mirror_is_the_codename_entry_not_security() -> None:
 def test_one_line_sources() -> None:
     text = (
         "# comment\n"
-        "deb [arch=amd64 signed-by=/k.gpg] http://m.example/debian bookworm main contrib\n"
-        "deb-src http://m.example/debian bookworm main\n"
+        "deb [arch=amd64 signed-by=/k.gpg] http://m.example/archive/debian bookworm main contrib\n"
+        "deb-src http://m.example/archive/debian bookworm main\n"
     )
     sources = provision.parse_one_line_sources(text, Path("sources.list"))
     assert [s.types for s in sources] == [("deb",), ("deb-src",)]
     assert sources[0].signed_by == "/k.gpg"
     assert sources[0].components == ("main", "contrib")
-    assert provision.debian_mirror(sources, "bookworm").uris == ("http://m.example/debian",)
+    assert provision.debian_mirror(sources, "bookworm").uris == ("http://m.example/archive/debian",)
 
 
 def test_backports_source_written_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,7 +87,7 @@ def test_backports_source_written_once(tmp_path: Path, monkeypatch: pytest.Monke
     written = p.ensure_backports_source()
     assert written is not None
     text = written.read_text()
-    assert "URIs: http://mirror.example/debian\n" in text
+    assert "URIs: http://mirror.example/archive/debian\n" in text
     assert f"Suites: {p.backports_suite()}\n" in text
     assert "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg" in text
     assert p.ensure_backports_source() is None
