@@ -26,8 +26,6 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.conftest import unavailable
-
 REPO = Path(__file__).resolve().parent.parent
 PREFIX = "VGPU-GUEST dmabuf "
 BOOT_TIMEOUT = 240.0
@@ -236,6 +234,8 @@ exec chroot /mnt/host {python} -B {script} --guest
 
 
 def _component(name: str, make: Callable[[], T]) -> T:
+    # Imported here: this file also runs inside the guest as a script, where `tests` is not importable.
+    from tests.conftest import unavailable
     from vgpu.lab import provision
 
     try:
