@@ -31,7 +31,6 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from vgpu.blob.allocators import MemfdAllocator
 from vgpu.blob.dmabuf import KernelAnswerKind, VmProtAnswer, query_vm_prot, read_fdinfo
 from vgpu.blob.resolve import Resolver, legacy_heuristic
 from vgpu.blob.types import CacheAttr, HostBuffer, Unresolved
+from vgpu.lab.cache_matrix_probe import timed
 
 STRATEGIES = {
     "kernel": "kernel query",
@@ -233,18 +233,6 @@ def run_guest(runs: int, bw_size: int, bw_seconds: float, build_kernel: bool) ->
 # costs on the host
 
 
-def _timed(fn: Callable[[], object], runs: int) -> dict[str, float]:
-    fn()
-    samples = []
-    for _ in range(runs):
-        t0 = time.perf_counter_ns()
-        fn()
-        samples.append(time.perf_counter_ns() - t0)
-    samples.sort()
-    return {"median_us": samples[len(samples) // 2] / 1e3,
-            "p99_us": samples[min(len(samples) - 1, int(len(samples) * 0.99))] / 1e3, "runs": runs}
-
-
 def host_costs(runs: int) -> list[dict[str, object]]:
     """The same questions on this host's only kind of buffer (a memfd): the ioctl answers ENOTTY."""
     out: list[dict[str, object]] = []
@@ -264,12 +252,12 @@ def host_costs(runs: int) -> list[dict[str, object]]:
             with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
                 return f.read()
 
-        out.append({"kind": "cost", "case": "DMA_BUF_IOCTL_INFO, bare ioctl (memfd: ENOTTY)", **_timed(bare, runs)})
+        out.append({"kind": "cost", "case": "DMA_BUF_IOCTL_INFO, bare ioctl (memfd: ENOTTY)", **timed(bare, runs)})
         out.append({"kind": "cost", "case": "DMA_BUF_IOCTL_INFO, vgpu query_vm_prot (memfd: ENOTTY)",
-                    **_timed(lambda: query_vm_prot(fd), runs)})
-        out.append({"kind": "cost", "case": "fdinfo, bare read (memfd)", **_timed(fdinfo, runs)})
+                    **timed(lambda: query_vm_prot(fd), runs)})
+        out.append({"kind": "cost", "case": "fdinfo, bare read (memfd)", **timed(fdinfo, runs)})
         out.append({"kind": "cost", "case": "fdinfo, vgpu read_fdinfo (memfd)",
-                    **_timed(lambda: read_fdinfo(fd), runs)})
+                    **timed(lambda: read_fdinfo(fd), runs)})
     finally:
         os.close(fd)
     drm = sorted(Path("/dev/dri").glob("card*")) if Path("/dev/dri").is_dir() else []

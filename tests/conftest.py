@@ -6,13 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
+
+from vgpu.lab import procfs
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -46,18 +47,11 @@ def open_fds(pid: int) -> set[str]:
     return out
 
 
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+fd_count = procfs.fd_count
 
 
-def wait_until(pred: object, timeout: float = 5.0) -> bool:
-    assert callable(pred)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return bool(pred())
+def wait_until(pred: Callable[[], object], timeout: float = 5.0) -> bool:
+    return procfs.wait_until(pred, timeout)
 
 
 @dataclass
@@ -95,18 +89,8 @@ def start_backend(cmd: list[str], tmp_path: Path, name: str = "backend") -> Back
         raise RuntimeError(f"{cmd} exited: {log_path.read_text()}")
     # The socket appears before the server has finished setting up (its selector comes after bind):
     # wait until the fd count holds still, so a test's baseline is the idle server's.
-    wait_until(_fds_settled(proc.pid), 5)
+    procfs.settled_fd_count(proc.pid)
     return BackendProcess(proc, sock, log_path)
-
-
-def _fds_settled(pid: int) -> Callable[[], bool]:
-    counts: list[int] = []
-
-    def still() -> bool:
-        counts.append(fd_count(pid))
-        return len(counts) >= 3 and counts[-1] == counts[-2] == counts[-3]
-
-    return still
 
 
 def stop_backend(b: BackendProcess) -> None:

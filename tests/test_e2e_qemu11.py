@@ -29,6 +29,7 @@ from tests.test_e2e_vgpu import MARK, rgb_of
 from tests.test_lab_qemu_peer import BOOT_TIMEOUT, _component
 from vgpu.gpu import png
 from vgpu.lab import initramfs, patterns, provision, sid
+from vgpu.lab.procfs import settled_fd_count
 from vgpu.lab.qemu import (
     VHOST_USER_TEST_DEVICE_GPU,
     Backend,
@@ -168,14 +169,7 @@ def boot(lab11: Lab11, tmp_path_factory: pytest.TempPathFactory) -> Boot:
             assert proc.pid is not None
             pid = proc.pid
             # The socket appears before the server is fully set up: take the idle count once it holds still.
-            counts: list[int] = []
-
-            def settled() -> bool:
-                counts.append(fd_count(pid))
-                return len(counts) >= 3 and counts[-1] == counts[-2] == counts[-3]
-
-            wait_until(settled, 5)
-            idle = fd_count(pid)
+            idle = settled_fd_count(pid)
             started = time.monotonic()
             guest = run_guest(kernel=lab11.kernel.vmlinuz, initrd=initrd, socket_path=sock, config=config,
                               timeout=BOOT_TIMEOUT, serial_log=work / "serial.log")

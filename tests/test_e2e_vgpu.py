@@ -58,8 +58,9 @@ def test_linux_guest_on_our_backend(lab: provision.Lab, tmp_path: Path) -> None:
                               serial_log=tmp_path / "serial.log")
             wall = time.monotonic() - started
             # QEMU has exited: the back end must be back to its idle fds (no memory table, rings, sockets).
-            released = wait_until(lambda: fd_count(proc.pid) == idle, 10)
-            held = sorted(os.listdir(f"/proc/{proc.pid}/fd"))
+            pid = proc.pid
+            released = wait_until(lambda: fd_count(pid) == idle, 10)
+            held = sorted(os.listdir(f"/proc/{pid}/fd"))
         context = guest.describe() + f"\n--- back end\n{proc.output}"
     print(f"boot + fbcon + KMS + poweroff against vgpu: {wall:.2f} s wall")
 

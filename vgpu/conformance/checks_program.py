@@ -11,10 +11,11 @@ import socket
 import subprocess
 from typing import Final
 
+from ..lab.procfs import wait_until
 from ..vhost_user.frontend import Frontend
 from ..vhost_user.wire import FrontendRequest
 from .context import CheckContext
-from .process import socket_option, wait_until, without_socket
+from .process import socket_option, without_socket
 from .registry import CheckFailed, NotApplicable, check, expect
 
 GPU_CAPABILITIES: Final = frozenset({"render-node", "virgl"})

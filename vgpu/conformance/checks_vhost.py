@@ -7,6 +7,7 @@ import os
 import time
 from typing import Final
 
+from ..lab.procfs import wait_until
 from ..protocol import (
     CtrlType,
     CursorPos,
@@ -40,7 +41,7 @@ from ..vhost_user.wire import (
     parse_u64,
 )
 from .context import CheckContext
-from .process import fd_targets, wait_until
+from .process import fd_targets
 from .registry import CheckFailed, NotApplicable, check, expect
 from .session import PAGE, Session, hdr
 

@@ -7,25 +7,16 @@ import os
 import shlex
 import signal
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+from ..lab.procfs import settled_fd_count, wait_until
 
 SOCKET_PLACEHOLDER = "{sock}"
 
 
 class BackendStartError(Exception):
     pass
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 def fd_targets(pid: int) -> list[str]:
@@ -43,12 +34,6 @@ def fd_targets(pid: int) -> list[str]:
             pass
     return out
 
-
-def fd_count(pid: int) -> int:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except FileNotFoundError:
-        return 0
 
 
 def split_template(template: str) -> list[str]:
@@ -132,14 +117,7 @@ class BackendProcess:
         """The fd count once it holds still (a back end finishes setting up, or releasing, after we look)."""
         if not self.alive():
             return 0
-        counts: list[int] = []
-
-        def still() -> bool:
-            counts.append(fd_count(self.pid))
-            return len(counts) >= 4 and len(set(counts[-4:])) == 1
-
-        wait_until(still, timeout, 0.02)
-        return counts[-1] if counts else fd_count(self.pid)
+        return settled_fd_count(self.pid, timeout, reads=4, step=0.02)
 
     def ensure(self) -> None:
         if not self.alive():

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from ..lab.procfs import wait_until
 from .catalogue import Catalogue, Requirement
 from .context import CheckContext, Offer, probe
-from .process import BackendProcess, wait_until
+from .process import BackendProcess
 from .registry import CheckFailed, NotApplicable, all_checks
 
 PASS: Final = "pass"

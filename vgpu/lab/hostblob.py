@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import initramfs
+from .procfs import fd_count, settled_fd_count, wait_until
 from .provision import Provisioner
 from .qemu import Backend, GuestRun, run_guest, socket_dir
 
@@ -175,7 +176,7 @@ def run_host_blob(provisioner: Provisioner, work: Path, *, backend_args: tuple[s
         with Backend(backend, sock) as proc:
             assert proc.pid is not None
             pid = proc.pid
-            idle = _settled_fds(pid)
+            idle = settled_fd_count(pid)
             started = time.monotonic()
             host = HostSide()
             player = threading.Thread(target=_play_host, args=(host, pid, serial, started + timeout), daemon=True)
@@ -184,31 +185,5 @@ def run_host_blob(provisioner: Provisioner, work: Path, *, backend_args: tuple[s
                               timeout=timeout, serial_log=serial)
             player.join(5)
             wall = time.monotonic() - started
-            released = _wait(lambda: _fd_count(pid) == idle, 10)
+            released = wait_until(lambda: fd_count(pid) == idle, 10, 0.02)
         return HostBlobRun(guest, proc.output, wall, idle, released, host, guest.guest_lines())
-
-
-def _fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _wait(pred: object, timeout: float) -> bool:
-    assert callable(pred)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return bool(pred())
-
-
-def _settled_fds(pid: int) -> int:
-    """The back end's idle fd count, once it holds still (the socket appears before setup ends)."""
-    counts: list[int] = []
-
-    def still() -> bool:
-        counts.append(_fd_count(pid))
-        return len(counts) >= 3 and counts[-1] == counts[-2] == counts[-3]
-
-    _wait(still, 5)
-    return _fd_count(pid)
