@@ -29,8 +29,8 @@ class DeliberatelyBrokenGpu(GpuDevice):
         self.mode = mode
         self.leaked: list[int] = []
 
-    def _execute(self, request: bytes | memoryview, queue_index: int) -> bytes:
-        resp = bytearray(super()._execute(request, queue_index))
+    def _execute(self, request: bytes | memoryview, cursor: bool) -> bytes:
+        resp = bytearray(super()._execute(request, cursor))
         if self.mode == "wrong-type" and struct.unpack_from("<I", resp)[0] == CtrlType.RESP_OK_NODATA:
             struct.pack_into("<I", resp, 0, CtrlType.RESP_OK_DISPLAY_INFO)
         elif self.mode == "drop-fence":

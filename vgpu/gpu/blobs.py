@@ -21,7 +21,6 @@ from ..protocol import (
     BlobFlag,
     BlobMem,
     CommandError,
-    CtrlHdr,
     CtrlType,
     CtxAttachResource,
     CtxCreate,
@@ -80,13 +79,13 @@ class BlobEngine:
 
     def capset_info(self, cmd: GetCapsetInfo) -> bytes:
         if cmd.capset_index >= len(self.context_types):
-            raise CommandError(_INVALID, f"capset index {cmd.capset_index} >= {len(self.context_types)}", cmd.hdr)
+            raise CommandError(_INVALID, f"capset index {cmd.capset_index} >= {len(self.context_types)}")
         capset_id = self.context_types[cmd.capset_index]
         return responses.capset_info(cmd.hdr, capset_id, CAPSET_MAX_VERSION, len(self._capset_data()))
 
     def capset(self, cmd: GetCapset) -> bytes:
         if cmd.capset_id not in self.context_types or cmd.capset_version > CAPSET_MAX_VERSION:
-            raise CommandError(_INVALID, f"no capset {cmd.capset_id} version {cmd.capset_version}", cmd.hdr)
+            raise CommandError(_INVALID, f"no capset {cmd.capset_id} version {cmd.capset_version}")
         return responses.capset(cmd.hdr, self._capset_data())
 
     def _capset_data(self) -> bytes:
@@ -94,48 +93,43 @@ class BlobEngine:
 
     # --- contexts ---------------------------------------------------------------------------------------------
 
-    def _context(self, hdr: CtrlHdr) -> Context:
-        ctx = self.contexts.get(hdr.ctx_id)
+    def _context(self, ctx_id: int) -> Context:
+        ctx = self.contexts.get(ctx_id)
         if ctx is None:
-            raise CommandError(_BAD_CTX, f"no context {hdr.ctx_id}", hdr)
+            raise CommandError(_BAD_CTX, f"no context {ctx_id}")
         return ctx
 
-    def ctx_create(self, cmd: CtxCreate) -> bytes:
-        hdr = cmd.hdr
-        if hdr.ctx_id == 0 or hdr.ctx_id in self.contexts:
-            raise CommandError(_BAD_CTX, f"context id {hdr.ctx_id} is reserved or in use", hdr)
+    def ctx_create(self, cmd: CtxCreate) -> None:
+        ctx_id = cmd.hdr.ctx_id
+        if ctx_id == 0 or ctx_id in self.contexts:
+            raise CommandError(_BAD_CTX, f"context id {ctx_id} is reserved or in use")
         capset = cmd.context_init & VIRTIO_GPU_CONTEXT_INIT_CAPSET_ID_MASK
         if capset == 0 and len(self.context_types) == 1:
             capset = self.context_types[0]  # "the device picks": we have exactly one kind
         if capset not in self.context_types:
-            raise CommandError(_INVALID, f"context type {capset} is not offered", hdr)
+            raise CommandError(_INVALID, f"context type {capset} is not offered")
         if len(self.contexts) >= self.max_contexts:
-            raise CommandError(CtrlType.RESP_ERR_OUT_OF_MEMORY, f"context limit {self.max_contexts} reached", hdr)
+            raise CommandError(CtrlType.RESP_ERR_OUT_OF_MEMORY, f"context limit {self.max_contexts} reached")
         services = ContextServices(self._allocate, self._release, self._write_resource)
-        self.contexts[hdr.ctx_id] = CrossDomainContext(hdr.ctx_id, services, self._map_info_of)
-        return responses.ok_nodata(hdr)
+        self.contexts[ctx_id] = CrossDomainContext(ctx_id, services, self._map_info_of)
 
-    def ctx_destroy(self, cmd: CtxDestroy) -> bytes:
-        ctx = self._context(cmd.hdr)
+    def ctx_destroy(self, cmd: CtxDestroy) -> None:
+        ctx = self._context(cmd.hdr.ctx_id)
         ctx.close()
         del self.contexts[ctx.id]
-        return responses.ok_nodata(cmd.hdr)
 
-    def ctx_attach(self, cmd: CtxAttachResource) -> bytes:
-        ctx = self._context(cmd.hdr)
-        self.resources.get(cmd.resource_id, cmd.hdr)
+    def ctx_attach(self, cmd: CtxAttachResource) -> None:
+        ctx = self._context(cmd.hdr.ctx_id)
+        self.resources.get(cmd.resource_id)
         ctx.attached.add(cmd.resource_id)
-        return responses.ok_nodata(cmd.hdr)
 
-    def ctx_detach(self, cmd: CtxDetachResource) -> bytes:
-        ctx = self._context(cmd.hdr)
-        self.resources.get(cmd.resource_id, cmd.hdr)
+    def ctx_detach(self, cmd: CtxDetachResource) -> None:
+        ctx = self._context(cmd.hdr.ctx_id)
+        self.resources.get(cmd.resource_id)
         ctx.attached.discard(cmd.resource_id)
-        return responses.ok_nodata(cmd.hdr)
 
-    def submit(self, cmd: SubmitCmd) -> bytes:
-        self._context(cmd.hdr).submit(bytes(cmd.data), cmd.hdr)
-        return responses.ok_nodata(cmd.hdr)
+    def submit(self, cmd: SubmitCmd) -> None:
+        self._context(cmd.hdr.ctx_id).submit(bytes(cmd.data))
 
     def forget_resource(self, rid: int) -> None:
         for ctx in self.contexts.values():
@@ -143,29 +137,29 @@ class BlobEngine:
 
     # --- services for contexts --------------------------------------------------------------------------------
 
-    def _allocate(self, size: int, hdr: CtrlHdr) -> HostBuffer:
+    def _allocate(self, size: int) -> HostBuffer:
         if self.allocator is None:
-            raise CommandError(CtrlType.RESP_ERR_UNSPEC, "no host buffer allocator is configured", hdr)
-        self.resources.reserve(size, hdr)
+            raise CommandError(CtrlType.RESP_ERR_UNSPEC, "no host buffer allocator is configured")
+        self.resources.reserve(size)
         try:
             buffer = self.allocator.allocate(size)
         except (OSError, AllocationError) as e:
             self.resources.unreserve(size)
-            raise CommandError(CtrlType.RESP_ERR_OUT_OF_MEMORY, f"{self.allocator.name}: {e}", hdr) from e
+            raise CommandError(CtrlType.RESP_ERR_OUT_OF_MEMORY, f"{self.allocator.name}: {e}") from e
         return buffer
 
     def _release(self, buffer: HostBuffer) -> None:
         self.resources.unreserve(buffer.size)
         buffer.close()
 
-    def _write_resource(self, rid: int, offset: int, data: bytes, hdr: CtrlHdr) -> None:
-        res = self.resources.get(rid, hdr)
+    def _write_resource(self, rid: int, offset: int, data: bytes) -> None:
+        res = self.resources.get(rid)
         if res.backing is None:
-            raise CommandError(_INVALID, f"resource {rid} has no guest memory to write to", hdr)
+            raise CommandError(_INVALID, f"resource {rid} has no guest memory to write to")
         try:
             res.backing.scatter(self._transport().memory, offset, data)
         except BackingError as e:
-            raise CommandError(_INVALID, f"resource {rid}: {e}", hdr) from e
+            raise CommandError(_INVALID, f"resource {rid}: {e}") from e
 
     def _resolve(self, buffer: HostBuffer) -> Resolution:
         if buffer.resolution is None:
@@ -184,44 +178,41 @@ class BlobEngine:
 
     # --- host blobs -------------------------------------------------------------------------------------------
 
-    def create_host_blob(self, cmd: ResourceCreateBlob, new_backing: Callable[[MemEntries, CtrlHdr], Backing]
-                         ) -> bytes:
+    def create_host_blob(self, cmd: ResourceCreateBlob, new_backing: Callable[[MemEntries], Backing]
+                         ) -> None:
         """RESOURCE_CREATE_BLOB for HOST3D, and HOST3D_GUEST: the same host buffer with the guest's entries as a
         shadow copy that TRANSFER_TO/FROM_HOST_3D keep in step."""
-        hdr = cmd.hdr
         if cmd.blob_flags & ~KNOWN_FLAGS:
-            raise CommandError(_INVALID, f"unknown blob flags {cmd.blob_flags:#x}", hdr)
+            raise CommandError(_INVALID, f"unknown blob flags {cmd.blob_flags:#x}")
         shadow = None
         if cmd.blob_mem == BlobMem.BLOB_MEM_HOST3D_GUEST:
             if len(cmd.entries):
-                shadow = new_backing(cmd.entries, hdr)
+                shadow = new_backing(cmd.entries)
                 if shadow.size < cmd.size:
-                    raise CommandError(_INVALID, f"entries cover {shadow.size} of {cmd.size} bytes", hdr)
+                    raise CommandError(_INVALID, f"entries cover {shadow.size} of {cmd.size} bytes")
         elif len(cmd.entries):
-            raise CommandError(_INVALID, "a HOST3D blob takes no guest entries", hdr)
-        ctx = self._context(hdr)
-        self.resources.check_new_id(cmd.resource_id, hdr)
-        buffer = ctx.take_blob(cmd.blob_id, cmd.size, hdr)
+            raise CommandError(_INVALID, "a HOST3D blob takes no guest entries")
+        ctx = self._context(cmd.hdr.ctx_id)
+        self.resources.check_new_id(cmd.resource_id)
+        buffer = ctx.take_blob(cmd.blob_id, cmd.size)
         res = self.resources.add_host_blob(cmd.resource_id, cmd.blob_mem, cmd.blob_flags, buffer)
         res.backing = shadow
-        return responses.ok_nodata(hdr)
 
-    def transfer_3d(self, cmd: TransferToHost3D | TransferFromHost3D) -> bytes:
+    def transfer_3d(self, cmd: TransferToHost3D | TransferFromHost3D) -> None:
         """Copy bytes between a HOST3D_GUEST blob's guest shadow (at `offset`) and its host buffer (at box.x):
         a blob is a buffer, so the box is one row of box.w bytes."""
-        hdr = cmd.hdr
-        res = self.resources.get(cmd.resource_id, hdr)
+        res = self.resources.get(cmd.resource_id)
         buffer = res.host_buffer
         if buffer is None or res.backing is None:
-            raise CommandError(_INVALID, f"resource {res.id} is not a host blob with guest backing", hdr)
+            raise CommandError(_INVALID, f"resource {res.id} is not a host blob with guest backing")
         b = cmd.box
         if (b.y, b.z, b.h, b.d) != (0, 0, 1, 1) or cmd.level:
-            raise CommandError(_INVALID, f"a blob transfer is one row of bytes, not {b}", hdr)
+            raise CommandError(_INVALID, f"a blob transfer is one row of bytes, not {b}")
         if b.x + b.w > res.blob_size or cmd.offset + b.w > res.backing.size:
             raise CommandError(_INVALID, f"transfer of {b.w} bytes at {b.x} (shadow offset {cmd.offset}) passes "
-                                         f"the {res.blob_size}-byte blob or its backing", hdr)
+                                         f"the {res.blob_size}-byte blob or its backing")
         if b.w == 0:
-            return responses.ok_nodata(hdr)
+            return None
         memory = self._transport().memory
         try:
             if isinstance(cmd, TransferToHost3D):
@@ -231,46 +222,43 @@ class BlobEngine:
             else:
                 res.backing.scatter(memory, cmd.offset, read_host(buffer, b.x, b.w))
         except (BackingError, ValueError, OSError) as e:
-            raise CommandError(_INVALID, f"transfer on blob {res.id}: {e}", hdr) from e
-        return responses.ok_nodata(hdr)
+            raise CommandError(_INVALID, f"transfer on blob {res.id}: {e}") from e
 
     def map_blob(self, cmd: ResourceMapBlob) -> bytes:
-        hdr = cmd.hdr
         if not self.host_visible:
-            raise CommandError(CtrlType.RESP_ERR_UNSPEC, "there is no host-visible memory region", hdr)
-        res = self.resources.get(cmd.resource_id, hdr)
+            raise CommandError(CtrlType.RESP_ERR_UNSPEC, "there is no host-visible memory region")
+        res = self.resources.get(cmd.resource_id)
         buffer = res.host_buffer
         if buffer is None:
-            raise CommandError(_INVALID, f"resource {res.id} has no host memory to map", hdr)
+            raise CommandError(_INVALID, f"resource {res.id} has no host memory to map")
         if not res.blob_flags & BlobFlag.BLOB_FLAG_USE_MAPPABLE:
-            raise CommandError(_INVALID, f"blob {res.id} was not created MAPPABLE", hdr)
+            raise CommandError(_INVALID, f"blob {res.id} was not created MAPPABLE")
         try:
             m = self.region.check(res.id, cmd.offset, buffer.size)
         except RegionError as e:
-            raise CommandError(_INVALID, f"MAP_BLOB {res.id}: {e}", hdr) from e
+            raise CommandError(_INVALID, f"MAP_BLOB {res.id}: {e}") from e
         try:
             resolution = self._resolve(buffer)
         except Unresolved as e:
             log.error("MAP_BLOB %d refused: %s buffer (fd %d, %d bytes) has no trustworthy cache attribute: %s",
                       res.id, buffer.exporter or buffer.allocator, buffer.fd, buffer.size, e)
-            raise CommandError(CtrlType.RESP_ERR_UNSPEC, f"blob {res.id}: cache attribute unknown", hdr) from e
+            raise CommandError(CtrlType.RESP_ERR_UNSPEC, f"blob {res.id}: cache attribute unknown") from e
         req = build(MMapRequest, shmid=SHMID_HOST_VISIBLE, fd_offset=0, shm_offset=m.offset, len=m.length,
                     flags=MMAP_FLAG_READ_WRITE)
         try:
             self._transport().backend_request(BackendRequest.SHMEM_MAP, req, [buffer.fd], self.map_timeout)
         except BackendChannelError as e:
-            raise CommandError(CtrlType.RESP_ERR_UNSPEC, f"SHMEM_MAP of blob {res.id} failed: {e}", hdr) from e
+            raise CommandError(CtrlType.RESP_ERR_UNSPEC, f"SHMEM_MAP of blob {res.id} failed: {e}") from e
         self.region.add(m)
         log.info("map blob %d at %#x +%#x: map_info %s (%s: %s)", res.id, m.offset, m.length,
                  resolution.attr.name, resolution.provenance.value, resolution.detail)
-        return responses.map_info(hdr, int(resolution.attr))
+        return responses.map_info(cmd.hdr, int(resolution.attr))
 
-    def unmap_blob(self, cmd: ResourceUnmapBlob) -> bytes:
-        res = self.resources.get(cmd.resource_id, cmd.hdr)
+    def unmap_blob(self, cmd: ResourceUnmapBlob) -> None:
+        res = self.resources.get(cmd.resource_id)
         if self.region.get(res.id) is None:
-            raise CommandError(_INVALID, f"blob {res.id} is not mapped", cmd.hdr)
+            raise CommandError(_INVALID, f"blob {res.id} is not mapped")
         self._unmap(res.id)
-        return responses.ok_nodata(cmd.hdr)
 
     def _unmap(self, rid: int) -> None:
         m = self.region.remove(rid)

@@ -12,17 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..blob.types import HostBuffer
-from ..protocol import CommandError, CtrlHdr, CtrlType
+from ..protocol import CommandError, CtrlType
 
 
 @dataclass(frozen=True)
 class ContextServices:
     # A host buffer of at least `size` bytes, counted against the guest's quota (raises CommandError past it).
-    allocate: Callable[[int, CtrlHdr], HostBuffer]
+    allocate: Callable[[int], HostBuffer]
     # Give back a buffer that never became a resource (and its quota).
     release: Callable[[HostBuffer], None]
     # Write bytes into a resource's guest backing at an offset (raises CommandError if it cannot).
-    write_resource: Callable[[int, int, bytes, CtrlHdr], None]
+    write_resource: Callable[[int, int, bytes], None]
 
 
 class Context:
@@ -33,13 +33,13 @@ class Context:
         self.services = services
         self.attached: set[int] = set()
 
-    def submit(self, data: bytes, hdr: CtrlHdr) -> None:
+    def submit(self, data: bytes) -> None:
         """Execute a SUBMIT_3D command stream."""
-        raise CommandError(CtrlType.RESP_ERR_UNSPEC, "this context takes no commands", hdr)
+        raise CommandError(CtrlType.RESP_ERR_UNSPEC, "this context takes no commands")
 
-    def take_blob(self, blob_id: int, size: int, hdr: CtrlHdr) -> HostBuffer:
+    def take_blob(self, blob_id: int, size: int) -> HostBuffer:
         """The host buffer behind `blob_id`, handed over to a new resource (each blob_id once)."""
-        raise CommandError(CtrlType.RESP_ERR_INVALID_PARAMETER, f"context {self.id} has no blob {blob_id}", hdr)
+        raise CommandError(CtrlType.RESP_ERR_INVALID_PARAMETER, f"context {self.id} has no blob {blob_id}")
 
     def close(self) -> None:
         """CTX_DESTROY or reset: give back whatever was never turned into a resource."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..blob.types import HostBuffer
-from ..protocol import Capset, CommandError, CtrlHdr, CtrlType
+from ..protocol import Capset, CommandError, CtrlType
 from ..protocol.cross_domain import (
     CrossDomainCapabilities,
     CrossDomainCmd,
@@ -70,9 +70,9 @@ class Layout:
     size: int
 
 
-def image_layout(width: int, height: int, fourcc: int, hdr: CtrlHdr) -> Layout:
+def image_layout(width: int, height: int, fourcc: int) -> Layout:
     if not (0 < width <= MAX_DIMENSION and 0 < height <= MAX_DIMENSION):
-        raise CommandError(_INVALID, f"image {width}x{height} outside 1..{MAX_DIMENSION}", hdr)
+        raise CommandError(_INVALID, f"image {width}x{height} outside 1..{MAX_DIMENSION}")
     align = STRIDE_ALIGN
     if fourcc == NV12:
         stride = (width + align - 1) // align * align
@@ -81,7 +81,7 @@ def image_layout(width: int, height: int, fourcc: int, hdr: CtrlHdr) -> Layout:
         return Layout((stride, stride, 0, 0), (0, luma, 0, 0), (size + PAGE - 1) // PAGE * PAGE)
     bpp = _BPP.get(fourcc)
     if bpp is None:
-        raise CommandError(_INVALID, f"DRM format {fourcc.to_bytes(4, 'little')!r} is not supported", hdr)
+        raise CommandError(_INVALID, f"DRM format {fourcc.to_bytes(4, 'little')!r} is not supported")
     stride = (width * bpp + align - 1) // align * align
     return Layout((stride, 0, 0, 0), (0, 0, 0, 0), (stride * height + PAGE - 1) // PAGE * PAGE)
 
@@ -102,56 +102,56 @@ class CrossDomainContext(Context):
         self._next_blob = 0
         self._pending: dict[int, PendingBlob] = {}
 
-    def submit(self, data: bytes, hdr: CtrlHdr) -> None:
+    def submit(self, data: bytes) -> None:
         pos = 0
         while pos < len(data):
             if len(data) - pos < HEADER_SIZE:
-                raise CommandError(_INVALID, f"{len(data) - pos} trailing bytes are not a command", hdr)
+                raise CommandError(_INVALID, f"{len(data) - pos} trailing bytes are not a command")
             h = CrossDomainHeader.parse(data[pos:pos + HEADER_SIZE])
             size = h.cmd_size
             # A zero or overlong size would loop or read past the stream: refuse it.
             if size < HEADER_SIZE or pos + size > len(data):
-                raise CommandError(_INVALID, f"cross-domain command {h.cmd} with cmd_size {size}", hdr)
+                raise CommandError(_INVALID, f"cross-domain command {h.cmd} with cmd_size {size}")
             body = data[pos:pos + size]
             if h.cmd == CrossDomainCmd.CROSS_DOMAIN_CMD_INIT:
-                self._init(body, hdr)
+                self._init(body)
             elif h.cmd == CrossDomainCmd.CROSS_DOMAIN_CMD_GET_IMAGE_REQUIREMENTS:
-                self._image_requirements(body, hdr)
+                self._image_requirements(body)
             else:
-                raise CommandError(_INVALID, f"cross-domain command {h.cmd} is not supported", hdr)
+                raise CommandError(_INVALID, f"cross-domain command {h.cmd} is not supported")
             pos += size
 
-    def _init(self, body: bytes, hdr: CtrlHdr) -> None:
+    def _init(self, body: bytes) -> None:
         forms = {CrossDomainInit.sizeof(): CrossDomainInit, CrossDomainInitV1.sizeof(): CrossDomainInitV1,
                  CrossDomainInitLegacy.sizeof(): CrossDomainInitLegacy}
         form = forms.get(len(body))
         if form is None:
-            raise CommandError(_INVALID, f"INIT of {len(body)} bytes (16, 20 or 36 expected)", hdr)
+            raise CommandError(_INVALID, f"INIT of {len(body)} bytes (16, 20 or 36 expected)")
         msg = form.parse(body)
         if msg.channel_type != 0:
-            raise CommandError(_INVALID, f"channel type {msg.channel_type}: vgpu forwards no channels", hdr)
+            raise CommandError(_INVALID, f"channel type {msg.channel_type}: vgpu forwards no channels")
         if msg.query_ring_id not in self.attached:
             raise CommandError(CtrlType.RESP_ERR_INVALID_RESOURCE_ID,
-                               f"query ring {msg.query_ring_id} is not attached to context {self.id}", hdr)
+                               f"query ring {msg.query_ring_id} is not attached to context {self.id}")
         self.query_ring = msg.query_ring_id
 
-    def _image_requirements(self, body: bytes, hdr: CtrlHdr) -> None:
+    def _image_requirements(self, body: bytes) -> None:
         if len(body) != CrossDomainGetImageRequirements.sizeof():
-            raise CommandError(_INVALID, f"GET_IMAGE_REQUIREMENTS of {len(body)} bytes", hdr)
+            raise CommandError(_INVALID, f"GET_IMAGE_REQUIREMENTS of {len(body)} bytes")
         if self.query_ring is None:
-            raise CommandError(_INVALID, "GET_IMAGE_REQUIREMENTS before INIT", hdr)
+            raise CommandError(_INVALID, "GET_IMAGE_REQUIREMENTS before INIT")
         if self.query_ring not in self.attached:
-            raise CommandError(CtrlType.RESP_ERR_INVALID_RESOURCE_ID, "the query ring was detached", hdr)
+            raise CommandError(CtrlType.RESP_ERR_INVALID_RESOURCE_ID, "the query ring was detached")
         req = CrossDomainGetImageRequirements.parse(body)
-        layout = image_layout(req.width, req.height, req.drm_format, hdr)
-        buffer = self.services.allocate(layout.size, hdr)
+        layout = image_layout(req.width, req.height, req.drm_format)
+        buffer = self.services.allocate(layout.size)
         self._next_blob += 1
         blob_id = self._next_blob
         answer = CrossDomainImageRequirements.build(dict(
             strides=list(layout.strides), offsets=list(layout.offsets), modifier=0, size=layout.size,
             blob_id=blob_id, map_info=self.map_info_of(buffer), memory_idx=-1, physical_device_idx=-1))
         try:
-            self.services.write_resource(self.query_ring, 0, bytes(answer), hdr)
+            self.services.write_resource(self.query_ring, 0, bytes(answer))
         except BaseException:
             self.services.release(buffer)
             raise
@@ -159,12 +159,12 @@ class CrossDomainContext(Context):
         log.info("context %d: blob %d %dx%d %s, %d bytes from %s", self.id, blob_id, req.width, req.height,
                  req.drm_format.to_bytes(4, "little").decode(errors="replace"), layout.size, buffer.allocator)
 
-    def take_blob(self, blob_id: int, size: int, hdr: CtrlHdr) -> HostBuffer:
+    def take_blob(self, blob_id: int, size: int) -> HostBuffer:
         pending = self._pending.get(blob_id)
         if pending is None:
-            raise CommandError(_INVALID, f"context {self.id} never produced blob {blob_id}", hdr)
+            raise CommandError(_INVALID, f"context {self.id} never produced blob {blob_id}")
         if size != pending.layout.size:
-            raise CommandError(_INVALID, f"blob {blob_id} is {pending.layout.size} bytes, not {size}", hdr)
+            raise CommandError(_INVALID, f"blob {blob_id} is {pending.layout.size} bytes, not {size}")
         del self._pending[blob_id]
         return pending.buffer
 

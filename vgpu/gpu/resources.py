@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..blob.types import HostBuffer
-from ..protocol import CommandError, CtrlHdr, CtrlType
+from ..protocol import CommandError, CtrlType
 from .backing import Backing
 from .formats import BPP
 
@@ -73,43 +73,42 @@ class ResourceTable:
     def __iter__(self) -> Iterator[Resource]:
         return iter(list(self._by_id.values()))
 
-    def get(self, rid: int, hdr: CtrlHdr) -> Resource:
+    def get(self, rid: int) -> Resource:
         res = self._by_id.get(rid)
         if res is None:
-            raise CommandError(CtrlType.RESP_ERR_INVALID_RESOURCE_ID, f"no resource {rid}", hdr)
+            raise CommandError(CtrlType.RESP_ERR_INVALID_RESOURCE_ID, f"no resource {rid}")
         return res
 
-    def check_new_id(self, rid: int, hdr: CtrlHdr) -> None:
+    def check_new_id(self, rid: int) -> None:
         if rid == 0:
-            raise CommandError(CtrlType.RESP_ERR_INVALID_RESOURCE_ID, "resource id 0 is reserved", hdr)
+            raise CommandError(CtrlType.RESP_ERR_INVALID_RESOURCE_ID, "resource id 0 is reserved")
         if rid in self._by_id:
-            raise CommandError(CtrlType.RESP_ERR_INVALID_RESOURCE_ID, f"resource {rid} already exists", hdr)
+            raise CommandError(CtrlType.RESP_ERR_INVALID_RESOURCE_ID, f"resource {rid} already exists")
         if len(self._by_id) >= self.limits.max_resources:
             raise CommandError(CtrlType.RESP_ERR_OUT_OF_MEMORY,
-                               f"resource limit {self.limits.max_resources} reached", hdr)
+                               f"resource limit {self.limits.max_resources} reached")
 
-    def reserve(self, nbytes: int, hdr: CtrlHdr) -> None:
+    def reserve(self, nbytes: int) -> None:
         """Count `nbytes` of host memory against the guest's quota, or refuse before anything is allocated."""
         if self.host_bytes + nbytes > self.limits.max_host_bytes:
             raise CommandError(CtrlType.RESP_ERR_OUT_OF_MEMORY,
-                               f"{nbytes} more host bytes would pass the quota of {self.limits.max_host_bytes}",
-                               hdr)
+                               f"{nbytes} more host bytes would pass the quota of {self.limits.max_host_bytes}")
         self.host_bytes += nbytes
 
     def unreserve(self, nbytes: int) -> None:
         self.host_bytes -= nbytes
 
-    def create_2d(self, rid: int, fmt: int, width: int, height: int, hdr: CtrlHdr) -> Resource:
-        self.check_new_id(rid, hdr)
+    def create_2d(self, rid: int, fmt: int, width: int, height: int) -> Resource:
+        self.check_new_id(rid)
         if width == 0 or height == 0:
-            raise CommandError(CtrlType.RESP_ERR_INVALID_PARAMETER, f"{width}x{height} resource", hdr)
+            raise CommandError(CtrlType.RESP_ERR_INVALID_PARAMETER, f"{width}x{height} resource")
         nbytes = width * height * BPP
-        self.reserve(nbytes, hdr)
+        self.reserve(nbytes)
         try:
             pixels = np.zeros((height, width * BPP), dtype=np.uint8)
         except MemoryError:
             self.unreserve(nbytes)
-            raise CommandError(CtrlType.RESP_ERR_OUT_OF_MEMORY, f"cannot allocate {nbytes} bytes", hdr) from None
+            raise CommandError(CtrlType.RESP_ERR_OUT_OF_MEMORY, f"cannot allocate {nbytes} bytes") from None
         res = Resource(rid, width, height, fmt, pixels, host_bytes=nbytes)
         self._by_id[rid] = res
         return res
@@ -121,9 +120,8 @@ class ResourceTable:
         self._by_id[rid] = res
         return res
 
-    def create_guest_blob(self, rid: int, blob_mem: int, flags: int, size: int, backing: Backing | None,
-                          hdr: CtrlHdr) -> Resource:
-        self.check_new_id(rid, hdr)
+    def create_guest_blob(self, rid: int, blob_mem: int, flags: int, size: int, backing: Backing | None) -> Resource:
+        self.check_new_id(rid)
         res = Resource(rid, blob_size=size, blob_mem=blob_mem, blob_flags=flags, backing=backing)
         self._by_id[rid] = res
         return res

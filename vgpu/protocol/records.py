@@ -1,8 +1,9 @@
 """Plain value types shared by decoded commands and encoded responses.
 
-They are frozen so a decoded command can be logged, queued or compared without anyone mutating what the guest
-sent; they carry ints rather than enums where the guest may send values outside the enum (formats, blob_mem),
-because rejecting those is the device's decision, not the decoder's.
+The ones built for every command (``CtrlHdr``, ``Rect``, ``Box``, ``CursorPos``) are plain slotted dataclasses,
+not frozen ones, for the same measured reason as the commands (``commands`` says it), hashable by value. They
+carry ints rather than enums where the guest may send values outside the enum (formats, blob_mem), because
+rejecting those is the device's decision, not the decoder's.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ _FENCE = int(CtrlFlag.FLAG_FENCE)
 _RING_IDX = int(CtrlFlag.FLAG_INFO_RING_IDX)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class CtrlHdr:
     type: int
     flags: int = 0
@@ -41,7 +42,7 @@ class CtrlHdr:
             return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Rect:
     x: int
     y: int
@@ -49,7 +50,7 @@ class Rect:
     height: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Box:
     x: int
     y: int
@@ -59,7 +60,7 @@ class Box:
     d: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class CursorPos:
     scanout_id: int
     x: int

@@ -4,14 +4,13 @@ Names follow the C structs without the ``virtio_gpu_`` prefix (``ctrl_hdr`` is `
 so ``tools/layoutcheck.py`` can pair each definition with the kernel's own layout. Reserved fields are
 ``Padding``: the device writes zeros and never interprets what a guest put there. All values are little-endian
 (virtio ``le32``/``le64``). Variable-length tails (mem_entry arrays, SUBMIT_3D streams, capset data) are not
-part of these fixed structs; ``commands.decode`` handles them with explicit bounds checks.
+part of these fixed structs; ``derive`` decodes them with explicit bounds checks. The hot path packs and unpacks
+with ``struct`` formats derived from these definitions (``codec``), never with construct itself.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from construct import Array, Bytes, Construct, Int8ul, Int32ul, Int64ul, Padding, Struct
+from construct import Array, Bytes, Int8ul, Int32ul, Int64ul, Padding, Struct
 
 from .constants import VIRTIO_GPU_MAX_SCANOUTS
 
@@ -277,25 +276,6 @@ resp_map_info = Struct(
     "padding" / Padding(4),
 )
 
-
-def compiled(con: Construct[Any, Any]) -> Construct[Any, Any]:
-    """Compile a struct; parsing compiled code is about 4x faster, which matters on the per-command path."""
-    return con.compile()
-
-
-# Compiled forms of the structs parsed for every frame, every cursor move, or every backing page list.
-ctrl_hdr_c = compiled(ctrl_hdr)
-mem_entry_c = compiled(mem_entry)
-transfer_to_host_2d_c = compiled(transfer_to_host_2d)
-resource_flush_c = compiled(resource_flush)
-update_cursor_c = compiled(update_cursor)
-resource_create_2d_c = compiled(resource_create_2d)
-resource_attach_backing_c = compiled(resource_attach_backing)
-resource_create_blob_c = compiled(resource_create_blob)
-resource_map_blob_c = compiled(resource_map_blob)
-# Display info crosses the display socket on every GET_DISPLAY_INFO (both ways); interpreted it costs ~190 us.
-resp_display_info_c = compiled(resp_display_info)
-resp_edid_c = compiled(resp_edid)
 
 # Every struct in this module keyed by its C struct name, for iteration in tools and tests. Two keys have no
 # C struct behind them: virtio_gpu_get_display_info (a bare header) and virtio_gpu_config_v1_4 (spec v1.4 only).

@@ -1,5 +1,8 @@
 """The back end (device side) of vhost-user: one front-end connection at a time, one thread, one event loop.
 
+This module is the loop and its re-entrancy; the request handlers are in ``requests`` and what the connection
+has negotiated is in ``state``.
+
 Everything happens on one thread so that no lock guards the rings, the memory table or the device.  The price is
 re-entrancy: when the device waits for an ack on the back-end channel (SHMEM_MAP) or a reply on the display socket,
 the loop keeps reading the front-end socket, because QEMU may itself be waiting for us (it sends ADD_MEM_REG with
@@ -15,45 +18,28 @@ import os
 import selectors
 import signal
 import socket
-import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Final
+from typing import Final
 
-from .device import BackendChannelError, Device, DeviceRefused, Transport
-from .memory import GuestMemory, GuestMemoryError, RegionDesc
-from .message import Channel, Message, MissingFd, PeerClosed, ProtocolError
-from .virtqueue import DescriptorChain, Virtqueue, VirtqueueError
+from .device import BackendChannelError, Device, Transport
+from .memory import GuestMemory
+from .message import Channel, Message, PeerClosed, ProtocolError
+from .requests import Requests
+from .state import ConnectionState
+from .virtqueue import DescriptorChain, Virtqueue
 from .wire import (
-    CONFIG_HEADER_SIZE,
     FLAG_NEED_REPLY,
-    MAX_CONFIG_SIZE,
-    MAX_MEM_SLOTS,
-    MAX_MEM_TABLE_REGIONS,
-    MEMORY_TABLE_FIXED,
-    SHMEM_MAX_REGIONS,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_VERSION,
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
-    VRING_IDX_MASK,
-    VRING_NOFD_MASK,
     BackendRequest,
-    ConfigHeader,
     FrontendRequest,
-    MemoryRegion,
-    MemoryTable,
     ProtocolFeature,
-    ShmemConfig,
-    SingleMemoryRegion,
-    VringAddr,
-    VringState,
-    VringStateC,
     bit,
-    build,
-    build_u64,
     parse_u64,
 )
 
@@ -76,19 +62,6 @@ TRANSPORT_FEATURES: Final = (
     | bit(VIRTIO_RING_F_INDIRECT_DESC)
 )
 
-# Requests whose reply body is their answer: REPLY_ACK adds nothing to them.
-_OWN_REPLY: Final = frozenset({
-    FrontendRequest.GET_FEATURES, FrontendRequest.GET_PROTOCOL_FEATURES, FrontendRequest.GET_VRING_BASE,
-    FrontendRequest.GET_QUEUE_NUM, FrontendRequest.GET_CONFIG, FrontendRequest.GET_MAX_MEM_SLOTS,
-    FrontendRequest.GET_STATUS, FrontendRequest.GET_SHMEM_CONFIG,
-})
-# Requests a peer expects an answer to even without NEED_REPLY; if we cannot give one, closing is the only way
-# not to leave the front end waiting forever.
-_NEEDS_ANSWER: Final = frozenset({
-    FrontendRequest.IOTLB_MSG, FrontendRequest.GET_INFLIGHT_FD, FrontendRequest.POSTCOPY_ADVISE,
-    FrontendRequest.POSTCOPY_END, FrontendRequest.SET_DEVICE_STATE_FD, FrontendRequest.CHECK_DEVICE_STATE,
-    FrontendRequest.GET_SHARED_OBJECT, FrontendRequest.CREATE_CRYPTO_SESSION,
-})
 # Requests that stop or reset rings: while the device is mid-command they wait until it returns.
 _DEFERRED_WHILE_BUSY: Final = frozenset({
     FrontendRequest.GET_VRING_BASE, FrontendRequest.RESET_DEVICE, FrontendRequest.RESET_OWNER,
@@ -97,26 +70,20 @@ _DEFERRED_WHILE_BUSY: Final = frozenset({
 })
 
 
-class Refused(Exception):
-    """A request we understood and will not honour: failure ack with REPLY_ACK, otherwise a log line."""
-
-
 class Session(Transport):
-    """State of one front-end connection: features, memory, rings, the back-end channel, and the device."""
+    """The event loop of one front-end connection, and the transport the device sees."""
 
     def __init__(self, device: Device, channel: Channel, stop_fd: int | None = None) -> None:
         self.device = device
         self.channel = channel
-        self._memory = GuestMemory(MAX_MEM_SLOTS)
-        self._queues = [Virtqueue(i, device.max_queue_size) for i in range(device.num_queues)]
-        self.offered_features = TRANSPORT_FEATURES | device.device_features()
-        self.offered_protocol = TRANSPORT_PROTOCOL_FEATURES | device.protocol_features()
-        self.acked_features = 0
-        self.features_set = False
-        self._protocol_features = 0
-        self.owner = False
-        self.status = 0
-        self.backend_channel: Channel | None = None
+        self.state = ConnectionState(
+            offered_features=TRANSPORT_FEATURES | device.device_features(),
+            offered_protocol=TRANSPORT_PROTOCOL_FEATURES | device.protocol_features(),
+            queues=[Virtqueue(i, device.max_queue_size) for i in range(device.num_queues)],
+        )
+        self._memory = self.state.memory
+        self._queues = self.state.queues
+        self.requests = Requests(self.state, device, channel, self)
         self._selector = selectors.DefaultSelector()
         self._watches: dict[int, Callable[[], None]] = {}
         self._kicks: dict[int, Virtqueue] = {}
@@ -145,10 +112,11 @@ class Session(Transport):
 
     @property
     def protocol_features(self) -> int:
-        return self._protocol_features
+        return self.state.protocol_features
 
-    def has_protocol(self, feature: ProtocolFeature) -> bool:
-        return bool(self._protocol_features & bit(feature))
+    @property
+    def backend_channel(self) -> Channel | None:
+        return self.state.backend_channel
 
     def complete(self, queue: Virtqueue, chain: DescriptorChain, written: int) -> None:
         chain.release()
@@ -165,7 +133,7 @@ class Session(Transport):
         ch = self.backend_channel
         if ch is None or ch.closed:
             raise BackendChannelError("the front end gave us no back-end channel")
-        need_reply = self.has_protocol(ProtocolFeature.REPLY_ACK)
+        need_reply = self.state.has_protocol(ProtocolFeature.REPLY_ACK)
         try:
             ch.send(request, VHOST_USER_VERSION | (FLAG_NEED_REPLY if need_reply else 0), payload, fds)
         except OSError as e:
@@ -331,7 +299,7 @@ class Session(Transport):
         self._run_deferred()
 
     def _drain_backend_channel(self) -> None:
-        ch = self.backend_channel
+        ch = self.state.backend_channel
         assert ch is not None
         try:
             ch.fill()
@@ -347,13 +315,32 @@ class Session(Transport):
             msg.close_fds()
 
     def _drop_backend_channel(self) -> None:
-        if self.backend_channel is not None:
+        ch = self.state.backend_channel
+        if ch is not None:
             try:
-                self._selector.unregister(self.backend_channel.sock)
+                self._selector.unregister(ch.sock)
             except KeyError:
                 pass
-            self.backend_channel.close()
-            self.backend_channel = None
+            ch.close()
+            self.state.backend_channel = None
+
+    # --- LoopOps: what request handlers ask of the loop -------------------------------------------------------
+
+    def set_backend_channel(self, channel: Channel) -> None:
+        self._drop_backend_channel()
+        self.state.backend_channel = channel
+        self._selector.register(channel.sock, selectors.EVENT_READ, "backend")
+
+    def watch_kick(self, q: Virtqueue) -> None:
+        self._kicks[q.kick_fd] = q
+        self._selector.register(q.kick_fd, selectors.EVENT_READ, "kick")
+
+    def unwatch_kick(self, q: Virtqueue) -> None:
+        if q.kick_fd >= 0 and self._kicks.pop(q.kick_fd, None) is not None:
+            self._selector.unregister(q.kick_fd)
+
+    def process(self, q: Virtqueue) -> None:
+        self._process(q)
 
     def _serve_frontend(self) -> None:
         self.channel.fill()
@@ -363,348 +350,24 @@ class Session(Transport):
             if self._busy and (self._deferred or msg.request in _DEFERRED_WHILE_BUSY):
                 self._deferred.append(msg)
                 continue
-            self.handle(msg)
+            self.requests.handle(msg)
             self._run_deferred()
 
     def _run_deferred(self) -> None:
         while self._deferred and not self._busy:
-            self.handle(self._deferred.pop(0))
+            self.requests.handle(self._deferred.pop(0))
         while self._pending and not self._busy:
             self._process(self._queues[self._pending.pop()])
 
     # --- request handling -------------------------------------------------------------------------------------
-
-    def handle(self, msg: Message) -> None:
-        """Handle one front-end request and send whatever reply it calls for."""
-        try:
-            req = FrontendRequest(msg.request)
-        except ValueError:
-            msg.close_fds()
-            if msg.flags & FLAG_NEED_REPLY:
-                log.warning("unknown request %d: failure ack", msg.request)
-                self.channel.send_reply(msg.request, build_u64(1))
-                return
-            raise ProtocolError(f"unknown request {msg.request}") from None
-        handler = getattr(self, "_on_" + req.name.lower(), None)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("<- %s flags %#x size %d fds %d", req.name, msg.flags, len(msg.payload), len(msg.fds))
-        ok = True
-        reply: bytes | None = None
-        try:
-            if handler is None:
-                if req in _NEEDS_ANSWER:
-                    raise ProtocolError(f"{req.name} is not supported and needs an answer")
-                raise Refused(f"{req.name} is not supported")
-            reply = handler(msg)
-        except ProtocolError:
-            raise
-        except (Refused, DeviceRefused, GuestMemoryError, VirtqueueError, MissingFd) as e:
-            ok = False
-            log.warning("%s refused: %s", req.name, e)
-            if req in _OWN_REPLY:
-                # Every request with a reply body that can fail has its failure shape; none reach here unless
-                # the front end broke the rules (e.g. asked for a queue that does not exist).
-                raise ProtocolError(f"{req.name}: {e}") from e
-        except Exception as e:
-            # A bug of ours must cost this connection, never the process (and every other VM's next connect).
-            log.exception("%s failed unexpectedly", req.name)
-            raise ProtocolError(f"{req.name} failed: {e}") from e
-        finally:
-            msg.close_fds()
-        if reply is not None:
-            self.channel.send_reply(req, reply)
-        elif msg.flags & FLAG_NEED_REPLY and self.has_protocol(ProtocolFeature.REPLY_ACK):
-            self.channel.send_reply(req, build_u64(0 if ok else 1))
-        self._memory.collect()
-
-    def _payload(self, msg: Message, struct: Any, exact: bool = True) -> Any:
-        size = struct.sizeof()
-        if len(msg.payload) != size and (exact or len(msg.payload) < size):
-            raise ProtocolError(f"request {msg.request}: payload of {len(msg.payload)} bytes, expected {size}")
-        return struct.parse(msg.payload[:size])
-
-    def _u64(self, msg: Message) -> int:
-        if len(msg.payload) != 8:
-            raise ProtocolError(f"request {msg.request}: payload of {len(msg.payload)} bytes, expected 8")
-        return parse_u64(msg.payload)
-
-    def _queue(self, index: int) -> Virtqueue:
-        if index >= len(self._queues):
-            raise Refused(f"no queue {index} (the device has {len(self._queues)})")
-        return self._queues[index]
-
-    def _no_payload(self, msg: Message) -> None:
-        if msg.payload:
-            raise ProtocolError(f"request {msg.request} carries an unexpected payload")
-        if msg.fds:
-            log.warning("closing %d fds attached to request %d", len(msg.fds), msg.request)
-
-    # features
-
-    def _on_get_features(self, msg: Message) -> bytes:
-        self._no_payload(msg)
-        return build_u64(self.offered_features)
-
-    def _on_set_features(self, msg: Message) -> None:
-        features = self._u64(msg)
-        if features & ~self.offered_features:
-            # QEMU 10 acks VIRTIO_F_RING_RESET (bit 40) for a back end that never offered it; refusing would
-            # leave the device with no features at all.  Keep what we offered and say what we dropped.
-            log.info("SET_FEATURES: ignoring bits %#x that were never offered", features & ~self.offered_features)
-            features &= self.offered_features
-        self.acked_features = features
-        self.features_set = True
-        event_idx = bool(features & bit(VIRTIO_RING_F_EVENT_IDX))
-        for q in self._queues:
-            q.event_idx = event_idx
-            q.indirect = bool(features & bit(VIRTIO_RING_F_INDIRECT_DESC))
-            if not features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
-                # Without protocol features there is no SET_VRING_ENABLE: rings are enabled from the start.
-                q.enabled = True
-        self.device.set_features(features)
-
-    def _on_get_protocol_features(self, msg: Message) -> bytes:
-        self._no_payload(msg)
-        return build_u64(self.offered_protocol)
-
-    def _on_set_protocol_features(self, msg: Message) -> None:
-        features = self._u64(msg)
-        if features & ~self.offered_protocol:
-            raise Refused(f"protocol features {features & ~self.offered_protocol:#x} were never offered")
-        self._protocol_features = features
-
-    def _on_set_owner(self, msg: Message) -> None:
-        self._no_payload(msg)
-        self.owner = True
-
-    def _on_reset_owner(self, msg: Message) -> None:
-        # Deprecated; the spec allows ignoring it or disabling every ring.  Disabling is the safer reading.
-        self._no_payload(msg)
-        for q in self._queues:
-            self._stop(q)
-            q.enabled = False
-
-    def _on_reset_device(self, msg: Message) -> None:
-        self._no_payload(msg)
-        self.reset_device()
-
-    def reset_device(self) -> None:
-        for q in self._queues:
-            self._stop(q)
-            self._unwatch_kick(q)
-            q.reset()
-        self.device.reset()
-        self.acked_features = 0
-        self.features_set = False
-        self.status = 0
-
-    def _on_get_queue_num(self, msg: Message) -> bytes:
-        self._no_payload(msg)
-        return build_u64(len(self._queues))
-
-    def _on_get_max_mem_slots(self, msg: Message) -> bytes:
-        self._no_payload(msg)
-        return build_u64(MAX_MEM_SLOTS)
-
-    def _on_set_status(self, msg: Message) -> None:
-        self.status = self._u64(msg) & 0xFF
-        self.device.set_status(self.status)
-
-    def _on_get_status(self, msg: Message) -> bytes:
-        self._no_payload(msg)
-        return build_u64(self.status)
-
-    # memory
-
-    def _on_set_mem_table(self, msg: Message) -> None:
-        fds = msg.take_fds()
-        try:
-            if len(msg.payload) < MEMORY_TABLE_FIXED:
-                raise ProtocolError("SET_MEM_TABLE payload too short")
-            n = int.from_bytes(msg.payload[:4], "little")
-            if n > MAX_MEM_TABLE_REGIONS or len(msg.payload) != MEMORY_TABLE_FIXED + n * MemoryRegion.sizeof():
-                raise ProtocolError(f"SET_MEM_TABLE with {n} regions in {len(msg.payload)} bytes")
-            table = MemoryTable.parse(msg.payload)
-        except ProtocolError:
-            for fd in fds:
-                os.close(fd)
-            raise
-        descs = [RegionDesc(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
-                 for r in table.regions]
-        self._memory.set_table(descs, fds)
-        self._memory_changed()
-
-    def _on_add_mem_reg(self, msg: Message) -> None:
-        region = self._payload(msg, SingleMemoryRegion, exact=False).region
-        fd = msg.take_fd()
-        self._memory.add(RegionDesc(region.guest_phys_addr, region.memory_size, region.userspace_addr,
-                                    region.mmap_offset), fd)
-        self._memory_changed()
-
-    def _on_rem_mem_reg(self, msg: Message) -> None:
-        region = self._payload(msg, SingleMemoryRegion, exact=False).region
-        if msg.fds:
-            log.warning("REM_MEM_REG carried %d fds; closing them unused", len(msg.fds))
-        self._memory.remove(RegionDesc(region.guest_phys_addr, region.memory_size, region.userspace_addr, 0))
-        self._memory_changed()
-
-    def _memory_changed(self) -> None:
-        for q in self._queues:
-            if q.has_addr and q.size:
-                try:
-                    q.map(self._memory)
-                except VirtqueueError as e:
-                    # The ring may legitimately be outside memory until the rest of the table arrives.
-                    log.debug("queue %d not mapped: %s", q.index, e)
-        self.device.memory_changed()
-
-    # rings
-
-    def _on_set_vring_num(self, msg: Message) -> None:
-        st = self._payload(msg, VringState)
-        q = self._queue(st.index)
-        if q.started:
-            raise Refused(f"queue {st.index} is running")
-        q.set_size(st.num)
-
-    def _on_set_vring_addr(self, msg: Message) -> None:
-        a = self._payload(msg, VringAddr)
-        q = self._queue(a.index)
-        if q.started:
-            raise Refused(f"queue {a.index} is running")
-        q.set_addr(a.desc_user_addr, a.used_user_addr, a.avail_user_addr, a.log_guest_addr, a.flags)
-        q.map(self._memory)
-
-    def _on_set_vring_base(self, msg: Message) -> None:
-        st = self._payload(msg, VringState)
-        q = self._queue(st.index)
-        if q.started:
-            raise Refused(f"queue {st.index} is running")
-        q.set_base(st.num)
-
-    def _on_get_vring_base(self, msg: Message) -> bytes:
-        st = self._payload(msg, VringState)
-        q = self._queue(st.index)
-        self._stop(q)
-        self._unwatch_kick(q)
-        q.replace_fd("kick_fd", -1)
-        return VringStateC.build({"index": st.index, "num": q.last_avail_idx})
-
-    def _stop(self, q: Virtqueue) -> None:
-        if q.started:
-            q.started = False
-            self.device.queue_stopped(q)
-
-    def _vring_fd(self, msg: Message) -> tuple[Virtqueue, int]:
-        value = self._u64(msg)
-        q = self._queue(value & VRING_IDX_MASK)
-        if value & VRING_NOFD_MASK:
-            msg.close_fds()
-            return q, -1
-        return q, msg.take_fd()
-
-    def _unwatch_kick(self, q: Virtqueue) -> None:
-        if q.kick_fd >= 0 and self._kicks.pop(q.kick_fd, None) is not None:
-            self._selector.unregister(q.kick_fd)
-
-    def _on_set_vring_kick(self, msg: Message) -> None:
-        q, fd = self._vring_fd(msg)
-        self._unwatch_kick(q)
-        q.replace_fd("kick_fd", fd)
-        if fd >= 0:
-            os.set_blocking(fd, False)
-            self._kicks[fd] = q
-            self._selector.register(fd, selectors.EVENT_READ, "kick")
-        if not q.mapped:
-            q.map(self._memory)
-        was_started = q.started
-        q.started = True
-        if not was_started:
-            self.device.queue_started(q)
-        # Chains may have been queued before the kick fd arrived (e.g. after SET_VRING_BASE on resume).
-        self._process(q)
-
-    def _on_set_vring_call(self, msg: Message) -> None:
-        q, fd = self._vring_fd(msg)
-        q.replace_fd("call_fd", fd)
-
-    def _on_set_vring_err(self, msg: Message) -> None:
-        q, fd = self._vring_fd(msg)
-        q.replace_fd("err_fd", fd)
-
-    def _on_set_vring_enable(self, msg: Message) -> None:
-        st = self._payload(msg, VringState)
-        if not self.acked_features & bit(VHOST_USER_F_PROTOCOL_FEATURES) and self.features_set:
-            raise Refused("SET_VRING_ENABLE without protocol features")
-        q = self._queue(st.index)
-        q.enabled = bool(st.num)
-        if q.enabled:
-            self._process(q)
-
-    def _on_vring_kick(self, msg: Message) -> None:
-        st = self._payload(msg, VringState)
-        self._process(self._queue(st.index))
-
-    def _on_set_vring_endian(self, msg: Message) -> None:
-        raise Refused("legacy (big-endian) rings are not supported")
-
-    # config
-
-    def _on_get_config(self, msg: Message) -> bytes:
-        if len(msg.payload) < CONFIG_HEADER_SIZE:
-            raise ProtocolError("GET_CONFIG payload too short")
-        hdr = ConfigHeader.parse(msg.payload[:CONFIG_HEADER_SIZE])
-        space = self.device.config()
-        wrong_size = len(msg.payload) != CONFIG_HEADER_SIZE + hdr.size
-        if hdr.size == 0 or hdr.offset + hdr.size > MAX_CONFIG_SIZE or wrong_size:
-            # A zero-sized payload is how the spec says "failed".
-            log.warning("GET_CONFIG offset %d size %d refused", hdr.offset, hdr.size)
-            return build(ConfigHeader, offset=hdr.offset, size=0, flags=hdr.flags)
-        # Bytes past the device's config space read as zero, as unimplemented registers do: a front end told a
-        # larger config_size (QEMU's generic vhost-user device takes it from the user) must not lose the device.
-        data = space[hdr.offset:hdr.offset + hdr.size]
-        return msg.payload[:CONFIG_HEADER_SIZE] + data + bytes(hdr.size - len(data))
-
-    def _on_set_config(self, msg: Message) -> None:
-        if len(msg.payload) < CONFIG_HEADER_SIZE:
-            raise ProtocolError("SET_CONFIG payload too short")
-        hdr = ConfigHeader.parse(msg.payload[:CONFIG_HEADER_SIZE])
-        data = msg.payload[CONFIG_HEADER_SIZE:]
-        if hdr.size > MAX_CONFIG_SIZE or len(data) != hdr.size:
-            raise Refused(f"SET_CONFIG size {hdr.size} with {len(data)} bytes")
-        self.device.write_config(hdr.offset, data)
-
-    def _on_get_shmem_config(self, msg: Message) -> bytes:
-        self._no_payload(msg)
-        sizes = [0] * SHMEM_MAX_REGIONS
-        for shmid, size in self.device.shmem_regions().items():
-            sizes[shmid] = size
-        return build(ShmemConfig, nregions=sum(1 for s in sizes if s), memory_sizes=sizes)
-
-    # channels
-
-    def _on_set_backend_req_fd(self, msg: Message) -> None:
-        sock = _stream_socket(msg.take_fd())
-        self._drop_backend_channel()
-        self.backend_channel = Channel(sock)
-        self._selector.register(self.backend_channel.sock, selectors.EVENT_READ, "backend")
-
-    def _on_gpu_set_socket(self, msg: Message) -> None:
-        self.device.set_gpu_socket(_stream_socket(msg.take_fd()))
-
-    def _on_set_log_fd(self, msg: Message) -> None:
-        raise Refused("dirty logging (migration) is not supported")
-
-    def _on_set_inflight_fd(self, msg: Message) -> None:
-        raise Refused("inflight tracking is not supported")
 
     # --- teardown ---------------------------------------------------------------------------------------------
 
     def close(self) -> None:
         """Release everything this connection owns: rings, fds, mappings, device state."""
         for q in self._queues:
-            self._stop(q)
-            self._unwatch_kick(q)
+            self.requests.stop(q)
+            self.unwatch_kick(q)
             q.reset()
         for msg in self._deferred:
             msg.close_fds()
@@ -719,21 +382,6 @@ class Session(Transport):
         self._memory.close()
         self._selector.close()
         self.channel.close()
-
-
-def _stream_socket(fd: int) -> socket.socket:
-    """Wrap an fd the front end says is a socket; anything else is refused (and closed), not trusted."""
-    try:
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            raise Refused("the fd is not a socket")
-        sock = socket.socket(fileno=fd)
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-            sock.detach()
-            raise Refused("the fd is not a Unix stream socket")
-        return sock
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 class StopSignal:

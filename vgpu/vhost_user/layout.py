@@ -1,7 +1,9 @@
-"""Views of construct layouts as numpy dtypes, so ring and table arrays keep construct as their one definition."""
+"""Views of construct layouts as numpy dtypes and ``struct`` formats, so ring and table accesses keep construct
+as their one definition (this package imports nothing else from vgpu, so it derives its own small forms)."""
 
 from __future__ import annotations
 
+import struct as _struct
 from typing import Any
 
 import numpy as np
@@ -24,3 +26,18 @@ def dtype_of(struct: Struct) -> np.dtype[Any]:
     if dt.itemsize != struct.sizeof():
         raise TypeError("layout has padding that a packed dtype cannot express")
     return dt
+
+
+def struct_of(layout: Struct) -> _struct.Struct:
+    """A ``struct.Struct`` with the same fields, in order, as a construct Struct of plain integers."""
+    codes: list[str] = []
+    for sub in layout.subcons:
+        if not isinstance(sub, Renamed) or not isinstance(sub.subcon, FormatField):
+            raise TypeError(f"{sub!r} is not a named integer field")
+        if sub.subcon.fmtstr[0] != "<":
+            raise TypeError(f"{sub.name}: only little-endian fields are supported")
+        codes.append(sub.subcon.fmtstr[1:])
+    st = _struct.Struct("<" + "".join(codes))
+    if st.size != layout.sizeof():
+        raise TypeError("layout size differs from its struct format")
+    return st

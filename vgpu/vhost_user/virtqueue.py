@@ -2,22 +2,22 @@
 
 The rings live in guest memory and the guest (another thread of QEMU) writes them concurrently, so every value read
 from them is untrusted: indices are reduced modulo the queue size, chain walks are capped, and every buffer address
-is translated through the region table with its full length.  Ring views are numpy arrays over the mapping so that
-reading an index or writing a used element is one store, not a pack/unpack round trip.
+is translated through the region table with its full length.  Rings are read and written with precompiled
+``struct`` formats on memoryviews of the mapping (about 0.15 us an access, against about 1 us for a numpy element);
+the views also pin the mapping, so a region cannot be unmapped under a ring in use.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
-import numpy as np
-
-from .layout import dtype_of
+from .layout import struct_of
 from .memory import GuestMemory, GuestMemoryError
 from .wire import (
     VRING_AVAIL_F_NO_INTERRUPT,
@@ -29,8 +29,9 @@ from .wire import (
     VringUsedElem,
 )
 
-DESC_DTYPE: Final = dtype_of(VringDesc)
-USED_ELEM_DTYPE: Final = dtype_of(VringUsedElem)
+_DESC: Final = struct_of(VringDesc)
+_USED_ELEM: Final = struct_of(VringUsedElem)
+_U16: Final = struct.Struct("<H")
 # An indirect table may hold at most this many descriptors; the spec bounds it by the queue size for direct chains
 # only, so we pick the split-ring maximum to keep a hostile table from making us walk forever.
 MAX_INDIRECT: Final = 32768
@@ -136,11 +137,11 @@ class Virtqueue:
         self.enabled = False
         self.event_idx = False
         self.indirect = False
-        self._desc: np.ndarray[Any, Any] | None = None
-        self._avail: np.ndarray[Any, Any] | None = None
-        self._used: np.ndarray[Any, Any] | None = None
-        self._used_elems: np.ndarray[Any, Any] | None = None
-        self._avail_event: np.ndarray[Any, Any] | None = None
+        # Views of the descriptor table, the available ring (flags, idx, ring[], used_event) and the used ring
+        # (flags, idx, ring[], avail_event).
+        self._desc: memoryview | None = None
+        self._avail: memoryview | None = None
+        self._used: memoryview | None = None
         self._notified_used = 0
         self.broken = False
 
@@ -179,16 +180,17 @@ class Virtqueue:
             ur, uoff = memory.uva(self.used_addr, usz)
         except GuestMemoryError as e:
             raise VirtqueueError(f"queue {self.index}: {e}") from e
-        self._desc = np.frombuffer(dr.mapping, DESC_DTYPE, self.size, dr.skew + doff)
-        self._avail = np.frombuffer(ar.mapping, np.dtype("<u2"), self.size + 3, ar.skew + aoff)
-        self._used = np.frombuffer(ur.mapping, np.dtype("<u2"), 2, ur.skew + uoff)
-        self._used_elems = np.frombuffer(ur.mapping, USED_ELEM_DTYPE, self.size, ur.skew + uoff + 4)
-        self._avail_event = np.frombuffer(ur.mapping, np.dtype("<u2"), 1, ur.skew + uoff + 4 + 8 * self.size)
-        self.used_idx = int(self._used[1])
+        self._desc = dr.view(doff, dsz)
+        self._avail = ar.view(aoff, asz)
+        self._used = ur.view(uoff, usz)
+        self.used_idx = _U16.unpack_from(self._used, 2)[0]
         self._notified_used = self.used_idx
 
     def unmap(self) -> None:
-        self._desc = self._avail = self._used = self._used_elems = self._avail_event = None
+        for v in (self._desc, self._avail, self._used):
+            if v is not None:
+                v.release()
+        self._desc = self._avail = self._used = None
 
     @property
     def mapped(self) -> bool:
@@ -216,7 +218,8 @@ class Virtqueue:
 
     def avail_idx(self) -> int:
         assert self._avail is not None
-        return int(self._avail[1])
+        idx: int = _U16.unpack_from(self._avail, 2)[0]
+        return idx
 
     def has_pending(self) -> bool:
         return self._avail is not None and self.avail_idx() != self.last_avail_idx
@@ -229,17 +232,17 @@ class Virtqueue:
             return None
         if self.event_idx:
             full_fence()  # our avail_event store (previous pop) before this load of the driver's avail idx
-        idx = int(avail[1])
+        idx = _U16.unpack_from(avail, 2)[0]
         pending = (idx - self.last_avail_idx) & 0xFFFF
         if pending == 0:
             return None
         if pending > self.size:
             raise RingBroken(f"queue {self.index}: avail index moved by {pending} > queue size {self.size}")
-        head = int(avail[2 + self.last_avail_idx % self.size])
+        head: int = _U16.unpack_from(avail, 4 + 2 * (self.last_avail_idx % self.size))[0]
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-        if self._avail_event is not None and self.event_idx:
+        if self.event_idx and self._used is not None:
             # Ask for a kick when the driver publishes the next one.
-            self._avail_event[0] = self.last_avail_idx
+            _U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail_idx)
         if head >= self.size:
             raise RingBroken(f"queue {self.index}: head {head} outside a queue of {self.size}")
         try:
@@ -251,7 +254,8 @@ class Virtqueue:
     def _walk(self, memory: GuestMemory, head: int) -> DescriptorChain:
         assert self._desc is not None
         chain = DescriptorChain(head)
-        table: np.ndarray[Any, Any] = self._desc
+        table: memoryview = self._desc
+        unpack = _DESC.unpack_from
         limit = self.size
         i = head
         seen = 0
@@ -262,8 +266,7 @@ class Virtqueue:
                 if seen >= limit:
                     raise VirtqueueError(f"queue {self.index}: chain at {head} loops or exceeds {limit} descriptors")
                 seen += 1
-                d = table[i]
-                addr, length, flags, nxt = int(d[0]), int(d[1]), int(d[2]), int(d[3])
+                addr, length, flags, nxt = unpack(table, 16 * i)
                 if flags & VRING_DESC_F_INDIRECT:
                     if indirect:
                         raise VirtqueueError("nested indirect descriptor table")
@@ -277,8 +280,8 @@ class Virtqueue:
                         raise VirtqueueError(f"indirect table: {e}") from e
                     if chain.readable or chain.writable:
                         raise VirtqueueError("indirect descriptor after direct buffers")
-                    table = np.frombuffer(view, DESC_DTYPE)
-                    limit = len(table)
+                    table = view
+                    limit = length // VRING_DESC_SIZE
                     indirect = True
                     i, seen = 0, 0
                     continue
@@ -306,18 +309,18 @@ class Virtqueue:
 
     def push(self, head: int, written: int) -> None:
         """Return a chain to the driver with `written` bytes in its writable part."""
-        assert self._used is not None and self._used_elems is not None
-        slot = self.used_idx % self.size
-        self._used_elems[slot] = (head, written)
+        used = self._used
+        assert used is not None
+        _USED_ELEM.pack_into(used, 4 + 8 * (self.used_idx % self.size), head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        # numpy stores are plain stores; on x86 (TSO) the element is visible before the index that publishes it.
-        self._used[1] = self.used_idx
+        # Two separate plain stores; on x86 (TSO) the element is visible before the index that publishes it.
+        _U16.pack_into(used, 2, self.used_idx)
 
     def should_notify(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last notification."""
         assert self._avail is not None
         if not self.event_idx:
-            return not int(self._avail[0]) & VRING_AVAIL_F_NO_INTERRUPT
+            return not _U16.unpack_from(self._avail, 0)[0] & VRING_AVAIL_F_NO_INTERRUPT
         old = self.signalled_used
         valid = self.signalled_used_valid
         new = self.used_idx
@@ -326,7 +329,7 @@ class Virtqueue:
         if not valid:
             return True
         full_fence()  # our used idx store before this load of the driver's used_event
-        used_event = int(self._avail[2 + self.size])
+        used_event: int = _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
         return need_event(used_event, new, old)
 
     def notify(self) -> bool:
