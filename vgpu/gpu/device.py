@@ -310,6 +310,8 @@ class GpuDevice(Device):
         return responses.edid(cmd.hdr, build_edid(w, h, serial=cmd.scanout))
 
     def _detach_scanouts(self, res: Resource) -> None:
+        if not res.scanouts:
+            return
         for sid in sorted(res.scanouts):
             s = self.scanouts[sid]
             s.resource, s.blob, s.rect, s.dmabuf = None, None, NO_RECT, None

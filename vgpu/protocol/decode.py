@@ -28,6 +28,10 @@ _HDR = BY_TYPE[CtrlType.CMD_GET_DISPLAY_INFO].flat.st  # a bare header: the shar
 CTRL_HDR_SIZE: int = _HDR.size
 _RING_IDX_FLAG = int(CtrlFlag.FLAG_INFO_RING_IDX)
 _TYPE_FLAGS = struct.Struct("<II")
+# Per type: the fixed part's codec, the generated decoder, and whether a variable tail follows (only then is a view
+# of the rest made). Plain tuples: this is looked up for every command.
+_FAST = {t: (d.flat.st, d.decode, any(f in d.flat.fields for f in ("nr_entries", "size"))) for t, d in BY_TYPE.items()}
+_NO_TAIL = memoryview(b"")
 
 
 def command_size(ctrl_type: int) -> int | None:
@@ -55,15 +59,17 @@ def decode(buf: bytes | bytearray | memoryview) -> c.Command:
         raise CommandError(CtrlType.RESP_ERR_INVALID_PARAMETER,
                            f"request of {n} bytes is shorter than ctrl_hdr ({CTRL_HDR_SIZE})")
     ctrl_type, flags = _TYPE_FLAGS.unpack_from(buf)
-    d = BY_TYPE.get(ctrl_type)
-    if d is None:
+    fast = _FAST.get(ctrl_type)
+    if fast is None:
         raise CommandError(CtrlType.RESP_ERR_UNSPEC, f"unknown command type {ctrl_type:#06x}")
     if flags & _RING_IDX_FLAG and buf[20] > VIRTIO_GPU_MAX_RING_IDX:
         raise CommandError(CtrlType.RESP_ERR_INVALID_PARAMETER,
                            f"ring_idx {buf[20]} is outside 0..{VIRTIO_GPU_MAX_RING_IDX}")
-    st = d.flat.st
+    st, build, tail = fast
     if n < st.size:
         raise CommandError(CtrlType.RESP_ERR_INVALID_PARAMETER,
                            f"{CtrlType(ctrl_type).name} needs {st.size} bytes, request has {n}")
+    if not tail:
+        return build(st.unpack_from(buf), _NO_TAIL)
     view = buf if isinstance(buf, memoryview) else memoryview(buf)
-    return d.decode(st.unpack_from(buf), view[st.size:])
+    return build(st.unpack_from(buf), view[st.size:])

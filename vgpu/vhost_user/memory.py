@@ -127,12 +127,16 @@ class GuestMemory:
         self._gpa = _Index([], "guest_phys_addr")
         self._uva = _Index([], "userspace_addr")
         self.generation = 0
+        # The region the last guest-physical lookup hit, as (start, end, view of its whole mapping): descriptor
+        # buffers cluster in one region, so most lookups skip the search and one slice makes the view.
+        self._hot: tuple[int, int, memoryview] | None = None
 
     @property
     def regions(self) -> tuple[MappedRegion, ...]:
         return tuple(self._regions)
 
     def _rebuild(self) -> None:
+        self._drop_hot()
         self._gpa = _Index(self._regions, "guest_phys_addr")
         self._uva = _Index(self._regions, "userspace_addr")
         self.generation += 1
@@ -228,8 +232,21 @@ class GuestMemory:
 
     def gpa(self, addr: int, length: int) -> memoryview:
         """A writable view of guest-physical [addr, addr+length)."""
+        hot = self._hot
+        if hot is not None and hot[0] <= addr and addr + length <= hot[1] and length >= 0:
+            off = addr - hot[0]
+            return hot[2][off:off + length]
         r, off = self._gpa.find(addr, length)
-        return r.view(off, length)
+        start = r.desc.guest_phys_addr
+        self._drop_hot()
+        self._hot = (start, start + r.desc.memory_size, r.view(0, r.desc.memory_size))
+        return self._hot[2][off:off + length]
+
+    def _drop_hot(self) -> None:
+        # Releasing the cached view leaves the slices made from it alive and pinning the mapping, as any view does.
+        if self._hot is not None:
+            self._hot[2].release()
+            self._hot = None
 
     def uva(self, addr: int, length: int) -> tuple[MappedRegion, int]:
         """Region and offset (relative to the region start) of front-end user address range."""

@@ -95,6 +95,11 @@ class DescriptorChain:
 
     def write(self, data: bytes | memoryview) -> int:
         """Scatter `data` into the writable buffers; returns how many bytes fit (never more than they hold)."""
+        if len(self.writable) == 1:  # the common shape: one response buffer
+            dst = self.writable[0]
+            n = min(len(dst), len(data))
+            dst[:n] = data[:n]
+            return n
         src = memoryview(data)
         done = 0
         for dst in self.writable:
@@ -253,10 +258,25 @@ class Virtqueue:
 
     def _walk(self, memory: GuestMemory, head: int) -> DescriptorChain:
         assert self._desc is not None
-        chain = DescriptorChain(head)
         table: memoryview = self._desc
         unpack = _DESC.unpack_from
         limit = self.size
+        # The common shape, a request buffer chained to one response buffer, without the general loop. Anything
+        # else (indirect tables, longer chains, bad flags) takes the loop below, which does every check.
+        addr, length, flags, nxt = unpack(table, 16 * head)
+        if flags == VRING_DESC_F_NEXT and nxt < limit and nxt != head:
+            addr2, length2, flags2, _ = unpack(table, 16 * nxt)
+            if flags2 == VRING_DESC_F_WRITE and length + length2 <= MAX_CHAIN_BYTES:
+                try:
+                    readable = memory.gpa(addr, length)
+                    try:
+                        return DescriptorChain(head, [readable], [memory.gpa(addr2, length2)])
+                    except GuestMemoryError:
+                        readable.release()
+                        raise
+                except GuestMemoryError as e:
+                    raise VirtqueueError(f"queue {self.index}: chain at {head}: {e}") from e
+        chain = DescriptorChain(head, [], [])
         i = head
         seen = 0
         total = 0
