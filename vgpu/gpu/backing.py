@@ -10,12 +10,13 @@ Bytes move one of two ways:
 * through a contiguous *alias* (vgpu/vhost_user/alias.py): the backing's runs mapped again, back to back, so a
   transfer is one memcpy and a sub-rectangle one strided 2D numpy copy, at the speed of copying contiguous memory;
 * otherwise through the region mappings: one slice per run when a range touches few runs, else one numpy.take
-  over page rows (about 0.6 of memcpy speed on scattered 4 KiB pages).
+  over page rows (0.35-0.6 of memcpy speed on scattered 4 KiB pages, as measured by benchmarks/transfer_copy.py).
 
-An alias costs about 15-25 us per run to build (mmap plus the first touch of each page), about as much as 300
-page-by-page copies save, so a backing gets one only once it has paid that much in extra copying (the
-ski-rental rule: never more than twice the cost of knowing the future).  A resource attached, transferred once
-and freed never pays for one; a framebuffer refreshed every frame gets one within seconds.
+An alias costs 10-40 us per run to build (mmap, which splits the reservation, plus the first touch of each page;
+measured under load on a 2-core VM) and saves 50-600 ns per page copied afterwards, so a backing gets one only
+once it has paid about that much in slower copies (the ski-rental rule: never more than twice the cost of knowing
+the future).  A resource attached, transferred once and freed never pays for one; a framebuffer sent every frame
+gets one within a few seconds.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from ..vhost_user.alias import Alias, AliasRefused
 from ..vhost_user.memory import GuestMemory, GuestMemoryError, MappedRegion
 
 PAGE: Final = 4096
-#: Runs touched through the region mappings, per run of the backing, before an alias is built (see above: an
-#: alias run costs 15-25 us; a run copied by numpy.take instead of by memcpy costs about 55 ns more).
-ALIAS_AFTER_PIECES_PER_RUN: Final = 256
+#: Runs touched through the region mappings, per run of the backing, before an alias is built: about where an
+#: alias run's cost (10-40 us) meets what it saves per copy (50-600 ns, see above).
+ALIAS_AFTER_PIECES_PER_RUN: Final = 128
 #: Up to this many runs a slice each beats numpy.take's set-up.
 _FEW_RUNS: Final = 4
 #: Rows of a partial-width copy staged at a time through the region mappings: small enough to stay in cache.
