@@ -13,7 +13,7 @@ from .dmabuf import cpu_access
 from .types import HostBuffer
 
 
-def write_host(buffer: HostBuffer, start: int, data: bytes) -> None:
+def write_host(buffer: HostBuffer, start: int, data: bytes | memoryview) -> None:
     """Write into a host buffer through a mapping (bracketed CPU access for a dma-buf)."""
     if start < 0 or start + len(data) > buffer.size:
         raise ValueError(f"range [{start}, +{len(data)}) is past the {buffer.size}-byte buffer")

@@ -11,8 +11,6 @@ import logging
 from collections.abc import Callable
 from typing import Final
 
-import numpy as np
-
 from ..blob.allocators import AllocationError
 from ..blob.bufferio import read_host, write_host
 from ..blob.types import Allocator, CacheResolver, HostBuffer, Resolution, Unresolved
@@ -216,9 +214,7 @@ class BlobEngine:
         memory = self._transport().memory
         try:
             if isinstance(cmd, TransferToHost3D):
-                data = np.empty(b.w, dtype=np.uint8)
-                res.backing.gather(memory, cmd.offset, data)
-                write_host(buffer, b.x, data.tobytes())
+                write_host(buffer, b.x, res.backing.read(memory, cmd.offset, b.w).data)
             else:
                 res.backing.scatter(memory, cmd.offset, read_host(buffer, b.x, b.w))
         except (BackingError, ValueError, OSError) as e:

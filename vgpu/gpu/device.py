@@ -372,6 +372,7 @@ class GpuDevice(Device):
             # A guest blob's pixels are its backing: what the scanout shows goes with it.
             self._detach_scanouts(res)
         res.drop_guest_dmabuf()
+        res.backing.close()
         res.backing = None
 
     def _transfer_to_host_2d(self, cmd: TransferToHost2D) -> None:
@@ -393,15 +394,9 @@ class GpuDevice(Device):
         if cmd.offset + span > res.backing.size:
             raise CommandError(_INVALID, f"transfer of {span} bytes at offset {cmd.offset} passes the "
                                   f"{res.backing.size}-byte backing")
-        flat = res.pixels.reshape(-1)
-        dst0 = r.y * stride + r.x * BPP
-        if row == stride:
-            # Whole rows: one contiguous gather straight into the image.
-            res.backing.gather(self.transport.memory, cmd.offset, flat[dst0:dst0 + span])
-        else:
-            staging = np.empty(r.height * stride, dtype=np.uint8)
-            res.backing.gather(self.transport.memory, cmd.offset, staging[:span])
-            res.pixels[r.y:r.y + r.height, r.x * BPP:r.x * BPP + row] = staging.reshape(r.height, stride)[:, :row]
+        # Straight into the image's rectangle, no staging (full-width rectangles are one contiguous gather).
+        res.backing.gather_rows(self.transport.memory, cmd.offset, stride, row,
+                                res.pixels[r.y:r.y + r.height, r.x * BPP:r.x * BPP + row])
 
     def _assign_uuid(self, cmd: ResourceAssignUuid) -> bytes:
         self._need(GpuFeature.F_RESOURCE_UUID)
@@ -538,8 +533,7 @@ class GpuDevice(Device):
         if res.pixels is not None and (res.width, res.height) == (GPU_CURSOR_SIZE, GPU_CURSOR_SIZE):
             return res.pixels.reshape(GPU_CURSOR_SIZE, GPU_CURSOR_SIZE, BPP)
         if res.is_blob and res.backing is not None and res.blob_size >= n:
-            out = np.empty(n, dtype=np.uint8)
-            res.backing.gather(self.transport.memory, 0, out)
+            out = res.backing.read(self.transport.memory, 0, n)  # read-only; to_bgra copies
             return out.reshape(GPU_CURSOR_SIZE, GPU_CURSOR_SIZE, BPP)
         raise CommandError(_INVALID, f"cursor resource {res.id} is not a 64x64 image")
 

@@ -130,6 +130,8 @@ class ResourceTable:
         del self._by_id[res.id]
         self.unreserve(res.host_bytes)
         res.pixels = None
+        if res.backing is not None:
+            res.backing.close()
         res.backing = None
         res.drop_guest_dmabuf()
         if res.host_buffer is not None:

@@ -73,17 +73,18 @@ class Scanout:
             return rows.reshape(r.height, r.width, BPP)
         b = self.blob
         start = b.offset + r.y * b.stride + r.x * BPP
+        if res.backing is not None and res.host_buffer is None:
+            # Read-only (a view of the backing's alias when it has one): every caller converts, which copies.
+            rows = res.backing.read_rows(memory, start, b.stride, r.width * BPP, r.height)
+            return rows.reshape(r.height, r.width, BPP)
+        if res.host_buffer is None:
+            raise BackingError("blob has no memory to show")
         span = (r.height - 1) * b.stride + r.width * BPP
         buf = np.empty(r.height * b.stride, dtype=np.uint8)
-        if res.host_buffer is not None:
-            try:
-                buf[:span] = np.frombuffer(read_host(res.host_buffer, start, span), dtype=np.uint8)
-            except (ValueError, OSError) as e:
-                raise BackingError(str(e)) from e
-        elif res.backing is not None:
-            res.backing.gather(memory, start, buf[:span])
-        else:
-            raise BackingError("blob has no memory to show")
+        try:
+            buf[:span] = np.frombuffer(read_host(res.host_buffer, start, span), dtype=np.uint8)
+        except (ValueError, OSError) as e:
+            raise BackingError(str(e)) from e
         return buf.reshape(r.height, b.stride)[:, :r.width * BPP].reshape(r.height, r.width, BPP)
 
 

@@ -7,7 +7,7 @@ of them is a guest (or front-end) bug, never something to stitch together.
 
 Regions are replaced while commands may still hold views into them (QEMU can send SET_MEM_TABLE mid-command), so a
 removed region is *retired*: it leaves the lookup table at once and its mapping is closed by `collect()` once no view
-into it remains.
+into it remains.  Contiguous aliases made from the regions (alias.py) are dropped the same way on every change.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import stat
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Final
+
+from .alias import AliasTable
 
 PAGE_SIZE: Final = mmap.PAGESIZE
 
@@ -130,6 +132,7 @@ class GuestMemory:
         # The region the last guest-physical lookup hit, as (start, end, view of its whole mapping): descriptor
         # buffers cluster in one region, so most lookups skip the search and one slice makes the view.
         self._hot: tuple[int, int, memoryview] | None = None
+        self.aliases = AliasTable()
 
     @property
     def regions(self) -> tuple[MappedRegion, ...]:
@@ -140,6 +143,8 @@ class GuestMemory:
         self._gpa = _Index(self._regions, "guest_phys_addr")
         self._uva = _Index(self._regions, "userspace_addr")
         self.generation += 1
+        # An alias names files and offsets of the old table: drop them all, users rebuild from the new one.
+        self.aliases.invalidate()
 
     @staticmethod
     def _overlaps(a: RegionDesc, b: RegionDesc) -> bool:
@@ -219,9 +224,10 @@ class GuestMemory:
         self._rebuild()
 
     def collect(self) -> int:
-        """Close retired regions nothing points into any more; returns how many are still pinned."""
+        """Close retired regions and dropped aliases nothing points into any more; returns how many are still
+        pinned."""
         self._retired = [r for r in self._retired if not r.try_close()]
-        return len(self._retired)
+        return len(self._retired) + self.aliases.collect()
 
     def close(self) -> None:
         """Drop everything.  Views still alive keep their mapping until they are released and collected."""
