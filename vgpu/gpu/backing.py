@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import numpy as np
-import numpy.typing as npt
 
 from ..protocol import MemEntries
 from ..vhost_user.alias import Alias, AliasRefused
 from ..vhost_user.memory import GuestMemory, GuestMemoryError, MappedRegion
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 PAGE: Final = 4096
 #: Runs touched through the region mappings, per run of the backing, before an alias is built: about where an
@@ -43,8 +45,8 @@ _STAGE_BYTES: Final = 1 << 20
 
 log = logging.getLogger("vgpu.gpu.backing")
 
-I64 = npt.NDArray[np.int64]
-U8 = npt.NDArray[np.uint8]
+I64: TypeAlias = "npt.NDArray[np.int64]"
+U8: TypeAlias = "npt.NDArray[np.uint8]"
 
 
 class BackingError(Exception):

@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 import socket
 import uuid
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
-import numpy.typing as npt
 
 from ..blob.allocators import AllocationError
 from ..blob.guestmem import guest_dmabuf
@@ -75,6 +74,9 @@ from .formats import BPP, supported, to_bgra
 from .output import Output
 from .resources import Resource, ResourceTable
 from .scanout import NO_RECT, BlobLayout, Scanout, intersect
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 log = logging.getLogger("vgpu.gpu")
 

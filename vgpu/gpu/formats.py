@@ -7,12 +7,14 @@ cursor a8r8g8b8 (B, G, R, A), and a PNG R, G, B(, A): conversions are channel ga
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
-import numpy.typing as npt
 
 from ..protocol import Format
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 BPP: Final = 4
 

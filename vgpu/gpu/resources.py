@@ -9,14 +9,17 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import numpy.typing as npt
 
 from ..blob.types import HostBuffer
 from ..protocol import CommandError, CtrlType
 from .backing import Backing
 from .formats import BPP
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import numpy.typing as npt
 
 from ..blob.bufferio import read_host
 from ..blob.types import HostBuffer
@@ -22,6 +22,9 @@ from .backing import BackingError
 from .formats import BPP, to_bgra, to_rgb
 from .png import encode, write_atomically
 from .resources import Resource
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 log = logging.getLogger("vgpu.gpu.scanout")
 

@@ -8,14 +8,16 @@ and only become ``MemEntry`` objects when someone iterates them.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
-import numpy.typing as npt
 
 from .dtype import struct_dtype
 from .records import MemEntry
 from .structs import mem_entry
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 MEM_ENTRY_DTYPE: np.dtype[Any] = struct_dtype(mem_entry)
 MEM_ENTRY_SIZE: int = mem_entry.sizeof()
