@@ -66,7 +66,8 @@ def verdict(name: str, value: float) -> str:
         return ""
     op, target = TARGETS[name]
     ok = value >= target if op == ">=" else value <= target
-    return f"target {op} {target:.3g}: {'met' if ok else 'NOT met'}"
+    shown = f"{target:,.0f}" if target >= 100 else f"{target:.3g}"
+    return f"target {op} {shown}: {'met' if ok else 'NOT met'}"
 
 
 def plots(ratios: dict[str, float]) -> list[Path]:
