@@ -1,9 +1,17 @@
-"""The host-blob life cycle through our front end: latency of each step and of the whole, commands per second.
+"""The host-blob life cycle, ours vs its floors, side by side in one run: cycles per second and each step's latency.
 
 One life cycle is what a guest does for every host-visible buffer: cross-domain GET_IMAGE_REQUIREMENTS (SUBMIT_3D,
 which allocates the host buffer), RESOURCE_CREATE_BLOB (HOST3D), RESOURCE_MAP_BLOB (cache attribute resolved,
 SHMEM_MAP to the front end and its ack), RESOURCE_UNMAP_BLOB (SHMEM_UNMAP) and RESOURCE_UNREF — five commands,
-each one chain through the same front end the other benchmarks use.
+each one chain through the same front end the other benchmarks use; a 64x64 XR24 buffer (16 KiB, memfd).
+
+Floors, measured in the same rounds:
+
+* syscall floor: what the cycle cannot avoid, done in this process — memfd_create + ftruncate of the same 16 KiB,
+  the front end's SHMEM_MAP handling (its window maps the fd over the reserved range), its SHMEM_UNMAP handling and
+  close;
+* transport floor: the no-op echo device given five chains, two of which ask it to SHMEM_MAP / SHMEM_UNMAP a fresh
+  memfd of the same size over the back-end channel — our vhost-user layer with no GPU in it.
 
 There is no ratio to QEMU's C back end: it has no blobs, no context types and no shared-memory window (it offers
 neither VIRTIO_GPU_F_RESOURCE_BLOB nor VIRGL/CONTEXT_INIT), so the operation does not exist there.
@@ -13,16 +21,19 @@ Writes benchmarks/results/blob_lifecycle.json.
 
 from __future__ import annotations
 
-import argparse
 import itertools
+import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from benchmarks.common import backend_process, percentiles, write_result
+from benchmarks import sides as sd
+from benchmarks.common import percentiles
 from tests.gpu_helpers import Gpu, resp_type
 from tests.test_gpu_host_blob import FEATURES, Client, h
 from vgpu.protocol import CtrlType, ResourceUnmapBlob, ResourceUnref
+from vgpu.vhost_user.frontend import ShmMapping, ShmWindow
 
 E = CtrlType
 STEPS = ("requirements (SUBMIT_3D)", "CREATE_BLOB HOST3D", "MAP_BLOB", "UNMAP_BLOB", "UNREF")
@@ -93,29 +104,78 @@ def measure_cycles(c: Client, rid: int, offset: int, seconds: float, min_cycles:
     return CycleStats(n, n / elapsed, len(STEPS) * n / elapsed, p50 * 1e6, p99 * 1e6, step_stats)
 
 
-def print_stats(label: str, st: CycleStats) -> None:
-    print(f"{label}: {st.cycles_per_s:.0f} life cycles/s = {st.commands_per_s:.0f} commands/s; "
-          f"life cycle p50 {st.p50_us:.0f} us, p99 {st.p99_us:.0f} us ({st.cycles} cycles)")
-    for name, (p50, p99) in st.steps.items():
-        print(f"  {name:<26} p50 {p50:>8.1f} us  p99 {p99:>8.1f} us")
+WINDOW = 16 << 20
+BLOB_BYTES = BLOB_W * BLOB_H * 4
+
+
+def ours_side(c: Client, steps: list[list[float]]) -> Callable[[], None]:
+    def run() -> None:
+        for i, t in enumerate(one_cycle(c, 1, 0)):
+            steps[i].append(t)
+    return run
+
+
+def transport_side(sock: str) -> tuple[Gpu, Callable[[], None]]:
+    g = Gpu.connect(sock, features=0)
+    g.fe.reserve_shm()
+    chains = [b"requirements", b"create blob", f"map 0 {BLOB_BYTES}".encode(), f"unmap 0 {BLOB_BYTES}".encode(),
+              b"unref"]
+
+    def run() -> None:
+        for req in chains:
+            answer = g.fe.submit(0, req, 24)
+            if answer.startswith(b"err"):
+                raise RuntimeError(f"echo device: {answer!r}")
+    return g, run
+
+
+def syscall_side() -> tuple[ShmWindow, Callable[[], None]]:
+    window = ShmWindow(1, WINDOW)
+    m = ShmMapping(0, BLOB_BYTES, 0, 1)
+
+    def run() -> None:
+        fd = os.memfd_create("vgpu-blob-floor", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, BLOB_BYTES)
+            window.map(fd, m)
+            window.unmap(m)
+        finally:
+            os.close(fd)
+    return window, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args(argv)
-    seconds = 0.1 if args.quick else args.seconds
-    with backend_process(vgpu_cmd(16 << 20)) as (sock, _pid):
-        c = connect(sock)
+    settings = sd.parse(__doc__ or "", argv, ["blob_lifecycle"], slice_s=0.6)
+    cmds = {"ours": [*sd.vgpu_command(profile=sd.profile_path(settings, "blob_lifecycle")),
+                     *vgpu_cmd(WINDOW)[4:]],
+            "transport": [*sd.ECHO[:3], "--log-level=error", f"--shm-size={WINDOW}"]}
+    steps: list[list[float]] = [[] for _ in STEPS]
+    with sd.started(cmds) as procs:
+        c = connect(procs["ours"][0])
+        tg, transport = transport_side(procs["transport"][0])
+        window, syscalls = syscall_side()
         try:
-            st = measure_cycles(c, 1, 0, seconds, 5 if args.quick else 20)
+            stats = sd.interleave([
+                sd.Side("ours", "vgpu blob life cycle (5 commands)", ours_side(c, steps), 1, procs["ours"][1]),
+                sd.Side("transport", "transport floor: echo device, SHMEM_MAP/UNMAP", transport, 1,
+                        procs["transport"][1]),
+                sd.Side("syscalls", "syscall floor: memfd, ftruncate, map, unmap", syscalls, 1),
+            ], settings.rounds, settings.slice_s)
         finally:
             c.gpu.close()
-    print_stats("vgpu host-blob life cycle (cross-domain, memfd, 64x64 XR24)", st)
+            tg.close()
+            window.close()
+    ratios = {"ours / syscall floor": sd.ratio(stats, "ours", "syscalls"),
+              "ours / transport floor": sd.ratio(stats, "ours", "transport")}
+    sd.print_sides("host-blob life cycle (cross-domain, memfd, 64x64 XR24)", "cycles/s", stats)
+    step_us = {name: [x * 1e6 for x in percentiles(samples)] for name, samples in zip(STEPS, steps, strict=True)}
+    for name, (p50, p99) in step_us.items():
+        print(f"  {name:<26} p50 {p50:>8.1f} us  p99 {p99:>8.1f} us")
+    sd.print_ratios(ratios)
     print("QEMU C vhost-user-gpu: no ratio — it has no blobs, no context types and no shared-memory window")
-    if not args.quick:
-        print(f"wrote {write_result('blob_lifecycle', {'vgpu': st.__dict__, 'qemu': 'no blob support'})}")
+    sd.save(settings, "blob_lifecycle", {
+        "title": "host-blob life cycle: requirements, CREATE_BLOB HOST3D, MAP_BLOB, UNMAP_BLOB, UNREF",
+        "unit": "cycles/s", "sides": stats, "ratios": ratios, "steps_us": step_us, "qemu": "no blob support"})
     return 0
 
 

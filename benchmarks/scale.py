@@ -1,9 +1,10 @@
 """Scale: does a command cost more when the back end holds many resources, and what does each resource cost?
 
-* **2D resources**: 10, 1,000 and 10,000 live 16x16 BGRX resources; at each level, the 2D mix of gpu_2d
-  (CREATE_2D, ATTACH_BACKING, TRANSFER 64x64, FLUSH, UNREF on one more resource) is timed — p50/p99 must stay
-  flat — and the back end's RSS is read. Host memory per resource *beyond its pixels* is the RSS growth from 10 to
-  10,000 resources divided by the resources added, minus the 1,024 bytes of pixels each holds.
+* **2D resources**: 10, 1,000 and 10,000 live 16x16 BGRX resources; at each level, the 2D mix of
+  benchmarks.commands (CREATE_2D, ATTACH_BACKING, TRANSFER 256x256, FLUSH, UNREF on one more resource) is timed
+  — p50/p99 must stay flat — and the back end's RSS is read. Host memory per resource *beyond its pixels* is the
+  RSS growth from 10 to 10,000 resources divided by the resources added, minus the 1,024 bytes of pixels each
+  holds.
 * **Mapped blobs**: 10 and 1,000 live host blobs (cross-domain, memfd, 64x64 XR24, each mapped into the window);
   at each level the whole blob life cycle of one more blob is timed. The blobs' pages are shmem owned by memfds,
   charged to whoever touches them (the front end here), so the back end's RSS growth per blob is its bookkeeping
@@ -21,8 +22,8 @@ import sys
 import time
 
 from benchmarks.blob_lifecycle import BLOB_W, CycleStats, connect, expect, measure_cycles, vgpu_cmd
+from benchmarks.commands import display, mix_rate
 from benchmarks.common import Rate, backend_process, rss_bytes, write_result
-from benchmarks.gpu_2d import display, mix_rate
 from tests.gpu_helpers import Gpu, hdr
 from vgpu.protocol import CtrlType, Format, GpuFeature, ResourceCreate2D, encode_command
 

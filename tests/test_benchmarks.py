@@ -2,33 +2,99 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 from tests.conftest import QEMU_GPU_BACKEND, REPO, require
 
+SIDE_KEYS = {"ops_per_s", "round_rates", "p50_us", "p99_us", "calls", "backend_cpu_us_per_op",
+             "frontend_cpu_us_per_op", "frontend_busy"}
 
-def test_ring_roundtrip_runs_and_prints_ratios() -> None:
+
+def _side_by_side(module: str, tmp_path: Path) -> dict[str, dict[str, Any]]:
+    """Run a side-by-side module quickly with its results redirected to tmp_path; its results by name."""
+    r = subprocess.run([sys.executable, "-m", module, "--quick", f"--json={tmp_path}"], capture_output=True,
+                       text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "wrote " not in r.stdout, "a quick run must not overwrite the recorded results"
+    return {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+
+
+def _sane_sides(result: dict[str, Any], keys: set[str]) -> None:
+    assert set(result["sides"]) == keys, result["sides"].keys()
+    for st in result["sides"].values():
+        assert set(st) >= SIDE_KEYS, st
+        assert st["ops_per_s"] > 0 and st["calls"] > 0 and len(st["round_rates"]) == result["rounds"]
+        assert st["frontend_cpu_us_per_op"] >= 0
+    assert all(v > 0 for v in result["ratios"].values()), result["ratios"]
+    assert result["machine"]["cpus"] and result["quick"] is True
+
+
+def test_commands_measure_ours_qemu_and_the_floor_side_by_side(tmp_path: Path) -> None:
     require(QEMU_GPU_BACKEND, "QEMU's C vhost-user-gpu back end (the benchmark's peer)")
-    r = subprocess.run([sys.executable, "-m", "benchmarks.ring_roundtrip", "--quick"], capture_output=True,
-                       text=True, timeout=120, cwd=REPO)
-    assert r.returncode == 0, r.stderr
-    rows = [line for line in r.stdout.splitlines() if re.search(r"\s(1|64)\s+\d+\s+[\d.]+\s+[\d.]+$", line)]
-    assert len(rows) == 6, r.stdout
-    ratios = re.findall(r"^ratio .* ([\d.]+)$", r.stdout, re.M)
-    assert len(ratios) == 4 and all(float(x) > 0 for x in ratios), r.stdout
+    results = _side_by_side("benchmarks.commands", tmp_path)
+    assert set(results) == {"display_info", "create_unref", "mix_2d"}
+    for res in results.values():
+        _sane_sides(res, {"ours", "qemu", "floor"})
+        assert set(res["ratios"]) == {"ours / qemu", "ours / floor", "qemu / floor"}
+    assert results["create_unref"]["sides"]["qemu"]["ops_per_call"] == 128  # two kicks of 64
 
 
-def test_gpu_2d_runs_and_prints_ratios() -> None:
+def test_transfers_measure_against_qemu_and_the_copy_floor(tmp_path: Path) -> None:
     require(QEMU_GPU_BACKEND, "QEMU's C vhost-user-gpu back end (the benchmark's peer)")
-    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu_2d", "--quick"], capture_output=True, text=True,
-                       timeout=120, cwd=REPO)
-    assert r.returncode == 0, r.stderr
-    assert re.search(r"^vgpu 2D mix\s+\d+", r.stdout, re.M) and re.search(r"^QEMU C .* 2D mix\s+\d+", r.stdout, re.M)
-    ratios = dict(re.findall(r"^ratio  (.+?)\s+([\d.]+)$", r.stdout, re.M))
-    assert set(ratios) == {"transfer 1920x1080 / numpy floor", "2D mix vgpu / QEMU"}, r.stdout
-    assert all(float(v) > 0 for v in ratios.values())
+    results = _side_by_side("benchmarks.transfers", tmp_path)
+    _sane_sides(results["transfer_scattered"], {"ours", "qemu", "floor", "copy"})
+    assert results["transfer_scattered"]["bytes_per_op"] == 1024 * 768 * 4
+    assert {"ours / qemu", "ours / copy"} <= set(results["transfer_scattered"]["ratios"])
+    _sane_sides(results["frames_1080p"], {"ours", "qemu", "floor"})
+
+
+def test_blob_lifecycle_against_its_floors(tmp_path: Path) -> None:
+    res = _side_by_side("benchmarks.blob_lifecycle", tmp_path)["blob_lifecycle"]
+    _sane_sides(res, {"ours", "transport", "syscalls"})
+    assert list(res["steps_us"]) == ["requirements (SUBMIT_3D)", "CREATE_BLOB HOST3D", "MAP_BLOB", "UNMAP_BLOB",
+                                     "UNREF"]
+    assert res["qemu"] == "no blob support"
+
+
+def test_process_costs(tmp_path: Path) -> None:
+    require(QEMU_GPU_BACKEND, "QEMU's C vhost-user-gpu back end (the benchmark's peer)")
+    res = _side_by_side("benchmarks.process_costs", tmp_path)["process_costs"]
+    for key in ("ours", "qemu"):
+        m = res["median"][key]
+        assert m["startup_s"] > 0 and m["idle_rss"] > 0 and m["session_rss"] > 0, m
+        assert len(res["runs"][key]) == res["rounds"]
+
+
+def test_table_renders_a_row_per_goal(tmp_path: Path) -> None:
+    """The README table from results: every goal of the issue gets a row (here from fabricated results)."""
+    from benchmarks import table
+
+    side = {"ops_per_s": 100.0, "p50_us": 10.0, "backend_cpu_us_per_op": None, "frontend_cpu_us_per_op": 1.0,
+            "frontend_busy": 0.5}
+    machine = {"date": "2026-12-04 10:00:00 UTC"}
+    sides = {"sides": {k: side for k in ("ours", "qemu", "floor", "copy", "syscalls")}, "machine": machine}
+    ratios = {"ours / qemu": 0.5, "ours / floor": 0.2, "ours / copy": 0.1, "ours / syscall floor": 0.01}
+    for name in ("display_info", "create_unref", "mix_2d", "frames_1080p", "blob_lifecycle"):
+        (tmp_path / f"{name}.json").write_text(json.dumps({**sides, "ratios": ratios}))
+    (tmp_path / "transfer_scattered.json").write_text(json.dumps(
+        {**sides, "ratios": ratios, "gb_per_s": {"ours": 1.0, "qemu": 2.0, "copy": 10.0}}))
+    med = {k: {"idle_rss": 30e6, "startup_s": 0.5} for k in ("ours", "qemu")}
+    (tmp_path / "process_costs.json").write_text(json.dumps({"median": med, "machine": machine}))
+    rows = table.rows(tmp_path)
+    assert len(rows) == 2 + len(table.GOALS), rows
+    assert all(r.count("|") == 9 for r in rows), rows
+    assert "| **0.50** | >= 0.9 | no | 2026-12-04 |" in rows[2]
+    assert rows[-2].endswith("| **30.0** | <= 40 | yes | 2026-12-04 |")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{table.BEGIN}\nold\n{table.END}\nafter\n")
+    assert table.update_readme(readme, tmp_path)
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text and rows[2] in text
 
 
 def _quick(module: str, *extra: str) -> str:
@@ -37,15 +103,6 @@ def _quick(module: str, *extra: str) -> str:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "wrote " not in r.stdout, "a quick run must not overwrite the recorded results"
     return r.stdout
-
-
-def test_blob_lifecycle_runs_and_prints_each_step() -> None:
-    out = _quick("benchmarks.blob_lifecycle")
-    assert re.search(r"^vgpu host-blob life cycle .*: \d+ life cycles/s = \d+ commands/s; life cycle p50 \d+ us, "
-                     r"p99 \d+ us", out, re.M), out
-    steps = re.findall(r"^  (.+?)\s+p50\s+[\d.]+ us\s+p99\s+[\d.]+ us$", out, re.M)
-    assert steps == ["requirements (SUBMIT_3D)", "CREATE_BLOB HOST3D", "MAP_BLOB", "UNMAP_BLOB", "UNREF"], out
-    assert "QEMU C vhost-user-gpu: no ratio" in out
 
 
 def test_scale_runs_and_prints_levels_and_memory() -> None:
@@ -78,7 +135,7 @@ def test_cache_matrix_runs_and_prints_the_matrix() -> None:
 
 
 def test_run_all_quick_runs_every_benchmark() -> None:
-    require(QEMU_GPU_BACKEND, "QEMU's C vhost-user-gpu back end (the peer of two benchmarks)")
+    require(QEMU_GPU_BACKEND, "QEMU's C vhost-user-gpu back end (the peer of the side-by-side benchmarks)")
     out = _quick("benchmarks.run_all")
     from benchmarks.run_all import BENCHMARKS
 

@@ -14,7 +14,7 @@ import os
 import select
 import socket
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from .wire import FLAG_REPLY, HEADER_SIZE, MAX_FDS, MAX_PAYLOAD, VERSION_MASK, VHOST_USER_VERSION, HeaderC, build_header
 
@@ -76,6 +76,7 @@ class MessageDecoder:
         self._fds: list[tuple[int, list[int]]] = []  # (stream offset of the last byte they came with, fds)
         self._check_version = check_version
         self._max_payload = max_payload
+        self._hdr: Any = None  # the header of the message being assembled, once parsed
 
     def feed(self, data: bytes, fds: list[int]) -> None:
         if fds and not data:
@@ -92,15 +93,20 @@ class MessageDecoder:
     def next_message(self) -> Message | None:
         if len(self._buf) < HEADER_SIZE:
             return None
-        hdr = HeaderC.parse(bytes(self._buf[:HEADER_SIZE]))
-        if self._check_version and hdr.flags & VERSION_MASK != VHOST_USER_VERSION:
-            raise ProtocolError(f"bad version in flags {hdr.flags:#x}")
-        if hdr.size > self._max_payload:
-            raise ProtocolError(f"payload of {hdr.size} bytes exceeds {self._max_payload}")
+        hdr = self._hdr
+        if hdr is None:
+            # Parsed once per message, not once per read: a frame on the display socket arrives in ~130 reads.
+            hdr = self._hdr = HeaderC.parse(bytes(self._buf[:HEADER_SIZE]))
+            if self._check_version and hdr.flags & VERSION_MASK != VHOST_USER_VERSION:
+                raise ProtocolError(f"bad version in flags {hdr.flags:#x}")
+            if hdr.size > self._max_payload:
+                raise ProtocolError(f"payload of {hdr.size} bytes exceeds {self._max_payload}")
         end = HEADER_SIZE + hdr.size
         if len(self._buf) < end:
             return None
-        payload = bytes(self._buf[HEADER_SIZE:end])
+        self._hdr = None
+        with memoryview(self._buf) as mv:
+            payload = bytes(mv[HEADER_SIZE:end])  # one copy (a bytearray slice would make two)
         del self._buf[:end]
         last = self._start + end - 1
         self._start += end
@@ -123,6 +129,7 @@ class MessageDecoder:
                 os.close(fd)
         self._fds = []
         self._buf.clear()
+        self._hdr = None
 
 
 _FD_SPACE: Final = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
