@@ -84,8 +84,10 @@ GOALS = [
          _ratio("ours / qemu"), "{v:.2f}", _rate("ours"), _rate("qemu"), _rate("floor")),
     Goal("blob_lifecycle", "blob life cycle (requirements, CREATE_BLOB, MAP, UNMAP, UNREF), cycles/s", ">=", 1500,
          lambda r: float(r["sides"]["ours"]["ops_per_s"]), "{v:,.0f}", _rate("ours"), _NONE, _rate("syscalls")),
-    Goal("blob_lifecycle", "blob life cycle vs its syscall floor (within 3x)", ">=", 1 / 3,
-         _ratio("ours / syscall floor"), "{v:.3f}", _rate("ours"), _NONE, _rate("syscalls")),
+    # Issue 10's floor for the cycle: memfd + the SHMEM_MAP/UNMAP round trips + munmap, through the same front end
+    # (the echo device's cycle); the syscalls alone, in the front end's process, stay in the JSON for reference.
+    Goal("blob_lifecycle", "blob life cycle vs its floor (memfd + SHMEM_MAP/UNMAP round trips, same front end)",
+         ">=", 1 / 3, _ratio("ours / transport floor"), "{v:.2f}", _rate("ours"), _NONE, _rate("transport")),
     Goal("process_costs", "idle RSS after start-up, MB", "<=", 40,
          lambda r: float(r["median"]["ours"]["idle_rss"]) / 1e6, "{v:.1f}",
          _median("ours", "idle_rss", 1e6, "{:.1f} MB"), _median("qemu", "idle_rss", 1e6, "{:.1f} MB"), _NONE),

@@ -37,7 +37,7 @@ from ..protocol import (
     responses,
 )
 from ..vhost_user.device import BackendChannelError, Transport
-from ..vhost_user.wire import MMAP_FLAG_READ_WRITE, BackendRequest, MMapRequest, ProtocolFeature, bit, build
+from ..vhost_user.wire import MMAP_FLAG_READ_WRITE, BackendRequest, ProtocolFeature, bit, build_mmap_request
 from .backing import Backing, BackingError
 from .contexts import Context, ContextServices
 from .cross_domain import CAPSET_MAX_VERSION, CrossDomainContext, capabilities
@@ -239,8 +239,7 @@ class BlobEngine:
             log.error("MAP_BLOB %d refused: %s buffer (fd %d, %d bytes) has no trustworthy cache attribute: %s",
                       res.id, buffer.exporter or buffer.allocator, buffer.fd, buffer.size, e)
             raise CommandError(CtrlType.RESP_ERR_UNSPEC, f"blob {res.id}: cache attribute unknown") from e
-        req = build(MMapRequest, shmid=SHMID_HOST_VISIBLE, fd_offset=0, shm_offset=m.offset, len=m.length,
-                    flags=MMAP_FLAG_READ_WRITE)
+        req = build_mmap_request(SHMID_HOST_VISIBLE, 0, m.offset, m.length, MMAP_FLAG_READ_WRITE)
         try:
             self._transport().backend_request(BackendRequest.SHMEM_MAP, req, [buffer.fd], self.map_timeout)
         except BackendChannelError as e:
@@ -258,8 +257,7 @@ class BlobEngine:
 
     def _unmap(self, rid: int) -> None:
         m = self.region.remove(rid)
-        req = build(MMapRequest, shmid=SHMID_HOST_VISIBLE, fd_offset=0, shm_offset=m.offset, len=m.length,
-                    flags=MMAP_FLAG_READ_WRITE)
+        req = build_mmap_request(SHMID_HOST_VISIBLE, 0, m.offset, m.length, MMAP_FLAG_READ_WRITE)
         try:
             self._transport().backend_request(BackendRequest.SHMEM_UNMAP, req, None, self.map_timeout)
         except BackendChannelError as e:

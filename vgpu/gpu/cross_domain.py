@@ -15,6 +15,7 @@ from typing import Final
 
 from ..blob.types import HostBuffer
 from ..protocol import Capset, CommandError, CtrlType
+from ..protocol.codec import flatten
 from ..protocol.cross_domain import (
     CrossDomainCapabilities,
     CrossDomainCmd,
@@ -31,6 +32,10 @@ log = logging.getLogger("vgpu.gpu.cross_domain")
 
 _INVALID = CtrlType.RESP_ERR_INVALID_PARAMETER
 HEADER_SIZE: Final = CrossDomainHeader.sizeof()
+# struct forms of the layouts every blob allocation reads and writes, derived from their construct definitions.
+_HEADER: Final = flatten(CrossDomainHeader).st
+_GET_IMAGE_REQUIREMENTS: Final = flatten(CrossDomainGetImageRequirements).st
+_IMAGE_REQUIREMENTS: Final = flatten(CrossDomainImageRequirements).st
 PAGE: Final = 4096
 STRIDE_ALIGN: Final = 64  # what dma-buf importers (scanout, media) commonly need; guests use the stride we return
 MAX_DIMENSION: Final = 16384
@@ -107,18 +112,17 @@ class CrossDomainContext(Context):
         while pos < len(data):
             if len(data) - pos < HEADER_SIZE:
                 raise CommandError(_INVALID, f"{len(data) - pos} trailing bytes are not a command")
-            h = CrossDomainHeader.parse(data[pos:pos + HEADER_SIZE])
-            size = h.cmd_size
+            cmd, _, size = _HEADER.unpack_from(data, pos)
             # A zero or overlong size would loop or read past the stream: refuse it.
             if size < HEADER_SIZE or pos + size > len(data):
-                raise CommandError(_INVALID, f"cross-domain command {h.cmd} with cmd_size {size}")
+                raise CommandError(_INVALID, f"cross-domain command {cmd} with cmd_size {size}")
             body = data[pos:pos + size]
-            if h.cmd == CrossDomainCmd.CROSS_DOMAIN_CMD_INIT:
+            if cmd == CrossDomainCmd.CROSS_DOMAIN_CMD_INIT:
                 self._init(body)
-            elif h.cmd == CrossDomainCmd.CROSS_DOMAIN_CMD_GET_IMAGE_REQUIREMENTS:
+            elif cmd == CrossDomainCmd.CROSS_DOMAIN_CMD_GET_IMAGE_REQUIREMENTS:
                 self._image_requirements(body)
             else:
-                raise CommandError(_INVALID, f"cross-domain command {h.cmd} is not supported")
+                raise CommandError(_INVALID, f"cross-domain command {cmd} is not supported")
             pos += size
 
     def _init(self, body: bytes) -> None:
@@ -142,22 +146,22 @@ class CrossDomainContext(Context):
             raise CommandError(_INVALID, "GET_IMAGE_REQUIREMENTS before INIT")
         if self.query_ring not in self.attached:
             raise CommandError(CtrlType.RESP_ERR_INVALID_RESOURCE_ID, "the query ring was detached")
-        req = CrossDomainGetImageRequirements.parse(body)
-        layout = image_layout(req.width, req.height, req.drm_format)
+        width, height, drm_format, _flags = _GET_IMAGE_REQUIREMENTS.unpack(body)[3:]
+        layout = image_layout(width, height, drm_format)
         buffer = self.services.allocate(layout.size)
         self._next_blob += 1
         blob_id = self._next_blob
-        answer = CrossDomainImageRequirements.build(dict(
-            strides=list(layout.strides), offsets=list(layout.offsets), modifier=0, size=layout.size,
-            blob_id=blob_id, map_info=self.map_info_of(buffer), memory_idx=-1, physical_device_idx=-1))
+        answer = _IMAGE_REQUIREMENTS.pack(*layout.strides, *layout.offsets, 0, layout.size, blob_id,
+                                          self.map_info_of(buffer), -1, -1)
         try:
-            self.services.write_resource(self.query_ring, 0, bytes(answer))
+            self.services.write_resource(self.query_ring, 0, answer)
         except BaseException:
             self.services.release(buffer)
             raise
         self._pending[blob_id] = PendingBlob(buffer, layout)
-        log.info("context %d: blob %d %dx%d %s, %d bytes from %s", self.id, blob_id, req.width, req.height,
-                 req.drm_format.to_bytes(4, "little").decode(errors="replace"), layout.size, buffer.allocator)
+        if log.isEnabledFor(logging.INFO):
+            log.info("context %d: blob %d %dx%d %s, %d bytes from %s", self.id, blob_id, width, height,
+                     drm_format.to_bytes(4, "little").decode(errors="replace"), layout.size, buffer.allocator)
 
     def take_blob(self, blob_id: int, size: int) -> HostBuffer:
         pending = self._pending.get(blob_id)

@@ -148,12 +148,11 @@ class Session(Transport):
     def wait_reply(self, channel: Channel, request: int, timeout: float) -> Message:
         log.debug("waiting for reply %d on fd %d", request, channel.fileno())
         deadline = time.monotonic() + timeout
-        registered = False
-        try:
+        # The back-end channel is watched already: its key just routes here while we wait. (Asked, not tried:
+        # the KeyError of a second register formats the socket's repr, measurable on every SHMEM_MAP.)
+        registered = channel.sock not in self._selector.get_map()
+        if registered:
             self._selector.register(channel.sock, selectors.EVENT_READ, "reply")
-            registered = True
-        except KeyError:
-            pass  # already watched (the back-end channel is): its key just routes here while we wait
         try:
             with self._busy_scope():
                 while True:

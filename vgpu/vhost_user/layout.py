@@ -7,7 +7,7 @@ import struct as _struct
 from typing import Any
 
 import numpy as np
-from construct import FormatField, Renamed, Struct
+from construct import FormatField, Padded, Pass, Renamed, Struct
 
 _KIND = {"B": "u", "H": "u", "I": "u", "L": "u", "Q": "u", "b": "i", "h": "i", "i": "i", "l": "i", "q": "i"}
 
@@ -29,15 +29,21 @@ def dtype_of(struct: Struct) -> np.dtype[Any]:
 
 
 def struct_of(layout: Struct) -> _struct.Struct:
-    """A ``struct.Struct`` with the same fields, in order, as a construct Struct of plain integers."""
+    """A ``struct.Struct`` with the same fields, in order, as a construct Struct of integers and padding (all of
+    one byte order: vhost-user is host-endian, virtio little-endian); padding is skipped on read, zero on write."""
     codes: list[str] = []
+    orders = set()
     for sub in layout.subcons:
+        if isinstance(sub, Padded) and isinstance(sub.subcon, type(Pass)):
+            codes.append(f"{sub.sizeof()}x")
+            continue
         if not isinstance(sub, Renamed) or not isinstance(sub.subcon, FormatField):
             raise TypeError(f"{sub!r} is not a named integer field")
-        if sub.subcon.fmtstr[0] != "<":
-            raise TypeError(f"{sub.name}: only little-endian fields are supported")
+        orders.add(sub.subcon.fmtstr[0])
         codes.append(sub.subcon.fmtstr[1:])
-    st = _struct.Struct("<" + "".join(codes))
+    if len(orders) > 1:
+        raise TypeError(f"mixed byte orders {sorted(orders)}")
+    st = _struct.Struct((orders.pop() if orders else "=") + "".join(codes))
     if st.size != layout.sizeof():
         raise TypeError("layout size differs from its struct format")
     return st

@@ -14,9 +14,18 @@ import os
 import select
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
-from .wire import FLAG_REPLY, HEADER_SIZE, MAX_FDS, MAX_PAYLOAD, VERSION_MASK, VHOST_USER_VERSION, HeaderC, build_header
+from .wire import (
+    FLAG_REPLY,
+    HEADER_SIZE,
+    HEADER_ST,
+    MAX_FDS,
+    MAX_PAYLOAD,
+    VERSION_MASK,
+    VHOST_USER_VERSION,
+    build_header,
+)
 
 
 class ProtocolError(Exception):
@@ -76,7 +85,7 @@ class MessageDecoder:
         self._fds: list[tuple[int, list[int]]] = []  # (stream offset of the last byte they came with, fds)
         self._check_version = check_version
         self._max_payload = max_payload
-        self._hdr: Any = None  # the header of the message being assembled, once parsed
+        self._hdr: tuple[int, int, int] | None = None  # (request, flags, size) of the message being assembled
 
     def feed(self, data: bytes, fds: list[int]) -> None:
         if fds and not data:
@@ -96,12 +105,13 @@ class MessageDecoder:
         hdr = self._hdr
         if hdr is None:
             # Parsed once per message, not once per read: a frame on the display socket arrives in ~130 reads.
-            hdr = self._hdr = HeaderC.parse(bytes(self._buf[:HEADER_SIZE]))
-            if self._check_version and hdr.flags & VERSION_MASK != VHOST_USER_VERSION:
-                raise ProtocolError(f"bad version in flags {hdr.flags:#x}")
-            if hdr.size > self._max_payload:
-                raise ProtocolError(f"payload of {hdr.size} bytes exceeds {self._max_payload}")
-        end = HEADER_SIZE + hdr.size
+            hdr = self._hdr = HEADER_ST.unpack_from(self._buf)
+            if self._check_version and hdr[1] & VERSION_MASK != VHOST_USER_VERSION:
+                raise ProtocolError(f"bad version in flags {hdr[1]:#x}")
+            if hdr[2] > self._max_payload:
+                raise ProtocolError(f"payload of {hdr[2]} bytes exceeds {self._max_payload}")
+        request, flags, size = hdr
+        end = HEADER_SIZE + size
         if len(self._buf) < end:
             return None
         self._hdr = None
@@ -113,7 +123,7 @@ class MessageDecoder:
         fds: list[int] = []
         while self._fds and self._fds[0][0] <= last:
             fds.extend(self._fds.pop(0)[1])
-        msg = Message(hdr.request, hdr.flags, payload, fds)
+        msg = Message(request, flags, payload, fds)
         if len(fds) > MAX_FDS:
             msg.close_fds()
             raise ProtocolError(f"more than {MAX_FDS} fds attached to one message")

@@ -27,6 +27,8 @@ from construct import (
     this,
 )
 
+from .layout import struct_of
+
 if sys.byteorder != "little":  # pragma: no cover - we only claim little-endian hosts
     raise ImportError("vgpu's vhost-user layer assumes a little-endian host (the virtqueue code maps LE rings)")
 
@@ -52,10 +54,8 @@ MAX_CONFIG_SIZE: Final = 256
 MAX_QUEUE_SIZE: Final = 32768
 
 Header = Struct("request" / Int32un, "flags" / Int32un, "size" / Int32un)
-HeaderC = Header.compile()
 
 U64 = Struct("value" / Int64un)
-U64C = U64.compile()
 
 
 class FrontendRequest(enum.IntEnum):
@@ -334,17 +334,28 @@ GpuDmabufScanout2 = Struct("dmabuf_scanout" / GpuDmabufScanout, "modifier" / Int
 GpuEdidRequest = Struct("scanout_id" / Int32un)
 
 
+# ``struct`` forms of the layouts every message or every mapping uses, derived from the definitions above.
+HEADER_ST: Final = struct_of(Header)
+_U64_ST: Final = struct_of(U64)
+_MMAP_REQUEST_ST: Final = struct_of(MMapRequest)
+
+
 def parse_u64(payload: bytes) -> int:
-    value: int = U64C.parse(payload).value
+    value: int = _U64_ST.unpack_from(payload)[0]
     return value
 
 
 def build_u64(value: int) -> bytes:
-    return U64C.build({"value": value})
+    return _U64_ST.pack(value)
 
 
 def build_header(request: int, flags: int, size: int) -> bytes:
-    return HeaderC.build({"request": request, "flags": flags, "size": size})
+    return HEADER_ST.pack(request, flags, size)
+
+
+def build_mmap_request(shmid: int, fd_offset: int, shm_offset: int, length: int, flags: int) -> bytes:
+    """SHMEM_MAP / SHMEM_UNMAP payload (one per host-blob mapping)."""
+    return _MMAP_REQUEST_ST.pack(shmid, fd_offset, shm_offset, length, flags)
 
 
 def build(struct: Any, **fields: Any) -> bytes:
