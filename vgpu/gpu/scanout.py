@@ -142,6 +142,6 @@ class PictureWriter:
         return True
 
 
-def bgrx(s: Scanout, memory: GuestMemory, r: Rect) -> bytes:
-    """Pixels of `r` as the display socket wants them (x8r8g8b8)."""
-    return to_bgra(s.pixels(memory, r), s.format, opaque=True).tobytes()
+def bgrx(s: Scanout, memory: GuestMemory, r: Rect) -> memoryview:
+    """Pixels of `r` as the display socket wants them (x8r8g8b8), as a buffer to send without another copy."""
+    return to_bgra(s.pixels(memory, r), s.format, opaque=True).data

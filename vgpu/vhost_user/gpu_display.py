@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from .device import Transport
-from .message import Channel, ProtocolError
+from .message import Buffer, Channel, ProtocolError
 from .wire import (
     GPU_CURSOR_SIZE,
     GpuCursorPos,
@@ -82,7 +82,7 @@ class DisplayClient:
     def alive(self) -> bool:
         return not self.channel.closed
 
-    def _send(self, req: GpuRequest, payload: bytes = b"", fds: list[int] | None = None) -> None:
+    def _send(self, req: GpuRequest, payload: bytes | Sequence[Buffer] = b"", fds: list[int] | None = None) -> None:
         if self.channel.closed:
             raise DisplayError("display socket is closed")
         try:
@@ -149,9 +149,10 @@ class DisplayClient:
     def scanout(self, scanout_id: int, width: int, height: int) -> None:
         self._send(GpuRequest.SCANOUT, build(GpuScanout, scanout_id=scanout_id, width=width, height=height))
 
-    def update(self, scanout_id: int, x: int, y: int, width: int, height: int, pixels: bytes) -> None:
+    def update(self, scanout_id: int, x: int, y: int, width: int, height: int, pixels: Buffer) -> None:
+        """`pixels`: height rows of width x8r8g8b8 pixels, any buffer (sent as is, not copied into the message)."""
         hdr = build(GpuUpdate, scanout_id=scanout_id, x=x, y=y, width=width, height=height)
-        self._send(GpuRequest.UPDATE, hdr + pixels)
+        self._send(GpuRequest.UPDATE, (hdr, pixels))
 
     def cursor_pos(self, scanout_id: int, x: int, y: int, hide: bool = False) -> None:
         req = GpuRequest.CURSOR_POS_HIDE if hide else GpuRequest.CURSOR_POS

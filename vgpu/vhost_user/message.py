@@ -13,8 +13,9 @@ import contextlib
 import os
 import select
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, TypeAlias
 
 from .wire import (
     FLAG_REPLY,
@@ -26,6 +27,9 @@ from .wire import (
     VHOST_USER_VERSION,
     build_header,
 )
+
+#: What a payload part may be (collections.abc.Buffer is Python 3.12+).
+Buffer: TypeAlias = bytes | bytearray | memoryview
 
 
 class ProtocolError(Exception):
@@ -175,12 +179,21 @@ class Channel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, request: int, flags: int, payload: bytes = b"", fds: list[int] | None = None) -> None:
-        data = build_header(request, flags, len(payload)) + payload
-        if fds:
-            self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        else:
-            self.sock.sendall(data)
+    def send(self, request: int, flags: int, payload: bytes | Sequence[Buffer] = b"",
+             fds: list[int] | None = None) -> None:
+        """Send one message. The payload may be given in parts (a fixed struct and a frame of pixels): they leave
+        in one sendmsg, gathered by the kernel, so a large payload is never copied to be framed."""
+        parts: list[Buffer] = [payload] if isinstance(payload, bytes) else list(payload)
+        size = sum(memoryview(p).nbytes for p in parts)
+        parts.insert(0, build_header(request, flags, size))
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        sent = self.sock.sendmsg(parts, ancillary)
+        total = HEADER_SIZE + size
+        if sent < total:
+            # A blocking stream socket sends everything unless a signal cut it short; the fds went with the first
+            # byte, so the rest is plain data.
+            rest = b"".join(memoryview(p).cast("B") for p in parts)
+            self.sock.sendall(rest[sent:])
 
     def send_reply(self, request: int, payload: bytes = b"", fds: list[int] | None = None) -> None:
         self.send(request, VHOST_USER_VERSION | FLAG_REPLY, payload, fds)
