@@ -18,11 +18,10 @@ import glob
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import TracebackType
 
 from . import uapi
 from .dmabuf import drm_version, fd_size, read_fdinfo
-from .types import CacheAttr, HostBuffer
+from .types import CacheAttr, FdOwner, HostBuffer
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 #: Per-buffer cap when the caller gives none: large enough for a 4K RGBA frame, small enough that a guest
@@ -89,7 +88,7 @@ def _sealed_memfd(name: str, size: int, seals: int) -> int:
     return fd
 
 
-class BaseAllocator(abc.ABC):
+class BaseAllocator(FdOwner, abc.ABC):
     """What every allocator shares: size checks, the device fd's life, and turning a new fd into a HostBuffer.
 
     Subclasses set :attr:`name`, :attr:`cache_attr` and :attr:`cache_reason` and implement :meth:`_make`, which
@@ -105,7 +104,7 @@ class BaseAllocator(abc.ABC):
         if max_size < PAGE_SIZE:
             raise ValueError(f"max_size {max_size} is below one page ({PAGE_SIZE})")
         self.max_size = max_size
-        self._device = -1
+        self._owned = -1
 
     @classmethod
     @abc.abstractmethod
@@ -148,26 +147,13 @@ class BaseAllocator(abc.ABC):
 
     def _device_fd(self) -> int:
         """The allocator's device, opened once; unavailable devices raise AllocatorUnavailable."""
-        if self._device < 0:
+        if self._owned < 0:
             state = self.available()
             if not state:
                 raise AllocatorUnavailable(f"{self.name}: {state.reason}")
             assert self.device_path is not None
-            self._device = os.open(self.device_path, os.O_RDWR | os.O_CLOEXEC)
-        return self._device
-
-    def close(self) -> None:
-        if self._device >= 0:
-            fd, self._device = self._device, -1
-            os.close(fd)
-
-    def __enter__(self) -> BaseAllocator:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+            self._owned = os.open(self.device_path, os.O_RDWR | os.O_CLOEXEC)
+        return self._owned
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} max_size={self.max_size}>"
@@ -308,13 +294,13 @@ class VgemAllocator(BaseAllocator):
         return Availability(True, path)
 
     def _device_fd(self) -> int:
-        if self._device < 0:
+        if self._owned < 0:
             path, seen = find_drm_node(self.driver)
             if path is None:
                 raise AllocatorUnavailable(f"vgem: no DRM card node is vgem ({'; '.join(seen) or 'none found'})")
             self.device_path = path
-            self._device = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        return self._device
+            self._owned = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        return self._owned
 
     def _make(self, size: int) -> tuple[int, str | None]:
         device = self._device_fd()

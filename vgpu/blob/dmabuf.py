@@ -21,10 +21,9 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from types import TracebackType
 
 from . import uapi
-from .types import CacheAttr, HostBuffer
+from .types import CacheAttr, FdOwner, HostBuffer
 
 # ---------------------------------------------------------------------------------------------------------------
 # size and /proc/<pid>/fdinfo
@@ -315,7 +314,7 @@ def open_fd_path(path: str) -> int:
 # the owning object
 
 
-class DmaBuf:
+class DmaBuf(FdOwner):
     """Owns one fd of a (possibly) dma-buf and closes it exactly once.
 
     ``drm_driver`` is the DRM driver that exported it, when whoever made the buffer knew (see
@@ -325,7 +324,7 @@ class DmaBuf:
     def __init__(self, fd: int, *, drm_driver: str | None = None) -> None:
         if fd < 0:
             raise ValueError(f"invalid fd {fd}")
-        self._fd = fd
+        self._owned = fd
         self.drm_driver = drm_driver
 
     @classmethod
@@ -335,16 +334,16 @@ class DmaBuf:
 
     @property
     def fd(self) -> int:
-        if self._fd < 0:
+        if self._owned < 0:
             raise ValueError("DmaBuf is closed")
-        return self._fd
+        return self._owned
 
     def fileno(self) -> int:
         return self.fd
 
     @property
     def closed(self) -> bool:
-        return self._fd < 0
+        return self._owned < 0
 
     @property
     def size(self) -> int:
@@ -374,21 +373,8 @@ class DmaBuf:
         buffer = HostBuffer(
             fd=fd, size=fd_size(fd), allocator=allocator, exporter=info.exporter, drm_driver=self.drm_driver
         )
-        self._fd = -1
+        self._owned = -1
         return buffer
 
-    def close(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> DmaBuf:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
-        return f"DmaBuf(fd={self._fd}, drm_driver={self.drm_driver!r})"
+        return f"DmaBuf(fd={self._owned}, drm_driver={self.drm_driver!r})"

@@ -4,12 +4,15 @@ Why this order (strongest source first, each a different kind of evidence):
 
 1. **the kernel** — ``DMA_BUF_IOCTL_INFO`` is the exporter itself describing the pgprot of its mmap; when it
    answers with a value we know, nothing else is consulted;
-2. **the allocator** — we made the buffer, and each allocator documents the kernel code path that fixes how its
+2. **an operator override** — ``[allocator_overrides]`` in the rules file: the operator may outrank our allocator
+   table (never the kernel), e.g. to map memfd buffers WC on a platform we do not know;
+3. **the allocator** — we made the buffer, and each allocator documents the kernel code path that fixes how its
    buffers are mapped (see :mod:`vgpu.blob.allocators`);
-3. **an operator rule** — an explicit assertion in a TOML file, keyed by exporter or DRM driver name;
-4. **the legacy heuristic** — virglrenderer's "driver i915 is cached, everything else write-combined", only when
+4. **an operator rule** — an explicit assertion in a TOML file, keyed by exporter or DRM driver name, for buffers
+   no allocator of ours made;
+5. **the legacy heuristic** — virglrenderer's "driver i915 is cached, everything else write-combined", only when
    the operator opted in, because it is a guess;
-5. otherwise :class:`~vgpu.blob.types.Unresolved`: a buffer nobody can vouch for must not be mapped, since a
+6. otherwise :class:`~vgpu.blob.types.Unresolved`: a buffer nobody can vouch for must not be mapped, since a
    guest mapping with the wrong attribute aliases host memory with a different cache type.
 
 When the kernel does not answer (ENOTTY on every stock kernel, ENOSYS, EINVAL, an unknown value) the source that

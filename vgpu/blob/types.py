@@ -9,7 +9,8 @@ from __future__ import annotations
 import enum
 import os
 from dataclasses import dataclass, field
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
 
 class CacheAttr(enum.IntEnum):
@@ -21,11 +22,12 @@ class CacheAttr(enum.IntEnum):
 
 
 class Provenance(enum.Enum):
-    """Why a buffer was given the attribute it has, strongest first (the resolver's order)."""
+    """Why a buffer was given the attribute it has. The resolver consults the kernel, then an operator override,
+    then the allocator, then operator rules, then (opted in) the heuristic: see :mod:`vgpu.blob.resolve`."""
 
     KERNEL = "kernel"  # the exporter answered DMA_BUF_IOCTL_INFO
     ALLOCATOR = "allocator"  # the allocator knows how its buffers are mapped (with the kernel fact behind it)
-    OPERATOR = "operator rule"  # a rule the operator configured for this exporter name
+    OPERATOR = "operator rule"  # an override of an allocator, or a rule for an exporter or DRM driver name
     HEURISTIC = "legacy heuristic"  # virglrenderer's driver-name guess, only when explicitly enabled
 
 
@@ -67,6 +69,26 @@ class HostBuffer:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class FdOwner:
+    """Owns at most one fd (``_owned``, -1 when none): closed exactly once, by ``close()`` or at the end of a
+    ``with`` block. Shared by dma-buf handles and allocators so each closes its fd the same way."""
+
+    _owned: int = -1
+
+    def close(self) -> None:
+        if self._owned >= 0:
+            fd, self._owned = self._owned, -1
+            os.close(fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
 
 class Allocator(Protocol):

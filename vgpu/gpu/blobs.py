@@ -1,6 +1,6 @@
 """Contexts, host blobs and the host-visible window of one connection: the commands that make blobs.
 
-The sequence a guest follows (see design.md): CTX_CREATE with a context type; SUBMIT_3D to get a `blob_id`;
+The sequence a guest follows: CTX_CREATE with a context type; SUBMIT_3D to get a `blob_id`;
 RESOURCE_CREATE_BLOB(HOST3D, blob_id); RESOURCE_MAP_BLOB(offset) — resolved cache attribute, SHMEM_MAP of the
 buffer's fd into region 1 at `offset`, RESP_OK_MAP_INFO; UNMAP/UNREF/disconnect undo exactly that.
 """

@@ -18,6 +18,7 @@ from ..protocol import Capset, CommandError, CtrlType
 from ..protocol.codec import flatten
 from ..protocol.cross_domain import (
     CrossDomainCapabilities,
+    CrossDomainChannel,
     CrossDomainCmd,
     CrossDomainGetImageRequirements,
     CrossDomainHeader,
@@ -133,7 +134,11 @@ class CrossDomainContext(Context):
             raise CommandError(_INVALID, f"INIT of {len(body)} bytes (16, 20 or 36 expected)")
         msg = form.parse(body)
         if msg.channel_type != 0:
-            raise CommandError(_INVALID, f"channel type {msg.channel_type}: vgpu forwards no channels")
+            try:
+                kind = CrossDomainChannel(msg.channel_type).name
+            except ValueError:
+                kind = f"{msg.channel_type} (unknown)"
+            raise CommandError(_INVALID, f"channel type {kind}: vgpu forwards no channels")
         if msg.query_ring_id not in self.attached:
             raise CommandError(CtrlType.RESP_ERR_INVALID_RESOURCE_ID,
                                f"query ring {msg.query_ring_id} is not attached to context {self.id}")

@@ -7,7 +7,6 @@ transport calls in; the device calls back only through `Transport`.
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Callable
 from typing import Protocol
@@ -121,7 +120,3 @@ class Device:
     def reset(self) -> None:
         """Drop all device state: the connection ended or the front end sent RESET_DEVICE."""
 
-
-def close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)

@@ -80,10 +80,6 @@ class DescriptorChain:
     writable: list[memoryview] = field(default_factory=list)
 
     @property
-    def readable_len(self) -> int:
-        return sum(len(v) for v in self.readable)
-
-    @property
     def writable_len(self) -> int:
         return sum(len(v) for v in self.writable)
 
