@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from vgpu import protocol as p
 from vgpu.protocol import responses as r
 from vgpu.protocol import structs as s
-from vgpu.protocol.codec import LayoutError, flatten, to_values
 from vgpu.protocol.derive import DERIVED
+from vgpu.vhost_user.layout import LayoutError, flatten, to_values
 
 T = p.CtrlType
 

@@ -15,7 +15,6 @@ from typing import Final
 
 from ..blob.types import HostBuffer
 from ..protocol import Capset, CommandError, CtrlType
-from ..protocol.codec import flatten
 from ..protocol.cross_domain import (
     CrossDomainCapabilities,
     CrossDomainChannel,
@@ -27,6 +26,7 @@ from ..protocol.cross_domain import (
     CrossDomainInitLegacy,
     CrossDomainInitV1,
 )
+from ..vhost_user.layout import flatten
 from .contexts import Context, ContextServices
 
 log = logging.getLogger("vgpu.gpu.cross_domain")

@@ -1,10 +1,12 @@
 """virtio-gpu wire formats: constants, construct layouts, typed commands, response encoders.
 
-This is the bottom layer of vgpu and imports nothing else from it. Bytes go in through ``decode`` and typed
+It imports nothing else from vgpu but ``vgpu.vhost_user.layout``, the one place forms (``struct`` formats, numpy
+dtypes) are derived from construct layouts; that module depends on nothing of ours, so there is no cycle. Bytes go in through ``decode`` and typed
 commands come out; responses go out through the encoders in ``responses``; bad input surfaces as one
 exception type, ``CommandError``, carrying the RESP_ERR_* code to answer with.
 """
 
+from ..vhost_user.layout import dtype_of as struct_dtype
 from . import cross_domain, responses, structs
 from .commands import (
     COMMAND_CLASSES,
@@ -57,7 +59,6 @@ from .constants import (
     ShmId,
 )
 from .decode import CTRL_HDR_SIZE, MAX_MEM_ENTRIES, command_size, decode, decode_hdr
-from .dtype import struct_dtype
 from .edid import build_edid
 from .encode import encode_command
 from .errors import CommandError

@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..vhost_user.layout import Flat, flatten
 from . import commands as c
-from .codec import Flat, flatten
 from .constants import CtrlType
 from .errors import CommandError
 from .mem_entries import MEM_ENTRY_SIZE, MemEntries

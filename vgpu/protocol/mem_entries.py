@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
-from .dtype import struct_dtype
+from ..vhost_user.layout import dtype_of as struct_dtype
 from .records import MemEntry
 from .structs import mem_entry
 

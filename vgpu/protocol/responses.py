@@ -15,8 +15,8 @@ from __future__ import annotations
 import uuid as uuid_mod
 from collections.abc import Sequence
 
+from ..vhost_user.layout import flatten
 from . import structs as s
-from .codec import flatten
 from .constants import VIRTIO_GPU_MAX_SCANOUTS, CtrlFlag, CtrlType, MapCache
 from .records import CtrlHdr, DisplayOne, Rect
 
