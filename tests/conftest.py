@@ -82,7 +82,9 @@ def start_backend(cmd: list[str], tmp_path: Path, name: str = "backend") -> Back
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([*cmd, f"--socket-path={sock}"], stdout=log, stderr=subprocess.STDOUT,
                                 cwd=REPO)
-    if not wait_until(lambda: os.path.exists(sock) or proc.poll() is not None, 15):
+    # Generous: inside an emulated guest (TCG, the host root over 9p) Python alone takes ~14 s to start under load;
+    # a passing run waits only as long as start-up takes.
+    if not wait_until(lambda: os.path.exists(sock) or proc.poll() is not None, 90):
         proc.kill()
         raise RuntimeError(f"{cmd} did not create its socket")
     if proc.poll() is not None:
