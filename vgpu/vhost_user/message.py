@@ -13,6 +13,7 @@ import contextlib
 import os
 import select
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -158,12 +159,27 @@ class Channel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, request: int, flags: int, payload: bytes = b"", fds: list[int] | None = None) -> None:
+    def send(self, request: int, flags: int, payload: bytes = b"", fds: list[int] | None = None,
+             wait_writable: Callable[[], None] | None = None) -> None:
+        """Send one message.  With `wait_writable`, never block in the kernel: when the socket is full, call it
+        (it returns once the socket can take more, or raises) — so the caller can serve other sockets meanwhile."""
         data = build_header(request, flags, len(payload)) + payload
-        if fds:
-            self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        else:
-            self.sock.sendall(data)
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        if wait_writable is None:
+            if ancillary:
+                self.sock.sendmsg([data], ancillary)
+            else:
+                self.sock.sendall(data)
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self.sock.sendmsg([view], ancillary, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                wait_writable()
+                continue
+            ancillary = []  # the fds travel with the first bytes
+            view = view[sent:]
 
     def send_reply(self, request: int, payload: bytes = b"", fds: list[int] | None = None) -> None:
         self.send(request, VHOST_USER_VERSION | FLAG_REPLY, payload, fds)
