@@ -294,6 +294,10 @@ def test_qemu_command_shape() -> None:
     assert cmd[cmd.index("-device") + 1].startswith("vhost-user-test-device-pci,chardev=vgpu,virtio-id=16")
     assert cmd[-2:] == ["-virtfs", "x"]
     assert "-device" not in qemu_command(kernel=Path("/k"), initrd=Path("/i"), socket_path=None)
+    assert cmd[cmd.index("-display") + 1] == "none"  # headless unless asked
+    dbus = qemu_command(kernel=Path("/k"), initrd=Path("/i"), socket_path=None,
+                        config=QemuConfig(display="dbus,addr=unix:path=/b,gl=off"))
+    assert dbus[dbus.index("-display") + 1] == "dbus,addr=unix:path=/b,gl=off"
 
 
 def test_guest_run_parsing() -> None:

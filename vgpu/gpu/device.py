@@ -71,7 +71,7 @@ from .backing import Backing, BackingError
 from .blobs import BlobEngine
 from .config import GpuConfig
 from .formats import BPP, supported, to_bgra
-from .output import Output
+from .output import Output, describe_layout
 from .resources import Resource, ResourceTable
 from .scanout import NO_RECT, BlobLayout, Scanout, intersect
 
@@ -150,11 +150,14 @@ class GpuDevice(Device):
                                         num_capsets=len(self.cfg.context_types))))
 
     def write_config(self, offset: int, data: bytes) -> None:
-        # Only events_clear is writable: a 1 clears that event in events_read.
-        if offset != EVENTS_CLEAR_OFFSET or len(data) != 4:
+        # Only events_clear is writable: a 1 clears that event in events_read.  QEMU's vhost-user-gpu writes its
+        # whole copy of the config space (offset 0, 16 bytes) whenever the guest writes events_clear: take the
+        # events_clear bytes from such a write and ignore the read-only fields around them.
+        start = EVENTS_CLEAR_OFFSET - offset
+        if start < 0 or start + 4 > len(data) or offset + len(data) > _CONFIG.sizeof():
             raise DeviceRefused(f"config write at {offset} of {len(data)} bytes (only events_clear is writable)")
         self.output.forget_layout()
-        self.events_read &= ~int.from_bytes(data, "little")
+        self.events_read &= ~int.from_bytes(data[start:start + 4], "little")
 
     def set_gpu_socket(self, sock: socket.socket) -> None:
         if not self.output.attach_display(sock, on_ready=self._check_layout):
@@ -250,8 +253,11 @@ class GpuDevice(Device):
             case ResourceCreateBlob():
                 self._create_blob(cmd)
             case GetDisplayInfo():
-                self._reported = self.output.modes()
-                return responses.display_info(cmd.hdr, self._reported)
+                modes = self.output.modes()
+                if modes != self._reported:
+                    log.info("GET_DISPLAY_INFO: the guest is told %s", describe_layout(modes))
+                self._reported = modes
+                return responses.display_info(cmd.hdr, modes)
             case GetEdid():
                 return self._get_edid(cmd)
             case ResourceAssignUuid():

@@ -28,6 +28,12 @@ from .scanout import PictureWriter, Scanout, bgrx
 log = logging.getLogger("vgpu.gpu")
 
 
+def describe_layout(modes: list[DisplayOne]) -> str:
+    """A layout for the log: ``scanout 0 1024x768+0+0`` per enabled scanout (the operator sees a resize land)."""
+    shown = [f"scanout {i} {m.r.width}x{m.r.height}+{m.r.x}+{m.r.y}" for i, m in enumerate(modes) if m.enabled]
+    return ", ".join(shown) or "no enabled scanout"
+
+
 class Output:
     def __init__(self, cfg: GpuConfig, transport: Callable[[], Transport]) -> None:
         self.cfg = cfg

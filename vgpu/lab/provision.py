@@ -57,6 +57,11 @@ QEMU_SYSTEM_X86_64 = Path("/usr/bin/qemu-system-x86_64")
 VHOST_USER_GPU = Path("/usr/lib/qemu/vhost-user-gpu")
 BUSYBOX = Path("/bin/busybox")
 TOOLCHAIN_PACKAGES = ("gcc", "libc6-dev", "linux-libc-dev")
+#: A private D-Bus bus for ``-display dbus`` (QEMU 10's VNC cannot show a vhost-user-gpu console: it lacks the
+#: dma-buf support QEMU demands of every display of that device) and ``dbus-send`` to call QEMU's console on it.
+DBUS_PACKAGES = ("dbus-daemon", "dbus-bin")
+DBUS_DAEMON = Path("/usr/bin/dbus-daemon")
+DBUS_SEND = Path("/usr/bin/dbus-send")
 #: The guest kernel family: 6.12 has udmabuf and the system dma-heap built in, virtio-gpu and vgem as modules.
 KERNEL_SERIES = "6.12"
 
@@ -522,6 +527,16 @@ class Provisioner:
                 raise ProvisionError(f"busybox: {BUSYBOX} is missing after installing busybox-static")
             return BUSYBOX
 
+    def dbus(self) -> tuple[Path, Path]:
+        """``dbus-daemon`` and ``dbus-send``: a bus of our own for QEMU's D-Bus display, and a client to call it."""
+        with self.locked():
+            if not (DBUS_DAEMON.is_file() and DBUS_SEND.is_file()):
+                self.apt_install(DBUS_PACKAGES, what="dbus")
+            for path in (DBUS_DAEMON, DBUS_SEND):
+                if not path.is_file():
+                    raise ProvisionError(f"dbus: {path} is missing after installing {' '.join(DBUS_PACKAGES)}")
+            return DBUS_DAEMON, DBUS_SEND
+
     def toolchain(self) -> Path:
         """gcc with a static libc and the kernel's UAPI headers, to build the static guest programs."""
         with self.locked():
@@ -722,7 +737,7 @@ def provision_all(cache: Path | None = None) -> Lab:
 # --------------------------------------------------------------------------------------------------------------
 # command line
 
-COMPONENTS = ("apt", "qemu", "busybox", "toolchain", "kernel", "guest")
+COMPONENTS = ("apt", "qemu", "busybox", "toolchain", "kernel", "guest", "dbus")
 #: Components only provisioned when named (not part of ``all``).
 EXTRA_COMPONENTS = ("qemu11",)
 
@@ -742,6 +757,9 @@ def _summary(p: Provisioner, components: Sequence[str]) -> dict[str, object]:
             }
         elif component == "busybox":
             out["busybox"] = str(p.busybox())
+        elif component == "dbus":
+            daemon, send = p.dbus()
+            out["dbus"] = {"daemon": str(daemon), "send": str(send)}
         elif component == "toolchain":
             out["gcc"] = str(p.toolchain())
         elif component == "kernel":

@@ -63,7 +63,9 @@ class QemuConfig:
     """Everything about a boot except the guest image and the socket, so callers can vary one thing at a time.
 
     ``device`` is the ``-device`` value attached to the vhost-user chardev (``None`` for no device);
-    ``command_prefix`` runs QEMU through a wrapper such as ``("chroot", DIR)``.
+    ``command_prefix`` runs QEMU through a wrapper such as ``("chroot", DIR)``. ``display`` is the ``-display``
+    value: headless by default; ``dbus,addr=ADDRESS,gl=off`` exports the consoles on a D-Bus bus, where a test can
+    resize one like a viewer would (``SetUIInfo``) without host graphics.
     """
 
     qemu: Path = QEMU_SYSTEM_X86_64
@@ -74,6 +76,7 @@ class QemuConfig:
     extra_args: tuple[str, ...] = ()
     command_prefix: tuple[str, ...] = ()
     env: Mapping[str, str] | None = None
+    display: str = "none"
 
 
 def qemu_command(
@@ -104,7 +107,7 @@ def qemu_command(
         "-nodefaults",
         "-no-reboot",
         "-display",
-        "none",
+        config.display,
         "-serial",
         "stdio",
         "-kernel",

@@ -1,9 +1,9 @@
 """virtio-gpu wire formats: constants, construct layouts, typed commands, response encoders.
 
-It imports nothing else from vgpu but ``vgpu.vhost_user.layout``, the one place forms (``struct`` formats, numpy
-dtypes) are derived from construct layouts; that module depends on nothing of ours, so there is no cycle. Bytes go in through ``decode`` and typed
-commands come out; responses go out through the encoders in ``responses``; bad input surfaces as one
-exception type, ``CommandError``, carrying the RESP_ERR_* code to answer with.
+Bytes go in through ``decode`` and typed commands come out; responses go out through the encoders in
+``responses``; bad input surfaces as one exception type, ``CommandError``, carrying the RESP_ERR_* code to answer
+with. It imports nothing else from vgpu but ``vgpu.vhost_user.layout``, the one place forms (``struct`` formats,
+numpy dtypes) are derived from construct layouts; that module depends on nothing of ours, so there is no cycle.
 """
 
 from ..vhost_user.layout import dtype_of as struct_dtype

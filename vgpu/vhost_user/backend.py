@@ -190,6 +190,27 @@ class Session(Transport):
             if registered:
                 self._selector.unregister(channel.sock)
 
+    def wait_writable(self, sock: socket.socket, timeout: float) -> None:
+        # A selector of its own: the loop's has the socket registered for reading already (a display's answers).
+        deadline = time.monotonic() + timeout
+        with self._busy_scope(), selectors.DefaultSelector() as sel:
+            sel.register(sock, selectors.EVENT_WRITE, "writable")
+            sel.register(self.channel.sock, selectors.EVENT_READ, "frontend")
+            if self._stop_fd is not None:
+                sel.register(self._stop_fd, selectors.EVENT_READ, "stop")
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BackendChannelError(f"fd {sock.fileno()} took no bytes within {timeout:.1f} s")
+                ready = {key.data for key, _ in sel.select(remaining)}
+                if "writable" in ready:
+                    return
+                if "stop" in ready:
+                    self.stopping = True
+                    raise BackendChannelError("stopping")
+                if "frontend" in ready:
+                    self._serve_frontend()
+
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
         self._watches[fd] = callback
         self._selector.register(fd, selectors.EVENT_READ, "watch")

@@ -55,6 +55,11 @@ class Transport(Protocol):
         """Wait for a reply to `request` on a device-owned channel while still serving the front end."""
         ...
 
+    def wait_writable(self, sock: socket.socket, timeout: float) -> None:
+        """Wait until a device-owned socket can take more bytes, still serving the front end meanwhile (a front
+        end may wait for our reply before it reads that socket again).  Raises BackendChannelError."""
+        ...
+
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
         """Call `callback` whenever `fd` is readable (until unwatch)."""
 

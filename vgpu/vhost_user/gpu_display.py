@@ -1,7 +1,8 @@
 """The back end's side of the vhost-user-gpu display socket (QEMU `docs/interop/vhost-user-gpu.rst`).
 
 QEMU hands the socket over with GPU_SET_SOCKET when the guest driver is ready.  Queries (display info, EDID) block
-on QEMU's reply; they wait through `Transport.wait_reply`, which keeps the front-end socket served meanwhile.
+on QEMU's reply; they wait through `Transport.wait_reply`, and sends that fill the socket wait through
+`Transport.wait_writable`, both of which keep the front-end socket served meanwhile.
 Payloads that are virtio-gpu structs (display info, EDID) pass through as bytes: their layout belongs to the GPU
 protocol layer, not to this transport.
 """
@@ -13,7 +14,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from .device import Transport
+from .device import BackendChannelError, Transport
 from .message import Buffer, Channel, ProtocolError
 from .wire import (
     GPU_CURSOR_SIZE,
@@ -37,6 +38,8 @@ log = logging.getLogger("vgpu.vhost_user.display")
 # What we can use of the display protocol.
 SUPPORTED: Final = bit(GpuProtocolFeature.EDID) | bit(GpuProtocolFeature.DMABUF2)
 REPLY_TIMEOUT: Final = 5.0
+#: How long a display may leave a message half sent before we give up on it (a frame is megabytes).
+SEND_TIMEOUT: Final = 10.0
 
 
 class DisplayError(Exception):
@@ -85,10 +88,14 @@ class DisplayClient:
     def _send(self, req: GpuRequest, payload: bytes | Sequence[Buffer] = b"", fds: list[int] | None = None) -> None:
         if self.channel.closed:
             raise DisplayError("display socket is closed")
+        # Never block on a full socket: QEMU reads it from its main loop, which may itself be waiting for our
+        # answer to GET_CONFIG or SET_CONFIG (the guest's vCPU holds QEMU's big lock while it reads or writes the
+        # config space), so we keep serving the front end until the display takes the rest.
         try:
-            self.channel.send(req, 0, payload, fds)
-        except OSError as e:
-            self.close()
+            self.channel.send(req, 0, payload, fds,
+                              wait_writable=lambda: self.transport.wait_writable(self.channel.sock, SEND_TIMEOUT))
+        except (OSError, BackendChannelError) as e:
+            self.close()  # a message cut short leaves the stream unusable
             raise DisplayError(f"display socket: {e}") from e
 
     def _query(self, req: GpuRequest, payload: bytes = b"") -> bytes:

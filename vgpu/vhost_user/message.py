@@ -13,7 +13,7 @@ import contextlib
 import os
 import select
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias
 
@@ -179,21 +179,33 @@ class Channel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, request: int, flags: int, payload: bytes | Sequence[Buffer] = b"",
-             fds: list[int] | None = None) -> None:
-        """Send one message. The payload may be given in parts (a fixed struct and a frame of pixels): they leave
-        in one sendmsg, gathered by the kernel, so a large payload is never copied to be framed."""
-        parts: list[Buffer] = [payload] if isinstance(payload, bytes) else list(payload)
-        size = sum(memoryview(p).nbytes for p in parts)
-        parts.insert(0, build_header(request, flags, size))
+    def send(self, request: int, flags: int, payload: bytes | Sequence[Buffer] = b"", fds: list[int] | None = None,
+             wait_writable: Callable[[], None] | None = None) -> None:
+        """Send one message.  The payload may be given in parts (a fixed struct and a frame of pixels): they leave
+        through sendmsg, gathered by the kernel, so a large payload is never copied to be framed.  With
+        `wait_writable`, never block in the kernel: when the socket is full, call it (it returns once the socket
+        can take more, or raises), so the caller can serve other sockets meanwhile."""
+        views = [memoryview(p).cast("B") for p in ([payload] if isinstance(payload, bytes) else payload)]
+        views.insert(0, memoryview(build_header(request, flags, sum(len(v) for v in views))))
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        sent = self.sock.sendmsg(parts, ancillary)
-        total = HEADER_SIZE + size
-        if sent < total:
-            # A blocking stream socket sends everything unless a signal cut it short; the fds went with the first
-            # byte, so the rest is plain data.
-            rest = b"".join(memoryview(p).cast("B") for p in parts)
-            self.sock.sendall(rest[sent:])
+        mode = 0 if wait_writable is None else socket.MSG_DONTWAIT
+        while views:
+            try:
+                sent = self.sock.sendmsg(views, ancillary, mode)
+            except BlockingIOError:
+                if wait_writable is None:
+                    raise
+                wait_writable()
+                continue
+            ancillary = []  # the fds travel with the first bytes
+            while sent:  # drop what went, keep the rest of a part cut short
+                if sent >= len(views[0]):
+                    sent -= len(views.pop(0))
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
+            while views and not len(views[0]):
+                views.pop(0)
 
     def send_reply(self, request: int, payload: bytes = b"", fds: list[int] | None = None) -> None:
         self.send(request, VHOST_USER_VERSION | FLAG_REPLY, payload, fds)
