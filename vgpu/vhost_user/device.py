@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from .memory import GuestMemory
@@ -120,6 +120,12 @@ class Device:
 
     def reset(self) -> None:
         """Drop all device state: the connection ended or the front end sent RESET_DEVICE."""
+
+    def status(self) -> Mapping[str, object]:
+        """The device's state as plain, JSON-serialisable data for a status query.  Called on the loop, possibly
+        while the device itself waits for an ack (that is when an operator most wants to look), so it only
+        reads."""
+        return {}
 
 
 def close_fds(fds: list[int]) -> None:
