@@ -5,7 +5,8 @@ QEMU 11.1 (sid chroot, generic vhost-user device with a shared-memory BAR sized 
 writes a pattern the host then finds in our buffer; the host writes one back that the guest reads.  The guest
 kernel's PAT list shows the memory type it used for our map_info: write-back for CACHED, write-combining for WC.
 Run once with each: CACHED from the memfd allocator's knowledge, WC from an operator override (no exporter on
-this host maps write-combined, so an override is the honest way to make the guest take its WC path).
+this host maps write-combined, so an override is the honest way to make the guest take its WC path).  While the
+guest holds the mapping, `vgpu-status --json` must show it as the guest was told it and as the log explains it.
 """
 
 from __future__ import annotations
@@ -57,6 +58,26 @@ def check(run: HostBlobRun, map_info: int, provenance: str) -> None:
     assert run.host.saw_guest_pattern and not run.host.error, f"{run.host}\n{context}"
     assert "unmapped blob" in run.backend_output, context
     assert run.released, context
+    check_status(run, map_info, provenance)
+
+
+def check_status(run: HostBlobRun, map_info: int, provenance: str) -> None:
+    """What the status query showed while the guest held the mapping matches the guest, the log and /proc."""
+    doc, m = run.host.status, run.map_log
+    assert doc is not None and m is not None, run.host.status_error or run.describe()
+    assert (doc["state"], doc["allocator"]) == ("connected", "memfd"), doc
+    sm = run.status_mapping
+    assert sm is not None, doc["device"]
+    assert (sm["offset"], sm["length"], sm["map_info"], sm["map_info_name"]) == \
+        (int(m[2], 16), int(m[3], 16), map_info, m[4]), sm
+    # Provenance and detail are the ones the MAP_BLOB log line gave, e.g. "allocator: memfd: shmem pages ...".
+    assert f"{sm['provenance']}: {sm['detail']}" == m[5] and m[5].startswith(provenance), (sm, m[5])
+    # The guest printed the same map_info (image requirements) and the host found its pattern in this very fd.
+    assert f"map_info={sm['map_info']}" in run.steps["reqs"]
+    assert sm["buffer"]["fd"] == run.host.buffer_fd and sm["buffer"]["allocator"] == "memfd", (sm, run.host)
+    (res,) = [r for r in doc["device"]["resources"] if r["id"] == sm["resource_id"]]
+    assert res["kind"] == "host_blob" and res["mapped"], res
+    assert doc["quotas"]["host_memory_bytes"]["used"] >= sm["buffer"]["size"]
 
 
 def test_cached_blob_from_the_allocators_knowledge(provisioner: provision.Provisioner, tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ QEMU 11.1 boots the Debian 6.12 guest (TCG) against `vhost-user-vgpu --context-t
 program asks the cross-domain context for a 256x256 XRGB8888 buffer, creates the HOST3D blob, maps it and writes a
 pattern; the host finds that pattern in the back end's buffer and writes one back for the guest to read.  Printed:
 the map_info the guest was told, why (provenance), the memory type the guest kernel then used (its PAT list), the
-round trip, and that the back end released everything.  Exit status 0 only if every one of those holds.
+round trip, that the back end released everything, and last what the back end's status query (`vgpu-status`)
+showed while the guest held the mapping.  Exit status 0 only if every one of those holds.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from vgpu.lab.hostblob import PAT_TYPE, run_host_blob
+from vgpu.lab.hostblob import PAT_TYPE, HostBlobRun, run_host_blob
 from vgpu.lab.provision import Provisioner
+from vgpu.status import header_lines, mapping_lines, quota_lines, resource_line
 
 NAMES = {1: "CACHED", 2: "UNCACHED", 3: "WC"}
 
@@ -73,11 +75,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"teardown    : {'unmapped' if 'unmapped blob' in run.backend_output else 'NOT unmapped'}; back end "
           f"back to its idle fds: {'yes' if run.released else 'no'}")
     print(f"time        : {run.wall:.1f} s from QEMU start to guest poweroff")
-    good = ok and pat_ok and host_ok and run.released
+    status_ok = show_status(run)
+    good = ok and pat_ok and host_ok and run.released and status_ok
     if not good:
         print("\nsomething did not hold; the guest's serial log and the back end's log follow:\n")
         print(run.describe()[-4000:])
     return 0 if good else 1
+
+
+def show_status(run: HostBlobRun) -> bool:
+    """The operator's view: `vgpu-status` on the back end's status socket while the guest held the mapping, in
+    its text form (the mapped blob's lines).  True if it shows the mapping the log describes."""
+    doc, sm, m = run.host.status, run.status_mapping, run.map_log
+    if doc is None or sm is None or m is None:
+        print(f"status      : no mapping in the status query: {run.host.status_error or doc}")
+        return False
+    print("status      : vgpu-status while the guest held the mapping:")
+    rid = sm["resource_id"]
+    lines = header_lines(doc)[:1] + quota_lines(doc)[:1]
+    lines += [resource_line(r) for r in doc["device"]["resources"] if r["id"] == rid] + mapping_lines(sm)
+    for line in lines:
+        print(f"    {line}")
+    return (sm["offset"], sm["map_info_name"], f"{sm['provenance']}: {sm['detail']}") == (int(m[2], 16), m[4], m[5])
 
 
 if __name__ == "__main__":

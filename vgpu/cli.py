@@ -10,17 +10,24 @@ import os
 import socket
 import stat
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
+from . import __version__
 from .blob.allocators import AllocationError, open_allocator
 from .blob.resolve import Resolver
 from .blob.rules import load_rules
+from .blob.types import Allocator
+from .gpu import status as gpu_status
 from .gpu.blobs import CONTEXT_TYPES
 from .gpu.config import GpuConfig
 from .gpu.device import GpuDevice
 from .gpu.resources import Limits
-from .vhost_user.backend import StopSignal, serve, serve_connection
+from .vhost_user.backend import LoopService, Serving, StopSignal, serve, serve_connection
+from .vhost_user.control import ControlError, ControlServer
 from .vhost_user.device import Device
 
 log = logging.getLogger("vgpu")
@@ -45,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--fd", type=int, metavar="FDNUM", help="serve this already-connected socket, then exit")
     p.add_argument("--print-capabilities", action="store_true", help="print the capabilities JSON and exit")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--status-socket", metavar="PATH",
+                   help="answer status queries (vgpu-status PATH) on this Unix socket, mode 0600")
     p.add_argument("--scanouts", type=int, default=1, help="number of scanouts (1..16)")
     p.add_argument("--resolution", type=_size, default=(1280, 800), metavar="WxH",
                    help="display size when the VMM gives none")
@@ -97,6 +106,74 @@ def _context_type(name: str) -> int:
         raise ValueError(f"unknown context type {name.strip()!r} (known: {', '.join(CONTEXT_TYPES)})") from None
 
 
+#: Bumped when a field of the status document changes meaning or disappears (adding fields does not bump it).
+STATUS_FORMAT = 1
+
+
+def _status_answer(serving: Serving, config: GpuConfig, allocator: Allocator, args: argparse.Namespace
+                   ) -> Callable[[Mapping[str, Any]], Mapping[str, object]]:
+    """The answer to {"query": "status"}: the program's own facts, then the transport's and the device's."""
+    started = time.monotonic()
+    names: dict[int, str] = {int(capset): name for name, capset in CONTEXT_TYPES.items()}
+
+    def answer(request: Mapping[str, Any]) -> Mapping[str, object]:
+        query = request.get("query")
+        if query != "status":
+            raise ControlError(f"unknown query {query!r} (known: \"status\")")
+        live = serving.status()
+        device = live["device"]
+        # The quotas are the device's use against the configured limits; with no VMM connected, nothing is used.
+        quotas = device.pop("quotas") if isinstance(device, dict) else gpu_status.quotas(config.limits)
+        return {
+            "status_format": STATUS_FORMAT, "program": "vhost-user-vgpu", "version": __version__,
+            "pid": os.getpid(), "uptime_s": round(time.monotonic() - started, 3),
+            "socket_path": args.socket_path,
+            "state": "connected" if live["vmm_connected"] else "idle",
+            "allocator": allocator.name, "cache_rules": str(args.cache_rules) if args.cache_rules else None,
+            "legacy_cache_heuristic": args.legacy_cache_heuristic,
+            "context_types": [names.get(c, str(c)) for c in config.context_types],
+            "quotas": quotas, **live,
+        }
+    return answer
+
+
+@contextmanager
+def _listening(path: str, mode: int | None = None) -> Iterator[socket.socket]:
+    """A Unix socket listening at `path` (a stale socket there is replaced), removed again on the way out.  With
+    `mode`, the socket is created with it (umask around bind), so there is no moment at which others may connect."""
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise OSError(f"{path} exists and is not a socket")
+        os.unlink(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        old = os.umask(0o777 & ~mode) if mode is not None else None
+        try:
+            sock.bind(path)
+        finally:
+            if old is not None:
+                os.umask(old)
+        try:
+            sock.listen(8)
+            yield sock
+        finally:
+            os.unlink(path)
+
+
+@contextmanager
+def _status_service(args: argparse.Namespace, serving: Serving, config: GpuConfig, allocator: Allocator
+                    ) -> Iterator[list[LoopService]]:
+    if args.status_socket is None:
+        yield []
+        return
+    with _listening(args.status_socket, 0o600) as sock:
+        server = ControlServer(sock, _status_answer(serving, config, allocator, args))
+        log.info("status queries on %s", args.status_socket)
+        try:
+            yield [server]
+        finally:
+            server.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.print_capabilities:
@@ -135,37 +212,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     def factory() -> Device:
         return GpuDevice(config, allocator, resolver)
 
-    stop = StopSignal()
+    serving = Serving()
+    stack = ExitStack()
     try:
-        if args.fd is not None:
-            try:
-                mode = os.fstat(args.fd).st_mode
-            except OSError as e:
-                log.error("--fd %d: %s", args.fd, e)
-                return 1
-            if not stat.S_ISSOCK(mode):
-                log.error("--fd %d is not a socket", args.fd)
-                return 1
-            serve_connection(factory(), socket.socket(fileno=args.fd), stop.r)
-            return 0
-        path = args.socket_path
-        if os.path.exists(path):
-            if not stat.S_ISSOCK(os.stat(path).st_mode):
-                log.error("%s exists and is not a socket", path)
-                return 1
-            os.unlink(path)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as listener:
-            listener.bind(path)
-            listener.listen(1)
-            log.info("listening on %s", path)
-            try:
-                serve(factory, listener, stop.r)
-            finally:
-                os.unlink(path)
-        log.info("stopped")
-        return 0
+        try:
+            services = stack.enter_context(_status_service(args, serving, config, allocator))
+        except OSError as e:
+            log.error("--status-socket %s: %s", args.status_socket, e)
+            return 1
+        stop = StopSignal()
+        stack.callback(stop.close)
+        return _run(args, factory, stop, services, serving)
     finally:
-        stop.close()
+        stack.close()
+
+
+def _run(args: argparse.Namespace, factory: Callable[[], Device], stop: StopSignal, services: list[LoopService],
+         serving: Serving) -> int:
+    if args.fd is not None:
+        try:
+            mode = os.fstat(args.fd).st_mode
+        except OSError as e:
+            log.error("--fd %d: %s", args.fd, e)
+            return 1
+        if not stat.S_ISSOCK(mode):
+            log.error("--fd %d is not a socket", args.fd)
+            return 1
+        serve_connection(factory(), socket.socket(fileno=args.fd), stop.r, services, serving)
+        return 0
+    path = args.socket_path
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            log.error("%s exists and is not a socket", path)
+            return 1
+        os.unlink(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        log.info("listening on %s", path)
+        try:
+            serve(factory, listener, stop.r, services=services, serving=serving)
+        finally:
+            os.unlink(path)
+    log.info("stopped")
+    return 0
 
 
 if __name__ == "__main__":

@@ -41,6 +41,10 @@ class Context:
         """The host buffer behind `blob_id`, handed over to a new resource (each blob_id once)."""
         raise CommandError(CtrlType.RESP_ERR_INVALID_PARAMETER, f"context {self.id} has no blob {blob_id}")
 
+    def pending(self) -> list[HostBuffer]:
+        """Host buffers made for the guest that no resource owns yet (they count against the memory quota)."""
+        return []
+
     def close(self) -> None:
         """CTX_DESTROY or reset: give back whatever was never turned into a resource."""
 

@@ -177,6 +177,9 @@ class CrossDomainContext(Context):
         del self._pending[blob_id]
         return pending.buffer
 
+    def pending(self) -> list[HostBuffer]:
+        return [p.buffer for p in self._pending.values()]
+
     def close(self) -> None:
         for pending in self._pending.values():
             self.services.release(pending.buffer)

@@ -74,6 +74,7 @@ from .formats import BPP, supported, to_bgra
 from .output import Output, describe_layout
 from .resources import Resource, ResourceTable
 from .scanout import NO_RECT, BlobLayout, Scanout, intersect
+from .status import device_status
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -188,6 +189,9 @@ class GpuDevice(Device):
         self.scanouts = [Scanout(i) for i in range(self.cfg.num_scanouts)]
         self.events_read = 0
         self._reported = self.output.default_modes()
+
+    def status(self) -> dict[str, object]:
+        return device_status(self)
 
     def process_queue(self, queue: Virtqueue) -> None:
         """Every available chain, then one notification (the transport suppresses it as the driver asks)."""

@@ -8,6 +8,7 @@ unaligned offsets and does not stop a guest writing a read-only map, so these ch
 from __future__ import annotations
 
 from bisect import bisect_left, insort
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 PAGE = 4096
@@ -33,6 +34,10 @@ class HostVisibleRegion:
 
     def __len__(self) -> int:
         return len(self._by_resource)
+
+    def __iter__(self) -> Iterator[Mapping]:
+        """The mappings in window order."""
+        return iter([self._at[start] for start in self._starts])
 
     def get(self, resource_id: int) -> Mapping | None:
         return self._by_resource.get(resource_id)

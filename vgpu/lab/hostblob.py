@@ -4,18 +4,23 @@ QEMU 11.1 (its generic vhost-user device sizes the host-visible BAR from our GET
 guest against our back end with a cross-domain context.  The guest program `blob_map` gets image requirements,
 creates a HOST3D blob, maps it, and writes a pattern; meanwhile this module, on the host, finds that pattern in
 the back end's own buffer (through /proc/PID/fd) and writes one back for the guest to find.  What the guest
-kernel did with our map_info is read from its PAT list; why we chose that map_info, from our log.
+kernel did with our map_info is read from its PAT list; why we chose that map_info, from our log.  While the guest
+holds the mapping (waiting for the host's pattern), the host also asks the back end's status socket what it
+holds (`vgpu-status --json`), as an operator would.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -50,7 +55,11 @@ class HostSide:
 
     saw_guest_pattern: bool = False
     buffer: str = ""  # what /proc/PID/fd/N of the back end's buffer points to
+    buffer_fd: int = -1  # N
     error: str = ""
+    # What `vgpu-status --json` said while the guest held the mapping (None: see status_error).
+    status: dict[str, Any] | None = None
+    status_error: str = ""
 
 
 @dataclass
@@ -81,6 +90,14 @@ class HostBlobRun:
     @property
     def map_log(self) -> re.Match[str] | None:
         return MAP_LINE.search(self.backend_output)
+
+    @property
+    def status_mapping(self) -> dict[str, Any] | None:
+        """The mapping of the blob the log says was mapped, as the status query reported it."""
+        m, doc = self.map_log, self.host.status
+        if m is None or doc is None or not doc.get("device"):
+            return None
+        return next((x for x in doc["device"]["mappings"] if x["resource_id"] == int(m[1])), None)
 
     @property
     def window(self) -> tuple[int, int] | None:
@@ -120,8 +137,28 @@ def _buffers_seen(pid: int) -> str:
     return "; ".join(seen) or "none"
 
 
-def _play_host(run: HostSide, pid: int, serial: Path, deadline: float) -> None:
-    """Wait for the guest's 'write ok', check its pattern in our buffer, answer with the host pattern."""
+def status_command() -> list[str]:
+    """`vgpu-status` as installed next to this interpreter (tools/venv.sh installs it), else the same entry point
+    through -m, so a checkout whose venv predates the script still runs."""
+    script = Path(sys.executable).with_name("vgpu-status")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "vgpu.status"]
+
+
+def _ask_status(run: HostSide, status_socket: Path) -> None:
+    try:
+        out = subprocess.run([*status_command(), "--json", str(status_socket)], capture_output=True, text=True,
+                             timeout=60)
+        if out.returncode:
+            run.status_error = f"vgpu-status exited {out.returncode}: {out.stderr.strip()}"
+        else:
+            run.status = json.loads(out.stdout)
+    except (OSError, subprocess.TimeoutExpired, ValueError) as e:
+        run.status_error = f"vgpu-status: {e}"
+
+
+def _play_host(run: HostSide, pid: int, serial: Path, deadline: float, status_socket: Path) -> None:
+    """Wait for the guest's 'write ok', check its pattern in our buffer, ask the back end's status while the guest
+    waits with the blob mapped, then answer with the host pattern."""
     try:
         size = 0
         while time.monotonic() < deadline:
@@ -147,9 +184,12 @@ def _play_host(run: HostSide, pid: int, serial: Path, deadline: float) -> None:
             run.error = "no buffer of the back end holds the guest's pattern: " + _buffers_seen(pid)
             return
         run.buffer = os.readlink(path)
+        run.buffer_fd = int(Path(path).name)
         fd = os.open(path, os.O_RDWR)
         try:
             run.saw_guest_pattern = os.pread(fd, len(want), 0) == want
+            # The guest keeps the blob mapped until our pattern arrives: the status shows the live mapping.
+            _ask_status(run, status_socket)
             os.pwrite(fd, host_pattern(words - half).tobytes(), half * 4)
         finally:
             os.close(fd)
@@ -167,11 +207,12 @@ def run_host_blob(provisioner: Provisioner, work: Path, *, backend_args: tuple[s
         work / "initrd.gz", busybox=provisioner.busybox(), command=f"/bin/blob_map {width} {height} 30",
         modules_dir=kernel.modules_dir, modules=initramfs.VIRTIO_GPU_MODULES,
         files={"/bin/blob_map": programs["blob_map"]})
-    backend = [sys.executable, "-m", "vgpu", "--socket-path={sock}",
-               "--context-types=cross-domain", "--log-level=info", *backend_args]
     serial = work / "serial.log"
     with socket_dir() as d:
         sock = d / "vgpu.sock"
+        status_socket = d / "status.sock"
+        backend = [sys.executable, "-m", "vgpu", "--socket-path={sock}", f"--status-socket={status_socket}",
+                   "--context-types=cross-domain", "--log-level=info", *backend_args]
         config = q11.config([d, kernel.root, work])
         with Backend(backend, sock) as proc:
             assert proc.pid is not None
@@ -179,7 +220,8 @@ def run_host_blob(provisioner: Provisioner, work: Path, *, backend_args: tuple[s
             idle = settled_fd_count(pid)
             started = time.monotonic()
             host = HostSide()
-            player = threading.Thread(target=_play_host, args=(host, pid, serial, started + timeout), daemon=True)
+            player = threading.Thread(target=_play_host, daemon=True,
+                                      args=(host, pid, serial, started + timeout, status_socket))
             player.start()
             guest = run_guest(kernel=kernel.vmlinuz, initrd=initrd, socket_path=sock, config=config,
                               timeout=timeout, serial_log=serial)

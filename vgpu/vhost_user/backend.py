@@ -19,9 +19,9 @@ import selectors
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Final
+from typing import Final, Protocol
 
 from .device import BackendChannelError, Device, Transport
 from .memory import GuestMemory
@@ -62,6 +62,47 @@ TRANSPORT_FEATURES: Final = (
     | bit(VIRTIO_RING_F_INDIRECT_DESC)
 )
 
+_TRANSPORT_FEATURE_NAMES: Final = {
+    VIRTIO_F_VERSION_1: "VERSION_1", VHOST_USER_F_PROTOCOL_FEATURES: "PROTOCOL_FEATURES",
+    VIRTIO_RING_F_EVENT_IDX: "RING_EVENT_IDX", VIRTIO_RING_F_INDIRECT_DESC: "RING_INDIRECT_DESC",
+}
+
+
+class LoopService(Protocol):
+    """Something the loop serves beside the front end, such as a control socket (`control.ControlServer`): one
+    fd to watch, how long the loop may sleep before it must be called anyway, and work that never blocks."""
+
+    def fileno(self) -> int: ...
+
+    def timeout(self) -> float | None: ...
+
+    def service(self) -> None: ...
+
+
+def _sleep_limit(timeout: float | None, services: Sequence[LoopService]) -> float | None:
+    for svc in services:
+        t = svc.timeout()
+        if t is not None and (timeout is None or t < timeout):
+            timeout = t
+    return timeout
+
+
+def _run_service(svc: LoopService) -> None:
+    try:
+        svc.service()
+    except Exception:
+        # A status query must never cost the VMM its connection (or the process every later VMM).
+        log.exception("loop service on fd %d failed", svc.fileno())
+
+
+def _service_due(services: Sequence[LoopService]) -> None:
+    """Deadlines pass without the fd becoming readable (a silent client): give those services their turn."""
+    for svc in services:
+        t = svc.timeout()
+        if t is not None and t <= 0:
+            _run_service(svc)
+
+
 # Requests that stop or reset rings: while the device is mid-command they wait until it returns.
 _DEFERRED_WHILE_BUSY: Final = frozenset({
     FrontendRequest.GET_VRING_BASE, FrontendRequest.RESET_DEVICE, FrontendRequest.RESET_OWNER,
@@ -73,7 +114,8 @@ _DEFERRED_WHILE_BUSY: Final = frozenset({
 class Session(Transport):
     """The event loop of one front-end connection, and the transport the device sees."""
 
-    def __init__(self, device: Device, channel: Channel, stop_fd: int | None = None) -> None:
+    def __init__(self, device: Device, channel: Channel, stop_fd: int | None = None,
+                 services: Sequence[LoopService] = ()) -> None:
         self.device = device
         self.channel = channel
         self.state = ConnectionState(
@@ -98,6 +140,10 @@ class Session(Transport):
         self._selector.register(channel.sock, selectors.EVENT_READ, "frontend")
         if stop_fd is not None:
             self._selector.register(stop_fd, selectors.EVENT_READ, "stop")
+        self._services = tuple(services)
+        self._by_service_fd = {svc.fileno(): svc for svc in self._services}
+        for svc in self._services:
+            self._selector.register(svc.fileno(), selectors.EVENT_READ, "service")
         device.attach(self)
 
     # --- Transport --------------------------------------------------------------------------------------------
@@ -174,7 +220,7 @@ class Session(Transport):
                         log.debug("no reply %d on fd %d", request, channel.fileno())
                         self._abandoned[request] = self._abandoned.get(request, 0) + 1
                         raise BackendChannelError(f"no reply to request {request} within {timeout:.1f} s")
-                    for key, _ in self._selector.select(remaining):
+                    for key, _ in self._selector.select(_sleep_limit(remaining, self._services)):
                         if key.fileobj is channel.sock or key.fd == channel.fileno():
                             try:
                                 channel.fill()
@@ -186,6 +232,11 @@ class Session(Transport):
                         elif key.data == "stop":
                             self.stopping = True
                             raise BackendChannelError("stopping")
+                        elif key.data == "service":
+                            # Served even now: a status query only reads, and an operator asks exactly when
+                            # the device seems stuck waiting for the VMM.
+                            _run_service(self._by_service_fd[key.fd])
+                    _service_due(self._services)
         finally:
             if registered:
                 self._selector.unregister(channel.sock)
@@ -237,9 +288,8 @@ class Session(Transport):
     def _timeout(self) -> float | None:
         if any(q.ready and q.kick_fd < 0 for q in self._queues):
             return 0.001
-        if self._timers:
-            return max(0.0, self._timers[0][0] - time.monotonic())
-        return None
+        timeout = max(0.0, self._timers[0][0] - time.monotonic()) if self._timers else None
+        return _sleep_limit(timeout, self._services) if self._services else timeout
 
     # --- the loop ---------------------------------------------------------------------------------------------
 
@@ -264,6 +314,8 @@ class Session(Transport):
                     return
                 self._poll_kickless()
                 self._run_timers()
+                if self._services:
+                    _service_due(self._services)
         except PeerClosed as e:
             log.info("front end disconnected: %s", e)
         except ConnectionError as e:
@@ -295,6 +347,8 @@ class Session(Transport):
                 # The callback may have waited for a reply (busy): requests and kicks that arrived meanwhile were
                 # deferred, and nothing else would run them until the front end sends something more.
                 self._run_deferred()
+        elif key.data == "service":
+            _run_service(self._by_service_fd[key.fd])
         elif key.data == "stop":
             self.stopping = True
 
@@ -382,7 +436,25 @@ class Session(Transport):
         while self._pending and not self._busy:
             self._process(self._queues[self._pending.pop()])
 
-    # --- request handling -------------------------------------------------------------------------------------
+    # --- status -----------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, object]:
+        """What this connection negotiated and set up, as plain data for a status query (only reads)."""
+        st = self.state
+        return {
+            "features": {"offered": st.offered_features, "acked": st.acked_features,
+                         "names": [name for b, name in sorted(_TRANSPORT_FEATURE_NAMES.items())
+                                   if st.acked_features & bit(b)]},
+            "protocol_features": {"offered": st.offered_protocol, "acked": st.protocol_features,
+                                  "names": [f.name for f in ProtocolFeature if st.protocol_features & bit(f)]},
+            "device_status": st.status,
+            "memory_regions": len(self._memory.regions),
+            "backend_channel": st.backend_channel is not None and not st.backend_channel.closed,
+            "queues": [{"index": q.index, "size": q.size, "started": q.started, "enabled": q.enabled}
+                       for q in self._queues],
+            # Mid-command: the device waits for an ack from the VMM (SHMEM_MAP) or the display.
+            "device_busy": bool(self._busy),
+        }
 
     # --- teardown ---------------------------------------------------------------------------------------------
 
@@ -426,12 +498,36 @@ class StopSignal:
         os.close(self.w)
 
 
-def serve_connection(device: Device, sock: socket.socket, stop_fd: int | None = None) -> bool:
+class Serving:
+    """Which front end the back end is serving, if any: what a status query reports about the transport and the
+    device.  serve() keeps it current; it answers also between front ends (idle: no session, no device)."""
+
+    def __init__(self) -> None:
+        self.session: Session | None = None
+        self.connections = 0
+
+    def status(self) -> dict[str, object]:
+        s = self.session
+        return {
+            "vmm_connected": s is not None,
+            "vmm_connections": self.connections,
+            "transport": s.snapshot() if s is not None else None,
+            "device": dict(s.device.status()) if s is not None else None,
+        }
+
+
+def serve_connection(device: Device, sock: socket.socket, stop_fd: int | None = None,
+                     services: Sequence[LoopService] = (), serving: Serving | None = None) -> bool:
     """Serve one front end to the end; returns False if we were asked to stop."""
-    session = Session(device, Channel(sock), stop_fd)
+    session = Session(device, Channel(sock), stop_fd, services)
+    if serving is not None:
+        serving.session = session
+        serving.connections += 1
     try:
         session.run()
     finally:
+        if serving is not None:
+            serving.session = None
         session.close()
     return not session.stopping
 
@@ -441,23 +537,36 @@ def serve(
     listener: socket.socket,
     stop_fd: int | None = None,
     max_connections: int | None = None,
+    services: Sequence[LoopService] = (),
+    serving: Serving | None = None,
 ) -> None:
-    """Accept front ends one at a time, each with a fresh device, until stopped."""
+    """Accept front ends one at a time, each with a fresh device, until stopped.  `services` (a control socket)
+    are served throughout: between front ends by this loop, during one by the session's."""
     served = 0
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ, "listen")
     if stop_fd is not None:
         sel.register(stop_fd, selectors.EVENT_READ, "stop")
+    by_fd = {svc.fileno(): svc for svc in services}
+    for fd in by_fd:
+        sel.register(fd, selectors.EVENT_READ, "service")
     try:
         while max_connections is None or served < max_connections:
-            ready = {key.data for key, _ in sel.select()}
+            events = sel.select(_sleep_limit(None, services))
+            ready = {key.data for key, _ in events}
             if "stop" in ready:
                 return
+            for key, _ in events:
+                if key.data == "service":
+                    _run_service(by_fd[key.fd])
+            _service_due(services)
+            if "listen" not in ready:
+                continue
             conn, _ = listener.accept()
             conn.set_inheritable(False)
             served += 1
             log.info("front end connected")
-            if not serve_connection(device_factory(), conn, stop_fd):
+            if not serve_connection(device_factory(), conn, stop_fd, services, serving):
                 return
     finally:
         sel.close()

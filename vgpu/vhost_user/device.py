@@ -8,7 +8,7 @@ transport calls in; the device calls back only through `Transport`.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from .memory import GuestMemory
@@ -125,3 +125,8 @@ class Device:
     def reset(self) -> None:
         """Drop all device state: the connection ended or the front end sent RESET_DEVICE."""
 
+    def status(self) -> Mapping[str, object]:
+        """The device's state as plain, JSON-serialisable data for a status query.  Called on the loop, possibly
+        while the device itself waits for an ack (that is when an operator most wants to look), so it only
+        reads."""
+        return {}
