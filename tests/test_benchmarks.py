@@ -77,8 +77,9 @@ def test_table_renders_a_row_per_goal(tmp_path: Path) -> None:
     side = {"ops_per_s": 100.0, "p50_us": 10.0, "backend_cpu_us_per_op": None, "frontend_cpu_us_per_op": 1.0,
             "frontend_busy": 0.5}
     machine = {"date": "2026-12-04 10:00:00 UTC"}
-    sides = {"sides": {k: side for k in ("ours", "qemu", "floor", "copy", "syscalls")}, "machine": machine}
-    ratios = {"ours / qemu": 0.5, "ours / floor": 0.2, "ours / copy": 0.1, "ours / syscall floor": 0.01}
+    sides = {"sides": {k: side for k in ("ours", "qemu", "floor", "copy", "syscalls", "transport")}, "machine": machine}
+    ratios = {"ours / qemu": 0.5, "ours / floor": 0.2, "ours / copy": 0.1, "ours / syscall floor": 0.01,
+              "ours / transport floor": 0.6}
     for name in ("display_info", "create_unref", "mix_2d", "frames_1080p", "blob_lifecycle"):
         (tmp_path / f"{name}.json").write_text(json.dumps({**sides, "ratios": ratios}))
     (tmp_path / "transfer_scattered.json").write_text(json.dumps(
