@@ -121,6 +121,11 @@ class Device:
     def reset(self) -> None:
         """Drop all device state: the connection ended or the front end sent RESET_DEVICE."""
 
+    def disconnected(self) -> None:
+        """The front end is gone (closed, crashed or broke the protocol): release everything, as reset does; a
+        device may first log what the connection left behind."""
+        self.reset()
+
 
 def close_fds(fds: list[int]) -> None:
     for fd in fds:
