@@ -8,12 +8,17 @@ make ``benchmarks/results/faults.json`` (``python -m benchmarks.faults``).
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests import fault_scenarios as fs
+from tests.conftest import REPO
 from vgpu.vhost_user.message import Channel
 from vgpu.vhost_user.wire import VHOST_USER_VERSION, FrontendRequest
 
@@ -103,3 +108,15 @@ def test_a_request_answered_into_a_closed_socket(subject: fs.Subject) -> None:
         s.close()
         assert subject.b.settle_fds(subject.idle_fds) == subject.idle_fds and subject.b.alive()
     fs.next_vmm(subject.sock)
+
+
+def test_the_faults_command_writes_its_table_where_asked(tmp_path: Path) -> None:
+    """`python -m benchmarks.faults` (without the QEMU row here: tests/test_e2e_faults.py has it) writes its rows
+    where --json says, never into the tree."""
+    r = subprocess.run([sys.executable, "-m", "benchmarks.faults", "--no-qemu", "--cut-rounds=1",
+                        f"--json={tmp_path}"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads((tmp_path / "faults.json").read_text())
+    assert data["all_ok"] and len(data["rows"]) == len(fs.FRONTEND_FAULTS), data
+    assert all(row["dropped"].startswith("front end gone: dropped ") for row in data["rows"]), data
+    assert "| SIGKILL with 2 blobs mapped |" in r.stdout and "wrote " not in r.stdout, r.stdout
