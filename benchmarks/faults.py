@@ -1,10 +1,11 @@
 """Faults: what our back end does when its VMM fails under it — measured, one row per fault.
 
-    python -m benchmarks.faults [--no-qemu] [--cut-rounds N] [--json DIR]
+    python -m benchmarks.faults [--no-qemu] [--cut-rounds N] [--faults NAME ...] [--json DIR]
 
 Each fault hits one back-end process in turn (``tests.fault_scenarios``): SIGKILL of the VMM with blobs mapped,
 in MAP_BLOB with the SHMEM_MAP ack pending, in the middle of a batch of transfers; the main socket closing while a
-map waits; SIGSTOP while a map waits (then SIGCONT and the late ack); a disconnect after each message of the
+map waits; SIGSTOP while a map waits (then SIGCONT and the late ack) and while frames go to the display; a
+disconnect after each message of the
 set-up; and SIGKILL of a real QEMU 11.1 whose guest holds a mapped blob, followed by a fresh QEMU. For each:
 whether the process survived, its fds and RSS before (idle) and after, what it still held (memfds in
 /proc/PID/fd and /proc/PID/maps), the line it logged about what it dropped, how long until it was back at its idle
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-qemu", action="store_true", help="skip the QEMU 11.1 row (no lab needed)")
     ap.add_argument("--cut-rounds", type=int, default=5, help="rounds of the set-up cuts (RSS over many cuts)")
+    ap.add_argument("--faults", nargs="+", metavar="NAME", choices=[f.__name__ for f in fs.FRONTEND_FAULTS],
+                    help="only these front-end faults (default: all)")
     ap.add_argument("--json", type=Path, metavar="DIR", help=f"write faults.json here instead of {RESULTS}")
     args = ap.parse_args(argv)
     started = time.monotonic()
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         s = fs.Subject(Path(d))
         try:
             for scenario in fs.FRONTEND_FAULTS:
+                if args.faults and scenario.__name__ not in args.faults:
+                    continue
                 if scenario is fs.disconnects_during_setup:
                     rows.append(fs.disconnects_during_setup(s, args.cut_rounds))
                 else:

@@ -16,6 +16,9 @@ It prints one line per stage on stdout (``STAGE key=value ...``, flushed) so the
   parent stops the whole process (SIGSTOP) — the VMM frozen with a back-end request waiting. After the parent's
   SIGCONT: the MAP_BLOB's answer, what our window holds once the late ack has been answered, and a second
   MAP_BLOB at the same offset, then its UNMAP_BLOB.
+* ``display-stopped``: a display socket and 1280x800 frames flushed in a loop; at the second frame the display
+  stops reading, ``display-blocked`` (the parent stops the whole process: a VMM stopped while frames were on their
+  way); after SIGCONT and a line on stdin, three more flushes and ``after`` with how many were answered.
 
 Every wait is bounded: a scenario the parent forgets ends by itself after ``LIFETIME`` seconds.
 """
@@ -24,9 +27,11 @@ from __future__ import annotations
 
 import socket
 import sys
+import threading
 import time
 
-from tests.gpu_helpers import Gpu, hdr, resp_type
+from tests.gpu_helpers import Gpu, hdr, pattern, resp_type
+from tests.test_gpu_2d import display
 from tests.test_gpu_host_blob import FEATURES, Client, h
 from vgpu.protocol import (
     CtrlType,
@@ -39,12 +44,15 @@ from vgpu.protocol import (
     encode_command,
 )
 from vgpu.vhost_user.frontend import ShmMapping
+from vgpu.vhost_user.message import Message
+from vgpu.vhost_user.wire import GpuRequest
 
 E = CtrlType
 LIFETIME = 60.0
 # 120 chains of two descriptors fill a 256-entry ring; 16 MiB each keeps the back end busy for about half a second.
 TRANSFERS = 120
 SIDE = 2048
+FRAME = (1280, 800)  # 4 MB per UPDATE: a display that stops reading fills its socket within the first frame
 
 
 def say(*words: object) -> None:
@@ -127,6 +135,43 @@ def transfer(sock: str) -> None:
     linger()
 
 
+def display_stopped(sock: str) -> None:
+    disp = display()
+    resumed = threading.Event()
+    seen = 0
+    handle = disp.handle
+
+    def stall(msg: Message) -> None:
+        # At the second frame the display stops reading (the parent then stops the whole process): the back end's
+        # next UPDATE fills the socket. A line on stdin lets it read again.
+        nonlocal seen
+        if msg.request == GpuRequest.UPDATE:
+            seen += 1
+            if seen == 2:
+                say("display-blocked")
+                sys.stdin.readline()
+                resumed.set()
+        handle(msg)
+
+    disp.handle = stall  # type: ignore[method-assign]
+    g = Gpu.connect(sock, features=FEATURES, ram_size=16 << 20, display=disp)
+    w, h_ = FRAME
+    g.image_2d(1, w, h_, pixels=pattern(w, h_))
+    g.show(1, 0, Rect(0, 0, w, h_))
+    g.fe.timeout = LIFETIME
+    deadline = time.monotonic() + LIFETIME
+    while not resumed.is_set() and time.monotonic() < deadline:
+        g.flush(1, Rect(0, 0, w, h_))
+    # The guest's side after the stop: every flush still answered, whatever became of the display.
+    answered = 0
+    for _ in range(3):
+        g.flush(1, Rect(0, 0, w, h_))
+        answered += 1
+    say("after", f"answered={answered} updates={len(disp.of(GpuRequest.UPDATE))}",
+        f"display_errors={len(g.fe.service_errors)}")
+    linger()
+
+
 def stopped_map(sock: str) -> None:
     g = Gpu.connect(sock, features=FEATURES)
     g.fe.reserve_shm()
@@ -163,7 +208,7 @@ def stopped_map(sock: str) -> None:
 
 
 SCENARIOS = {"mapped": mapped, "map-pending": map_pending, "main-closed": main_socket_closed, "transfer": transfer,
-             "stopped-map": stopped_map}
+             "stopped-map": stopped_map, "display-stopped": display_stopped}
 
 
 def main(argv: list[str]) -> int:

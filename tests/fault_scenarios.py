@@ -352,6 +352,38 @@ def sigstop_during_map(s: Subject, map_timeout: float = 1.0) -> Fault:
     return f
 
 
+def sigstop_during_frames(s: Subject) -> Fault:
+    """SIGSTOP the VMM while frames go to its display socket: the back end must not block in sendmsg until the VMM
+    runs again; it drops the display after SEND_TIMEOUT and the guest's flushes are still answered."""
+    from vgpu.vhost_user.gpu_display import SEND_TIMEOUT
+
+    f = Fault("SIGSTOP while frames go to the display socket; SIGCONT later", f"{CHILD} (SIGSTOP, SIGCONT)")
+    mark = s.log_mark()
+    child = ChildVmm("display-stopped", s.sock)
+    try:
+        child.expect("display-blocked")
+        t = child.kill(signal.SIGSTOP)
+        # Bounded by a few send timeouts (see SEND_TIMEOUT); without one, the back end would wait for the VMM.
+        dropped = wait_until(lambda: "the display took nothing" in s.log_since(mark), 4 * SEND_TIMEOUT + 10)
+        f.details.update(display_dropped=dropped, display_dropped_s=round(time.monotonic() - t, 3),
+                         stopped_throughout=child.state() == "T")
+        assert child.proc.stdin is not None
+        child.proc.stdin.write("go\n")  # the display reads again once the process runs
+        child.proc.stdin.flush()
+        child.kill(signal.SIGCONT)
+        f.details["after_sigcont"] = child.expect("after")
+        t_end = child.kill()
+        child.proc.wait(10)
+    finally:
+        child.close()
+    f = s.check_after(f, t_end, mark)
+    f.survived = f.survived and dropped and f.details["after_sigcont"].get("answered") == "3"
+    f.note = (f"the display was dropped {f.details['display_dropped_s']:.1f} s into the stop (send timeout "
+              f"{SEND_TIMEOUT:g} s per send call) instead of blocking the back end; after SIGCONT "
+              f"the guest's flushes were answered ({f.details['after_sigcont'].get('answered')} of 3); then SIGKILL")
+    return f
+
+
 # --- disconnects during set-up ------------------------------------------------------------------------------
 
 
@@ -432,7 +464,7 @@ def disconnects_during_setup(s: Subject, rounds: int = 1) -> Fault:
 
 
 FRONTEND_FAULTS = (kill_with_blobs_mapped, kill_map_ack_pending, main_socket_closed_map_pending, kill_mid_transfer,
-                   sigstop_during_map, disconnects_during_setup)
+                   sigstop_during_map, sigstop_during_frames, disconnects_during_setup)
 
 
 def write_log(fault: Fault, out: IO[str]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -37,6 +38,11 @@ log = logging.getLogger("vgpu.vhost_user.display")
 # What we can use of the display protocol.
 SUPPORTED: Final = bit(GpuProtocolFeature.EDID) | bit(GpuProtocolFeature.DMABUF2)
 REPLY_TIMEOUT: Final = 5.0
+# A display that takes no byte of a message for this long is gone (a stopped VMM): the send fails and the display
+# is dropped, instead of the whole back end blocking in sendmsg until the VMM runs again (SIGTERM included). A
+# frame it stops reading halfway can take a few of these: each send call waits this long, and the kernel may take a
+# little more of the frame in between (10-15 s measured for a 4 MB frame).
+SEND_TIMEOUT: Final = 5.0
 
 
 class DisplayError(Exception):
@@ -51,6 +57,9 @@ class DisplayClient:
         self.transport = transport
         # Called once the front end has answered the feature negotiation: it is listening now.
         self.on_ready = on_ready
+        # SO_SNDTIMEO, not settimeout(): the socket stays blocking, so a frame still leaves in one sendmsg.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("@ll", int(SEND_TIMEOUT), int(SEND_TIMEOUT % 1 * 1_000_000)))
         self.channel = Channel(sock, check_version=False)
         self.features = 0
         self._negotiating = False
@@ -87,6 +96,9 @@ class DisplayClient:
             raise DisplayError("display socket is closed")
         try:
             self.channel.send(req, 0, payload, fds)
+        except BlockingIOError as e:
+            self.close()
+            raise DisplayError(f"the display took nothing for {SEND_TIMEOUT:g} s (its VMM stopped?): dropped") from e
         except OSError as e:
             self.close()
             raise DisplayError(f"display socket: {e}") from e
