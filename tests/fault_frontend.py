@@ -25,6 +25,7 @@ Every wait is bounded: a scenario the parent forgets ends by itself after ``LIFE
 
 from __future__ import annotations
 
+import select
 import socket
 import sys
 import threading
@@ -148,6 +149,10 @@ def display_stopped(sock: str) -> None:
         if msg.request == GpuRequest.UPDATE:
             seen += 1
             if seen == 2:
+                # Strike only once the back end has started the next frame (bytes wait in our socket): a 4 MB frame
+                # cannot fit, so it is blocked on us now, whatever the machine's load.
+                assert disp.channel is not None
+                select.select([disp.channel.sock], [], [], LIFETIME)
                 say("display-blocked")
                 sys.stdin.readline()
                 resumed.set()
