@@ -182,6 +182,13 @@ class GpuDevice(Device):
         except BackendChannelError as e:
             log.info("config change not signalled: %s", e)
 
+    def disconnected(self) -> None:
+        # One line that says what the VMM left behind, so an operator can tell a clean shutdown from a crash
+        # that held blobs (all of it is freed by reset, whatever the front end did).
+        log.info("front end gone: dropped %d resources, %d mapped blobs, %d contexts (%d bytes of host memory)",
+                 len(self.resources), len(self.blobs.region), len(self.blobs.contexts), self.resources.host_bytes)
+        self.reset()
+
     def reset(self) -> None:
         self.output.close()
         self.blobs.reset()

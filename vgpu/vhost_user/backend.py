@@ -19,6 +19,7 @@ import selectors
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Final, Protocol
@@ -111,6 +112,10 @@ _DEFERRED_WHILE_BUSY: Final = frozenset({
 })
 
 
+class ReplyTimeout(BackendChannelError):
+    """The peer did not answer in time; its answer, if it ever comes, is a late one."""
+
+
 class Session(Transport):
     """The event loop of one front-end connection, and the transport the device sees."""
 
@@ -134,7 +139,10 @@ class Session(Transport):
         self._pending: set[int] = set()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = 0
-        self._abandoned: dict[int, int] = {}
+        # Payloads of the SHMEM_MAPs we gave up waiting for, oldest first: a late success is undone (see _late_reply).
+        self._abandoned_maps: deque[bytes] = deque()
+        # Set when the front end went away while the device waited for a reply; run() ends the session with it.
+        self._frontend_gone: ProtocolError | None = None
         self._stop_fd = stop_fd
         self.stopping = False
         self._selector.register(channel.sock, selectors.EVENT_READ, "frontend")
@@ -186,7 +194,12 @@ class Session(Transport):
             raise BackendChannelError(f"back-end channel send failed: {e}") from e
         if not need_reply:
             return
-        reply = self.wait_reply(ch, request, timeout)
+        try:
+            reply = self.wait_reply(ch, request, timeout)
+        except ReplyTimeout:
+            if request == BackendRequest.SHMEM_MAP:
+                self._abandoned_maps.append(payload)
+            raise
         status = parse_u64(reply.payload) if len(reply.payload) == 8 else -1
         if status != 0:
             raise BackendChannelError(f"front end refused {request.name} (ack {status})")
@@ -204,12 +217,9 @@ class Session(Transport):
                 while True:
                     msg = channel.poll()
                     if msg is not None:
+                        if self._late_reply(channel, msg):
+                            continue
                         if msg.is_reply and msg.request == request:
-                            if self._abandoned.get(request, 0):
-                                # A late answer to an earlier request we gave up on.
-                                self._abandoned[request] -= 1
-                                msg.close_fds()
-                                continue
                             return msg
                         log.warning("unexpected message %d (flags %#x) while waiting for %d",
                                     msg.request, msg.flags, request)
@@ -218,8 +228,8 @@ class Session(Transport):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         log.debug("no reply %d on fd %d", request, channel.fileno())
-                        self._abandoned[request] = self._abandoned.get(request, 0) + 1
-                        raise BackendChannelError(f"no reply to request {request} within {timeout:.1f} s")
+                        channel.abandoned[request] = channel.abandoned.get(request, 0) + 1
+                        raise ReplyTimeout(f"no reply to request {request} within {timeout:.1f} s")
                     for key, _ in self._selector.select(_sleep_limit(remaining, self._services)):
                         if key.fileobj is channel.sock or key.fd == channel.fileno():
                             try:
@@ -227,8 +237,14 @@ class Session(Transport):
                             except ProtocolError as e:
                                 channel.close()
                                 raise BackendChannelError(f"channel closed while waiting: {e}") from e
-                        elif key.data == "frontend":
-                            self._serve_frontend()
+                        elif key.data == "frontend" and self._frontend_gone is None:
+                            try:
+                                self._serve_frontend()
+                            except ProtocolError as e:
+                                # The VMM is gone (or broke the protocol) while the device waits: fail the device's
+                                # request like any other channel failure, and let run() end the session.
+                                self._frontend_gone = e
+                                raise BackendChannelError(f"front end gone while waiting: {e}") from e
                         elif key.data == "stop":
                             self.stopping = True
                             raise BackendChannelError("stopping")
@@ -308,14 +324,17 @@ class Session(Transport):
                 events = self._selector.select(self._timeout())
                 for key, _ in events:
                     self._dispatch(key)
-                    if self.stopping or self.channel.closed:
+                    if self._frontend_gone is not None or self.stopping or self.channel.closed:
                         break
+                if self._frontend_gone is None and not self.channel.closed:
+                    self._poll_kickless()
+                    self._run_timers()
+                    if self._services:
+                        _service_due(self._services)
+                if self._frontend_gone is not None:
+                    raise self._frontend_gone
                 if self.channel.closed:
                     return
-                self._poll_kickless()
-                self._run_timers()
-                if self._services:
-                    _service_due(self._services)
         except PeerClosed as e:
             log.info("front end disconnected: %s", e)
         except ConnectionError as e:
@@ -385,11 +404,30 @@ class Session(Transport):
             self._drop_backend_channel()
             return
         while (msg := ch.poll()) is not None:
-            if msg.is_reply and self._abandoned.get(msg.request, 0):
-                self._abandoned[msg.request] -= 1
-            else:
+            if not self._late_reply(ch, msg):
                 log.warning("ignoring message %d on the back-end channel", msg.request)
-            msg.close_fds()
+                msg.close_fds()
+
+    def _late_reply(self, channel: Channel, msg: Message) -> bool:
+        """Swallow the answer to a request we gave up waiting for (replies come in order, and carry no id).
+
+        A SHMEM_MAP the front end made after all is undone at once: the device answered the guest with an error
+        and keeps no record of the mapping, so nothing else would ever unmap it — the front end would keep the
+        buffer mapped and refuse every later map of that range as overlapping."""
+        if not (msg.is_reply and channel.abandoned.get(msg.request, 0)):
+            return False
+        channel.abandoned[msg.request] -= 1
+        msg.close_fds()
+        if msg.request == BackendRequest.SHMEM_MAP and channel is self.state.backend_channel and self._abandoned_maps:
+            payload = self._abandoned_maps.popleft()
+            if len(msg.payload) == 8 and parse_u64(msg.payload) == 0:
+                log.warning("late ack of a SHMEM_MAP we gave up on: unmapping that range again")
+                try:
+                    # No NEED_REPLY: there is nobody to tell about the answer.
+                    channel.send(BackendRequest.SHMEM_UNMAP, VHOST_USER_VERSION, payload)
+                except OSError as e:
+                    log.warning("could not undo the late SHMEM_MAP: %s", e)
+        return True
 
     def _drop_backend_channel(self) -> None:
         ch = self.state.backend_channel
@@ -400,6 +438,7 @@ class Session(Transport):
                 pass
             ch.close()
             self.state.backend_channel = None
+            self._abandoned_maps.clear()  # a new channel owes us no late acks
 
     # --- LoopOps: what request handlers ask of the loop -------------------------------------------------------
 
@@ -468,7 +507,7 @@ class Session(Transport):
             msg.close_fds()
         self._deferred.clear()
         try:
-            self.device.reset()
+            self.device.disconnected()
         except Exception:
             log.exception("device reset failed")
         for fd in list(self._watches):

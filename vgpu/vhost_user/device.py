@@ -130,3 +130,8 @@ class Device:
         while the device itself waits for an ack (that is when an operator most wants to look), so it only
         reads."""
         return {}
+
+    def disconnected(self) -> None:
+        """The front end is gone (closed, crashed or broke the protocol): release everything, as reset does; a
+        device may first log what the connection left behind."""
+        self.reset()

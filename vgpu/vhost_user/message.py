@@ -175,6 +175,9 @@ class Channel:
         self._decoder = MessageDecoder(check_version, max_payload)
         self._ready: list[Message] = []
         self.closed = False
+        # Replies owed to requests we stopped waiting for, by request number: counted per channel, because the
+        # display socket and the back-end channel number their requests independently (and replies carry no id).
+        self.abandoned: dict[int, int] = {}
 
     def fileno(self) -> int:
         return self.sock.fileno()

@@ -17,7 +17,7 @@ from typing import Any, Final, Protocol
 
 from .device import Device, DeviceRefused
 from .memory import GuestMemoryError, RegionDesc
-from .message import Channel, Message, MissingFd, ProtocolError
+from .message import Channel, Message, MissingFd, PeerClosed, ProtocolError
 from .state import ConnectionState
 from .virtqueue import Virtqueue, VirtqueueError
 from .wire import (
@@ -98,7 +98,7 @@ class Requests:
             msg.close_fds()
             if msg.flags & FLAG_NEED_REPLY:
                 log.warning("unknown request %d: failure ack", msg.request)
-                self.channel.send_reply(msg.request, build_u64(1))
+                self._reply(msg.request, build_u64(1))
                 return
             raise ProtocolError(f"unknown request {msg.request}") from None
         handler = getattr(self, "_on_" + req.name.lower(), None)
@@ -128,10 +128,18 @@ class Requests:
         finally:
             msg.close_fds()
         if reply is not None:
-            self.channel.send_reply(req, reply)
+            self._reply(req, reply)
         elif msg.flags & FLAG_NEED_REPLY and self.state.has_protocol(ProtocolFeature.REPLY_ACK):
-            self.channel.send_reply(req, build_u64(0 if ok else 1))
+            self._reply(req, build_u64(0 if ok else 1))
         self.state.memory.collect()
+
+    def _reply(self, request: int, payload: bytes) -> None:
+        try:
+            self.channel.send_reply(request, payload)
+        except OSError as e:
+            # A front end that sends a request and leaves before its answer (EPIPE, ECONNRESET) has disconnected,
+            # like one that leaves between requests: the session ends, the process serves the next one.
+            raise PeerClosed(f"gone before the reply to request {request}: {e}") from e
 
     def _payload(self, msg: Message, struct: Any, exact: bool = True) -> Any:
         size = struct.sizeof()
