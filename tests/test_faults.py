@@ -85,8 +85,9 @@ def test_sigstop_of_the_vmm_while_a_map_waits_then_sigcont(subject: fs.Subject) 
 
 def test_sigstop_of_the_vmm_while_frames_go_to_its_display(subject: fs.Subject) -> None:
     """Regression: a VMM stopped while the back end sent it a frame blocked the whole back end in sendmsg until the
-    VMM ran again (SIGTERM did not end it either). The display socket now has a send timeout: the display is
-    dropped, the guest's flushes are still answered, and after SIGCONT the session goes on."""
+    VMM ran again (SIGTERM did not end it either). Display sends now never block: while the display takes nothing
+    the back end keeps serving the front end, drops the display after SEND_TIMEOUT, the guest's flushes are still
+    answered, and after SIGCONT the session goes on."""
     f = fs.sigstop_during_frames(subject)
     assert f.details["display_dropped"] and f.details["stopped_throughout"], f.details
     assert f.details["after_sigcont"]["answered"] == "3", f.details
