@@ -12,11 +12,18 @@ import pytest
 
 from tests.conftest import BackendProcess, fd_count, open_fds, wait_until
 from tests.test_vhost_user_bad_input import assert_no_leak, closed_by_peer, raw, still_serving
-from vgpu.vhost_user.wire import FrontendRequest, SingleMemoryRegion, build_u64
+from vgpu.vhost_user.driver import GuestRam
+from vgpu.vhost_user.frontend import Frontend
+from vgpu.vhost_user.memory import GuestMemory, RegionDesc
+from vgpu.vhost_user.wire import FrontendRequest, MemoryTable, SingleMemoryRegion, build_u64
 
 MIB = 1 << 20
 #: u64 padding + one region descriptor (guest address, size, user address, mmap offset): vhost-user's layout.
 REGION_MSG_SIZE = 8 + 4 * 8
+
+
+def own_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 def memfd(name: str, size: int = MIB) -> int:
@@ -28,6 +35,66 @@ def memfd(name: str, size: int = MIB) -> int:
 def held(b: BackendProcess, name: str) -> int:
     """How many of the back end's fds point at the memfd called `name`."""
     return sum(1 for target in open_fds(b.pid) if f"memfd:{name} " in target + " ")
+
+
+def test_a_region_holds_exactly_the_fd_it_was_given() -> None:
+    mem = GuestMemory(8)
+    before = own_fds()
+    fds = [memfd(f"unit{i}") for i in range(3)]
+    assert own_fds() == before + 3
+    mem.set_table([RegionDesc(0, MIB, 0x10000000, 0)], [fds[0]])
+    mem.add(RegionDesc(2 * MIB, MIB, 0x20000000, 0), fds[1])
+    mem.add(RegionDesc(4 * MIB, MIB - 0x1000, 0x30000000, 0x1000), fds[2])  # a skewed one too
+    # Ownership passed to the regions; mapping them opened nothing more.
+    assert own_fds() == before + 3
+    assert [r.fd for r in mem.regions] == fds
+    mem.gpa(2 * MIB + 16, 5)[:] = b"guest"
+    assert os.pread(fds[1], 5, 16) == b"guest"
+    os.pwrite(fds[2], b"host", 0x1000 + 8)
+    assert bytes(mem.gpa(4 * MIB + 8, 4)) == b"host"
+
+    pinned = mem.gpa(0, 4)
+    mem.remove(RegionDesc(0, MIB, 0x10000000, 0))
+    assert mem.collect() == 1 and own_fds() == before + 3  # a live view keeps the region, and so its fd
+    pinned.release()
+    assert mem.collect() == 0 and own_fds() == before + 2
+    mem.close()
+    assert own_fds() == before
+
+
+def test_the_back_end_holds_one_fd_per_region(echo_backend: BackendProcess) -> None:
+    b = echo_backend
+    fe = Frontend.connect(b.socket_path)
+    ram = GuestRam(MIB, name="ram")
+    extra = [memfd(f"region{i}") for i in range(3)]
+    try:
+        fe.negotiate()
+        fe.share_memory(ram, use_add_mem_reg=True)
+        base = fd_count(b.pid)
+        assert held(b, "ram") == 1, open_fds(b.pid)
+        for i, fd in enumerate(extra):
+            fe.add_mem_reg((i + 1) * 16 * MIB, MIB, 0x100000000000 + i * 16 * MIB, 0, fd)
+            assert fd_count(b.pid) == base + i + 1, open_fds(b.pid)
+            assert held(b, f"region{i}") == 1, open_fds(b.pid)
+        fe.setup_queue(0, 64)
+        assert fe.submit(0, b"still works", 16) == b"still works"
+        fe.rem_mem_reg(2 * 16 * MIB, MIB, 0x100000000000 + 16 * MIB)
+        assert wait_until(lambda: held(b, "region1") == 0), open_fds(b.pid)
+        assert held(b, "region0") == held(b, "region2") == 1
+        # SET_MEM_TABLE replaces them all: one fd for each of its two regions, nothing of the old table.
+        table = MemoryTable.build({"num_regions": 2, "regions": [
+            dict(guest_phys_addr=0, memory_size=MIB, userspace_addr=ram.uva, mmap_offset=0),
+            dict(guest_phys_addr=16 * MIB, memory_size=MIB, userspace_addr=0x100000000000, mmap_offset=0),
+        ]})
+        fe.request(FrontendRequest.SET_MEM_TABLE, table, fds=[ram.fd, extra[0]])
+        assert wait_until(lambda: held(b, "region2") == 0), open_fds(b.pid)
+        assert held(b, "ram") == held(b, "region0") == 1, open_fds(b.pid)
+    finally:
+        fe.close()
+        ram.close()
+        for fd in extra:
+            os.close(fd)
+    assert wait_until(lambda: held(b, "ram") == 0 and held(b, "region0") == 0), open_fds(b.pid)
 
 
 def _region_payload(size: int) -> bytes:
