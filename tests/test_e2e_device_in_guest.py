@@ -202,8 +202,9 @@ def _scanout_round() -> None:
     sock = SOCKET_DIR / f"{BACKEND_NAME}.sock"
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
+    started = time.monotonic()
     backend = start_backend([sys.executable, "-m", "vgpu", "--log-level=info"], SOCKET_DIR, BACKEND_NAME)
-    record: dict[str, Any] = {}
+    record: dict[str, Any] = {"backend_start_s": round(time.monotonic() - started, 2)}
     w, h = 64, 64
     try:
         gpu = Gpu.connect(backend.socket_path, display=display())
