@@ -19,6 +19,7 @@ from vgpu.conformance.process import socket_option, split_template, without_sock
 from vgpu.conformance.registry import all_checks
 from vgpu.conformance.report import generate, ours_command, qemu_command
 from vgpu.conformance.runner import FAIL, NA, PASS, Run, run
+from vgpu.conformance.session import Session
 from vgpu.vhost_user.frontend import Frontend
 from vgpu.vhost_user.wire import VHOST_USER_VERSION
 
@@ -111,9 +112,17 @@ def test_only_and_unknown_ids(tmp_path: Path) -> None:
         run(broken("none"), CATALOGUE, ["NOPE"], tmp_path)
 
 
-def _peer_closed(sock: socket.socket, timeout: float = 5.0) -> bool:
+def _peer_closes(sock: socket.socket, timeout: float = 60.0) -> str:
+    """'closed' once the peer has closed `sock` (nothing read from it), else what came instead.  Generous: under
+    load on two cores the back end was seen taking more than 5 s to get to it."""
     readable, _, _ = select.select([sock], [], [], timeout)
-    return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    if not readable:
+        return f"nothing within {timeout:g} s"
+    try:
+        data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except ConnectionResetError:
+        return "closed"
+    return "closed" if data == b"" else f"data {data!r}"
 
 
 def test_unknown_request_check_when_the_close_wins_the_race(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,17 +130,23 @@ def test_unknown_request_check_when_the_close_wins_the_race(tmp_path: Path, monk
     answers by closing the connection.  Under load the close lands first and that write fails with EPIPE (seen
     once as a BrokenPipeError verdict): here it lands first every time, and the check still reads it as the close."""
     real_send = Frontend.send
-    waited: list[bool] = []
+    waited: list[str] = []
 
     def send(self: Frontend, req: int, payload: bytes = b"", fds: list[int] | None = None,
              flags: int = VHOST_USER_VERSION) -> None:
         real_send(self, req, payload, fds, flags)
         if req == 201:
-            waited.append(_peer_closed(self.channel.sock))
+            waited.append(_peer_closes(self.channel.sock))
 
     monkeypatch.setattr(Frontend, "send", send)
+    # No display socket: with one the back end may still be waiting for our ack of its CONFIG_CHANGE_MSG when the
+    # unknown request arrives, and a violation seen during that wait does not end the connection (a finding about
+    # the back end: tests/test_backend_nested_wait.py), so the close this test needs would not come.
+    open_session = Session.open.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(Session, "open", classmethod(lambda cls, path, **kw: open_session(cls, path, **{
+        **kw, "display": None})))
     result = run(ours_command(), CATALOGUE, ["VU-UNKNOWN-REQUEST"], tmp_path)
-    assert waited == [True], "the back end no longer closes on an unknown request: this test lost its premise"
+    assert waited == ["closed"], f"after request 201 the back end sent {waited}: this test lost its premise"
     (r,) = result.results
     assert (r.status, r.detail) == (PASS, "failure ack, closed on one without"), result.to_json()
 
