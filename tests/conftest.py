@@ -6,18 +6,25 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from vgpu.lab import procfs
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 QEMU_GPU_BACKEND = "/usr/lib/qemu/vhost-user-gpu"
+
+# Hypothesis keeps its storage (the failing examples it replays first, a constants cache) in .hypothesis/ under the
+# current directory unless told otherwise; tests write only to temporary directories, so it lives there.
+if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+    set_hypothesis_home_dir(Path(tempfile.gettempdir()) / f"vgpu-hypothesis-{os.getuid()}")
 
 
 def require(path_or_cmd: str, what: str) -> str:

@@ -7,9 +7,9 @@ end only by running ``python -m vgpu`` and a front end next to each other in suc
 
 How: QEMU 10 (TCG) boots the guest kernel with the host's root shared read-only over virtio-9p
 (:func:`vgpu.lab.dmabuf_guest.host_root_args`); the guest chroots into it (its own /dev, /proc, /sys, debugfs and
-a tmpfs /tmp bound in) and runs *this file* with the host's venv Python in ``--guest`` mode. For each allocator
-(udmabuf, then vgem) the guest side starts
-``python -m vgpu --socket-path=/tmp/vgpu.sock --context-types=cross-domain --allocator=NAME --log-level=info``
+a scratch tmpfs bound in: :func:`vgpu.lab.dmabuf_guest.chroot_mounts`) and runs *this file* with the host's venv
+Python in ``--guest`` mode. For each allocator (udmabuf, then vgem) the guest side starts
+``python -m vgpu --socket-path=/dev/shm/vgpu.sock --context-types=cross-domain --allocator=NAME --log-level=info``
 and drives it with :class:`vgpu.vhost_user.frontend.Frontend` through the same cross-domain ``Client`` the host
 tests use (:mod:`tests.test_gpu_host_blob`): CTX_CREATE, a guest query-ring blob attached to the context, INIT,
 GET_IMAGE_REQUIREMENTS, a HOST3D blob, MAP_BLOB. It then checks what the front end really mapped (the dma-buf in
@@ -42,14 +42,17 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from vgpu.lab.dmabuf_guest import GUEST_SCRATCH
+
 if TYPE_CHECKING:
     from tests.test_e2e_kernel_ioctl import Rig
     from vgpu.lab.dmabuf_guest import FallbackReport
 
 REPO = Path(__file__).resolve().parent.parent
 PREFIX = "VGPU-GUEST device "
-SOCKET_DIR = Path("/tmp")
-BACKEND_NAME = "vgpu"  # start_backend makes /tmp/vgpu.sock and logs to /tmp/vgpu.log
+#: The chroot's writable scratch: its /tmp is the host's own, read-only (see GUEST_SCRATCH for why).
+SOCKET_DIR = Path(GUEST_SCRATCH)
+BACKEND_NAME = "vgpu"  # start_backend makes SOCKET_DIR/vgpu.sock and logs to SOCKET_DIR/vgpu.log
 #: Where in the shared-memory window the blob is mapped (2 MiB aligned, like a guest driver's first mapping).
 MAP_OFFSET = 0x200000
 WIDTH = HEIGHT = 256
@@ -199,8 +202,9 @@ def _scanout_round() -> None:
     sock = SOCKET_DIR / f"{BACKEND_NAME}.sock"
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
+    started = time.monotonic()
     backend = start_backend([sys.executable, "-m", "vgpu", "--log-level=info"], SOCKET_DIR, BACKEND_NAME)
-    record: dict[str, Any] = {}
+    record: dict[str, Any] = {"backend_start_s": round(time.monotonic() - started, 2)}
     w, h = 64, 64
     try:
         gpu = Gpu.connect(backend.socket_path, display=display())
@@ -254,16 +258,11 @@ def guest_main(allocators: list[str]) -> int:
 
 GUEST_SCRIPT = """#!/bin/sh
 set -e
-root={root}
-mkdir -p $root
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 {tag} $root
-mount --bind /dev $root/dev
-mount --bind /proc $root/proc
-mount --bind /sys $root/sys
-mount -t debugfs debugfs $root/sys/kernel/debug || echo "VGPU-GUEST device-note no debugfs"
-mount -t tmpfs tmpfs $root/tmp
+{mounts}
+mount -t debugfs debugfs {root}/sys/kernel/debug || echo "VGPU-GUEST device-note no debugfs"
 echo "VGPU-GUEST device-chroot uptime=$(cut -d' ' -f1 /proc/uptime)"
-exec chroot $root /usr/bin/env PYTHONPATH={repo} PYTHONDONTWRITEBYTECODE=1 {python} -B {script} --guest {allocators}
+exec chroot {root} /usr/bin/env PYTHONPATH={repo} PYTHONDONTWRITEBYTECODE=1 TMPDIR={scratch} {python} -B {script} \\
+    --guest {allocators}
 """
 
 #: ``map blob 1 at 0x200000 +0x40000: map_info WC (kernel: DMA_BUF_IOCTL_INFO: ...)`` (vgpu/gpu/blobs.py).
@@ -292,10 +291,14 @@ def _boot_device(rig: Rig, tmp_path: Path, *, patched: bool, rounds: tuple[str, 
     from vgpu.lab import dmabuf_guest, initramfs
     from vgpu.lab.qemu import QemuConfig, run_guest
 
+    here = Path(__file__).resolve()
+    hidden = dmabuf_guest.shadowed([REPO, here, Path(sys.executable)])
+    assert not hidden, f"the guest's chroot cannot show {hidden} (its own /dev, /proc, /sys cover them)"
     script = tmp_path / "device-guest"
     script.write_text(GUEST_SCRIPT.format(
-        root=dmabuf_guest.GUEST_HOST_ROOT, tag=dmabuf_guest.HOST_ROOT_TAG, repo=REPO, python=sys.executable,
-        script=Path(__file__).resolve(), allocators=" ".join(rounds),
+        mounts="\n".join(dmabuf_guest.chroot_mounts()), root=dmabuf_guest.GUEST_HOST_ROOT,
+        scratch=dmabuf_guest.GUEST_SCRATCH, repo=REPO, python=sys.executable, script=here,
+        allocators=" ".join(rounds),
     ))
     script.chmod(0o755)
     modules: tuple[str, ...] = ()

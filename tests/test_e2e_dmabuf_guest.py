@@ -3,9 +3,10 @@
 Why a guest: this host's kernel has no udmabuf, no dma-heap and no DRM, so only a guest can give us real dma-buf
 fds with real exporter names and the kernel's real answer to DMA_BUF_IOCTL_INFO (ENOTTY: the proposal was never
 merged). QEMU 10 (TCG) boots the Debian 6.12 kernel with vgem and 9p loaded and no GPU device at all; the host's
-root filesystem is shared read-only over 9p, and the guest chroots into it (with its own /dev, /proc, /sys bound
-in) to run *this file* with the host's own venv Python in ``--guest`` mode. The guest prints one
-``VGPU-GUEST dmabuf <json>`` line per finding on the serial console; the host side parses and asserts.
+root filesystem is shared read-only over 9p, and the guest chroots into it (with its own /dev, /proc, /sys and a
+scratch tmpfs bound in: :func:`vgpu.lab.dmabuf_guest.chroot_mounts`) to run *this file* with the host's own venv
+Python in ``--guest`` mode. The guest prints one ``VGPU-GUEST dmabuf <json>`` line per finding on the serial
+console; the host side parses and asserts.
 
 In CI (CI=true) a missing lab component fails the test; elsewhere it skips, naming the component.
 """
@@ -26,10 +27,14 @@ from typing import Any, TypeVar
 
 import pytest
 
+from vgpu.lab.dmabuf_guest import GUEST_SCRATCH
+
 REPO = Path(__file__).resolve().parent.parent
 PREFIX = "VGPU-GUEST dmabuf "
 BOOT_TIMEOUT = 240.0
 SIZE = 64 << 10
+#: Written by the guest side into its scratch tmpfs (the chroot's /tmp is the host's, read-only).
+RULES = f"{GUEST_SCRATCH}/vgpu-cache.toml"
 
 T = TypeVar("T")
 
@@ -198,7 +203,7 @@ def _guest_cli() -> None:
 
 def guest_main() -> int:
     started = time.monotonic()
-    rules = "/tmp/vgpu-cache.toml"
+    rules = RULES
     Path(rules).write_text('[exporters]\ndrm = "uncached"\n')
     _emit("start", uptime=float(Path("/proc/uptime").read_text().split()[0]), kernel=os.uname().release)
     steps: list[Callable[[], None]] = [
@@ -222,14 +227,9 @@ def guest_main() -> int:
 
 GUEST_SCRIPT = """#!/bin/sh
 set -e
-mkdir -p /mnt/host
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=524288 hostroot /mnt/host
-mount -o bind /dev /mnt/host/dev
-mount -o bind /proc /mnt/host/proc
-mount -o bind /sys /mnt/host/sys
-mount -t tmpfs tmpfs /mnt/host/tmp
+{mounts}
 echo "VGPU-GUEST dmabuf-chroot uptime=$(cut -d' ' -f1 /proc/uptime)"
-exec chroot /mnt/host {python} -B {script} --guest
+exec chroot {root} /usr/bin/env TMPDIR={scratch} {python} -B {script} --guest
 """
 
 
@@ -251,7 +251,7 @@ def _records(lines: list[str]) -> list[dict[str, Any]]:
 
 @pytest.mark.e2e
 def test_real_exporters_in_a_guest(tmp_path: Path) -> None:
-    from vgpu.lab import initramfs, provision
+    from vgpu.lab import dmabuf_guest, initramfs, provision
     from vgpu.lab.qemu import QemuConfig, run_guest
 
     provisioner = _component("cache", provision.Provisioner)
@@ -259,8 +259,14 @@ def test_real_exporters_in_a_guest(tmp_path: Path) -> None:
     kernel = _component("kernel", provisioner.guest_kernel)
     busybox = _component("busybox", provisioner.busybox)
 
+    here = Path(__file__).resolve()
+    hidden = dmabuf_guest.shadowed([here, Path(sys.executable)])
+    assert not hidden, f"the guest's chroot cannot show {hidden} (its own /dev, /proc, /sys cover them)"
     script = tmp_path / "dmabuf-guest"
-    script.write_text(GUEST_SCRIPT.format(python=sys.executable, script=Path(__file__).resolve()))
+    script.write_text(GUEST_SCRIPT.format(
+        mounts="\n".join(dmabuf_guest.chroot_mounts()), root=dmabuf_guest.GUEST_HOST_ROOT,
+        scratch=dmabuf_guest.GUEST_SCRATCH, python=sys.executable, script=here,
+    ))
     script.chmod(0o755)
     modules = (*initramfs.EXTRA_MODULE_SETS["vgem"], *initramfs.EXTRA_MODULE_SETS["9p"])
     initrd = initramfs.build_initramfs(
@@ -272,13 +278,7 @@ def test_real_exporters_in_a_guest(tmp_path: Path) -> None:
         files={"/bin/dmabuf-guest": script},
         wait_for="/dev/dri/card0",  # vgem's node: the only DRM device (no GPU device is attached)
     )
-    share = (
-        "-fsdev",
-        "local,id=fs0,path=/,security_model=none,readonly=on,multidevs=remap",
-        "-device",
-        "virtio-9p-pci,fsdev=fs0,mount_tag=hostroot",
-    )
-    config = QemuConfig(qemu=qemu.system, device=None, extra_args=share)
+    config = QemuConfig(qemu=qemu.system, device=None, extra_args=dmabuf_guest.host_root_args())
     guest = run_guest(
         kernel=kernel.vmlinuz,
         initrd=initrd,
@@ -333,7 +333,7 @@ def test_real_exporters_in_a_guest(tmp_path: Path) -> None:
         assert "ENOTTY" in ext["heuristic"]["detail"], ext
         if exporter == "drm":
             assert (ext["rules"]["attr"], ext["rules"]["provenance"]) == ("UNCACHED", "operator rule"), ext
-            assert "rule exporters.drm = uncached in /tmp/vgpu-cache.toml" in ext["rules"]["detail"], ext
+            assert f"rule exporters.drm = uncached in {RULES}" in ext["rules"]["detail"], ext
         else:
             assert ext["rules"]["provenance"] == "legacy heuristic", ext
 

@@ -3,6 +3,7 @@ answer (never a hang or a crash), and the process holds no more fds afterwards t
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import sys
 from collections.abc import Iterator
@@ -31,9 +32,8 @@ from vgpu.protocol import (
 E = CtrlType
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BackendProcess, Gpu]]:
-    tmp: Path = tmp_path_factory.mktemp("fuzz")
+@contextlib.contextmanager
+def _backend(tmp: Path) -> Iterator[tuple[BackendProcess, Gpu]]:
     b = start_backend([sys.executable, "-m", "vgpu", "--log-level=error", "--max-host-memory=32M",
                        "--scanout-png", str(tmp / "png")], tmp, "vgpu")
     g = Gpu.connect(b.socket_path)
@@ -43,6 +43,22 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BackendProc
     yield b, g
     g.close()
     stop_backend(b)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BackendProcess, Gpu]]:
+    """One back end for the storm: garbage may do anything a well-formed command can to it."""
+    with _backend(tmp_path_factory.mktemp("fuzz")) as pair:
+        yield pair
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Iterator[tuple[BackendProcess, Gpu]]:
+    """A back end of its own, for a test that relies on resource 1 as the fixture made it: the storm on the shared
+    one legitimately unrefs it (RESOURCE_UNREF with resource id 1 is well-formed garbage), re-creates it at
+    another size, or spends the host-memory quota."""
+    with _backend(tmp_path) as pair:
+        yield pair
 
 
 def answered(resp: bytes) -> int:
@@ -77,9 +93,9 @@ def test_random_bytes_always_get_an_answer(live: tuple[BackendProcess, Gpu], dat
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(x=u32, y=u32, w=u32, h=u32, offset=st.integers(0, 1 << 64 - 1), rid=st.integers(0, 3),
        addr=st.integers(0, 1 << 40), length=u32)
-def test_valid_shapes_with_hostile_values(live: tuple[BackendProcess, Gpu], x: int, y: int, w: int, h: int,
+def test_valid_shapes_with_hostile_values(fresh: tuple[BackendProcess, Gpu], x: int, y: int, w: int, h: int,
                                           offset: int, rid: int, addr: int, length: int) -> None:
-    _, g = live
+    _, g = fresh
     r = Rect(x, y, w, h)
     for cmd in (TransferToHost2D(hdr(E.CMD_TRANSFER_TO_HOST_2D), r, offset, rid),
                 SetScanout(hdr(E.CMD_SET_SCANOUT), r, x % 3, rid),
@@ -88,8 +104,12 @@ def test_valid_shapes_with_hostile_values(live: tuple[BackendProcess, Gpu], x: i
                 ResourceAttachBacking(hdr(E.CMD_RESOURCE_ATTACH_BACKING), 100 + rid,
                                       MemEntries.of([(addr, length)]))):
         answered(g.fe.submit(0, encode_command(cmd), 64))
-    # The resource under test still shows: flushing it works.
+    # The resource under test still shows (none of the commands above may unref or resize it).
     g.show(1, 0, Rect(0, 0, 64, 64))
+
+
+#: A resource id the storm cannot have taken: its ids are 0..70 and a few extremes (`u32`), or random bytes.
+UNTOUCHED = 100_000
 
 
 def test_after_the_storm(live: tuple[BackendProcess, Gpu]) -> None:
@@ -97,7 +117,7 @@ def test_after_the_storm(live: tuple[BackendProcess, Gpu]) -> None:
     b, g = live
     assert b.alive(), b.log()
     base = fd_count(b.pid)
-    g.image_2d(7, 16, 16)
-    g.show(7, 0, Rect(0, 0, 16, 16))
-    g.flush(7, Rect(0, 0, 16, 16))
+    g.image_2d(UNTOUCHED, 16, 16)
+    g.show(UNTOUCHED, 0, Rect(0, 0, 16, 16))
+    g.flush(UNTOUCHED, Rect(0, 0, 16, 16))
     assert wait_until(lambda: fd_count(b.pid) == base)

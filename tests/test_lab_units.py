@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vgpu.lab import guest, initramfs, patterns, provision
+from vgpu.lab import dmabuf_guest, guest, initramfs, patterns, provision
 from vgpu.lab.qemu import VHOST_USER_TEST_DEVICE_GPU, Backend, GuestRun, LabError, QemuConfig, qemu_command
 
 GCC = shutil.which("gcc")
@@ -201,6 +201,20 @@ def test_init_script_shape() -> None:
     assert "mount -t devtmpfs devtmpfs /dev" in script
     assert "-lt 20 ]" in script
     assert f'echo "{initramfs.END_MARKER} rc=$rc' in script
+
+
+def test_the_chroot_of_the_host_root_hides_no_host_path() -> None:
+    """Every mount into the chroot but the 9p root itself lands where the guest's own /dev, /proc, /sys already
+    cover the host (a tmpfs on the chroot's /tmp once hid a checkout living under the host's /tmp)."""
+    root = dmabuf_guest.GUEST_HOST_ROOT
+    targets = [line.split()[-1] for line in dmabuf_guest.chroot_mounts() if line.startswith("mount ")]
+    assert targets[0] == root
+    inside = [Path(t.removeprefix(root)) for t in targets[1:]]
+    assert inside and all(t.startswith(root + "/") for t in targets[1:])
+    assert dmabuf_guest.shadowed(inside) == inside
+    assert Path(dmabuf_guest.GUEST_SCRATCH) in inside
+    paths = [Path("/tmp/co/.venv/bin/python"), Path("/dev/shm/co"), Path("/sys"), Path("/devices"), Path("/procx")]
+    assert dmabuf_guest.shadowed(paths) == [Path("/dev/shm/co"), Path("/sys")]
 
 
 @pytest.mark.skipif(not Path("/bin/busybox").is_file(), reason="busybox is not installed")

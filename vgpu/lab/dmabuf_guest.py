@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shlex
 import sys
@@ -31,6 +32,13 @@ BUFFERS = ("udmabuf", "system-heap", "vgem", "virtio-gpu", "memfd")
 WAIT_FOR = "/dev/dri/card1"
 HOST_ROOT_TAG = "hostroot"
 GUEST_HOST_ROOT = "/mnt/host"
+#: The chroot's writable scratch space, exported to it as TMPDIR.  Not /tmp: the chroot is the host's whole root,
+#: and a tmpfs mounted on its /tmp hides everything the host keeps there — a checkout or a venv under /tmp then
+#: vanishes from the guest and its interpreter is "not found" (exit 127).  The chroot's /dev is the guest's own
+#: devtmpfs, bound over the host's /dev anyway, so a tmpfs on /dev/shm hides nothing the chroot could have shown.
+GUEST_SCRATCH = "/dev/shm"
+#: Host directories the chroot cannot show: the guest's own /dev, /proc and /sys are bound over them.
+SHADOWED = (Path("/dev"), Path("/proc"), Path("/sys"))
 #: Modules the Debian kernel needs for this program (udmabuf and the system heap are built in there).
 STOCK_MODULES = ("virtio-gpu", "vgem")
 STOCK_9P_MODULES = initramfs.EXTRA_MODULE_SETS["9p"]
@@ -115,20 +123,42 @@ def host_root_args(tag: str = HOST_ROOT_TAG) -> tuple[str, ...]:
     )
 
 
-def python_command(program: str, *, python: Path | None = None, repo: Path = REPO) -> str:
-    """The guest shell command: mount the host root, bind the guest's /dev, /proc, /sys into it, and let the C
-    program exec our Python probe in a chroot there (the fds are inherited across both execs)."""
-    interpreter = python or Path(sys.executable)
-    root = GUEST_HOST_ROOT
-    steps = [
+def chroot_mounts(root: str = GUEST_HOST_ROOT, tag: str = HOST_ROOT_TAG) -> list[str]:
+    """Guest shell commands preparing a chroot of the host's root at ``root``: the 9p share read-only, the guest's
+    own /dev, /proc and /sys bound in, and a writable tmpfs at :data:`GUEST_SCRATCH` (run it with
+    ``TMPDIR=GUEST_SCRATCH``).  Nothing is mounted over a host path the chroot may need (see GUEST_SCRATCH)."""
+    return [
         f"mkdir -p {root}",
-        f"mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 {HOST_ROOT_TAG} {root}",
+        f"mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 {tag} {root}",
         f"mount --bind /dev {root}/dev",
         f"mount --bind /proc {root}/proc",
         f"mount --bind /sys {root}/sys",
+        f"mkdir -p {root}{GUEST_SCRATCH}",
+        f"mount -t tmpfs -o mode=1777 tmpfs {root}{GUEST_SCRATCH}",
+    ]
+
+
+def shadowed(paths: Iterable[Path]) -> list[Path]:
+    """Those of ``paths`` the chroot cannot show (under :data:`SHADOWED`), so a caller can refuse to boot with a
+    clear reason instead of a guest whose chroot fails with "not found"."""
+    out = []
+    for path in paths:
+        resolved = Path(os.path.abspath(path))
+        if any(resolved == top or top in resolved.parents for top in SHADOWED):
+            out.append(path)
+    return out
+
+
+def python_command(program: str, *, python: Path | None = None, repo: Path = REPO) -> str:
+    """The guest shell command: prepare the chroot of the host root (:func:`chroot_mounts`) and let the C program
+    exec our Python probe in it (the fds are inherited across both execs)."""
+    interpreter = python or Path(sys.executable)
+    root = GUEST_HOST_ROOT
+    steps = [
+        *chroot_mounts(root),
         shlex.join([
             program, "--exec", "chroot", root, "/usr/bin/env", f"PYTHONPATH={repo}", "PYTHONDONTWRITEBYTECODE=1",
-            str(interpreter), "-m", "vgpu.lab.dmabuf_probe",
+            f"TMPDIR={GUEST_SCRATCH}", str(interpreter), "-m", "vgpu.lab.dmabuf_probe",
         ]),
     ]
     return " && ".join(steps)

@@ -12,8 +12,10 @@ into it remains.  Contiguous aliases made from the regions (alias.py) are droppe
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
+import platform
 import stat
 from bisect import bisect_right
 from dataclasses import dataclass, field
@@ -23,9 +25,41 @@ from .alias import AliasTable
 
 PAGE_SIZE: Final = mmap.PAGESIZE
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_MAP_FIXED: Final = 0x10
+# The mmap module names MAP_NORESERVE only from Python 3.13; 0x4000 is its value in the generic Linux ABI (x86, arm,
+# riscv, s390, loongarch).  Elsewhere the placeholder below goes without it and is merely charged while it exists.
+_GENERIC_ABI: Final = ("x86_64", "i686", "aarch64", "armv7l", "riscv64", "s390x", "loongarch64")
+_MAP_NORESERVE: Final[int] = getattr(mmap, "MAP_NORESERVE", 0x4000 if platform.machine() in _GENERIC_ABI else 0)
+
 
 class GuestMemoryError(Exception):
     """An address range that no region covers, or a region the front end should not have sent."""
+
+
+def map_shared(fd: int, length: int, offset: int) -> mmap.mmap:
+    """``mmap.mmap(fd, length, MAP_SHARED, offset=offset)`` read-write, without a second fd.
+
+    ``mmap.mmap(fd, ...)`` dup()s the fd it maps (CPython before 3.13 cannot be told not to), so a region that
+    keeps its fd — it must: udmabuf creation over guest RAM names the memfd — would hold two per region.  So the
+    mmap object is made anonymous (no fd) over the right length and the file is mapped over the very same
+    addresses with MAP_FIXED: the object still exports buffers, refuses ``close()`` while a view pins it, and its
+    ``close()`` unmaps the file's pages.  The placeholder must be writable for the object to export writable
+    buffers; it is never touched and asks for no commit charge (MAP_NORESERVE: a guest's RAM may be as large as
+    the host's, which the kernel's overcommit heuristic refuses to charge at once), so it costs no memory.
+    """
+    mm = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
+    anchor = ctypes.c_char.from_buffer(mm)
+    addr = ctypes.addressof(anchor)
+    del anchor  # releases the buffer export again: the object must stay closable
+    res = _libc.mmap(addr, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED, fd, offset)
+    if res != addr:  # with MAP_FIXED that is MAP_FAILED, and the placeholder is still in place
+        err = ctypes.get_errno()
+        mm.close()
+        raise OSError(err, f"mmap of fd {fd} at offset {offset:#x}: {os.strerror(err)}")
+    return mm
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +74,7 @@ class RegionDesc:
 
 @dataclass(eq=False)
 class MappedRegion:
-    """One mapped region; owns its fd and its mapping."""
+    """One mapped region; owns its fd (the only one it holds: see :func:`map_shared`) and its mapping."""
 
     desc: RegionDesc
     fd: int
@@ -65,8 +99,7 @@ class MappedRegion:
                     f"({st.st_size:#x} bytes)"
                 )
             try:
-                mm = mmap.mmap(fd, desc.memory_size + skew, flags=mmap.MAP_SHARED,
-                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+                mm = map_shared(fd, desc.memory_size + skew, base)
             except (OSError, ValueError, OverflowError) as e:
                 raise GuestMemoryError(f"cannot map region: {e}") from e
             return cls(desc, fd, mm, skew)

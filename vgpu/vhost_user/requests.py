@@ -259,14 +259,14 @@ class Requests:
         self._memory_changed()
 
     def _on_add_mem_reg(self, msg: Message) -> None:
-        region = self._payload(msg, SingleMemoryRegion, exact=False).region
+        region = self._payload(msg, SingleMemoryRegion).region  # exact: 40 bytes unless XEN_MMAP (never offered)
         fd = msg.take_fd()
         self.state.memory.add(RegionDesc(region.guest_phys_addr, region.memory_size, region.userspace_addr,
                                     region.mmap_offset), fd)
         self._memory_changed()
 
     def _on_rem_mem_reg(self, msg: Message) -> None:
-        region = self._payload(msg, SingleMemoryRegion, exact=False).region
+        region = self._payload(msg, SingleMemoryRegion).region
         if msg.fds:
             log.warning("REM_MEM_REG carried %d fds; closing them unused", len(msg.fds))
         self.state.memory.remove(RegionDesc(region.guest_phys_addr, region.memory_size, region.userspace_addr, 0))
