@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,8 +79,16 @@ class BackendProcess:
         return self.log_path.read_text(errors="replace")
 
     def settle_fds(self, expected: int, timeout: float = 5.0) -> int:
-        """Wait until the process is back to `expected` fds (the back end releases them after a disconnect)."""
-        wait_until(lambda: fd_count(self.pid) == expected, timeout)
+        """Wait until the process is back to `expected` fds and stays there (the back end releases them after a
+        disconnect). Held, not merely hit: under load a connection the client already closed may be accepted only
+        now, so a first look can still see the idle count."""
+        def held() -> bool:
+            if fd_count(self.pid) != expected:
+                return False
+            time.sleep(0.2)
+            return fd_count(self.pid) == expected
+
+        wait_until(held, timeout)
         return fd_count(self.pid)
 
 

@@ -278,12 +278,15 @@ def test_bad_chains_are_answered_and_the_queue_keeps_going(echo_backend: Backend
 
 
 def test_half_a_message_then_disconnect(echo_backend: BackendProcess, baseline: int) -> None:
+    ended = echo_backend.log().count("front end disconnected")
     s = raw(echo_backend)
     fd = os.memfd_create("half")
     s.sendmsg([struct.pack("<III", FrontendRequest.ADD_MEM_REG, 1, 40) + bytes(10)],
               [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
     os.close(fd)
     s.close()
+    # The client is gone before the back end may even have accepted it: wait until it has seen the end.
+    assert wait_until(lambda: echo_backend.log().count("front end disconnected") > ended, 10), echo_backend.log()
     assert_no_leak(echo_backend, baseline)
     still_serving(echo_backend)
     assert wait_until(echo_backend.alive)
