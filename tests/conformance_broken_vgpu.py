@@ -17,8 +17,8 @@ import sys
 from vgpu.gpu.config import GpuConfig
 from vgpu.gpu.device import GpuDevice
 from vgpu.protocol import CtrlFlag, CtrlType
-from vgpu.vhost_user.backend import StopSignal, serve
 from vgpu.vhost_user.device import Device
+from vgpu.vhost_user.server import StopSignal, serve
 
 MODES = ("none", "wrong-type", "drop-fence", "leak-fd")
 

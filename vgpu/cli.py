@@ -26,9 +26,10 @@ from .gpu.blobs import CONTEXT_TYPES
 from .gpu.config import GpuConfig
 from .gpu.device import GpuDevice
 from .gpu.resources import Limits
-from .vhost_user.backend import LoopService, Serving, StopSignal, serve, serve_connection
 from .vhost_user.control import ControlError, ControlServer
 from .vhost_user.device import Device
+from .vhost_user.server import Serving, StopSignal, serve, serve_connection
+from .vhost_user.services import LoopService
 
 log = logging.getLogger("vgpu")
 

@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import heapq
 import logging
-import os
 import selectors
-import signal
 import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Final, Protocol
+from typing import Final
 
 from .device import BackendChannelError, Device, Transport
 from .memory import GuestMemory
 from .message import Channel, Message, PeerClosed, ProtocolError
 from .requests import Requests
+from .services import LoopService, run_service, service_due, sleep_limit
 from .state import ConnectionState
 from .virtqueue import DescriptorChain, Virtqueue
 from .wire import (
@@ -67,41 +66,6 @@ _TRANSPORT_FEATURE_NAMES: Final = {
     VIRTIO_F_VERSION_1: "VERSION_1", VHOST_USER_F_PROTOCOL_FEATURES: "PROTOCOL_FEATURES",
     VIRTIO_RING_F_EVENT_IDX: "RING_EVENT_IDX", VIRTIO_RING_F_INDIRECT_DESC: "RING_INDIRECT_DESC",
 }
-
-
-class LoopService(Protocol):
-    """Something the loop serves beside the front end, such as a control socket (`control.ControlServer`): one
-    fd to watch, how long the loop may sleep before it must be called anyway, and work that never blocks."""
-
-    def fileno(self) -> int: ...
-
-    def timeout(self) -> float | None: ...
-
-    def service(self) -> None: ...
-
-
-def _sleep_limit(timeout: float | None, services: Sequence[LoopService]) -> float | None:
-    for svc in services:
-        t = svc.timeout()
-        if t is not None and (timeout is None or t < timeout):
-            timeout = t
-    return timeout
-
-
-def _run_service(svc: LoopService) -> None:
-    try:
-        svc.service()
-    except Exception:
-        # A status query must never cost the VMM its connection (or the process every later VMM).
-        log.exception("loop service on fd %d failed", svc.fileno())
-
-
-def _service_due(services: Sequence[LoopService]) -> None:
-    """Deadlines pass without the fd becoming readable (a silent client): give those services their turn."""
-    for svc in services:
-        t = svc.timeout()
-        if t is not None and t <= 0:
-            _run_service(svc)
 
 
 # Requests that stop or reset rings: while the device is mid-command they wait until it returns.
@@ -230,7 +194,7 @@ class Session(Transport):
                         log.debug("no reply %d on fd %d", request, channel.fileno())
                         channel.abandoned[request] = channel.abandoned.get(request, 0) + 1
                         raise ReplyTimeout(f"no reply to request {request} within {timeout:.1f} s")
-                    for key, _ in self._selector.select(_sleep_limit(remaining, self._services)):
+                    for key, _ in self._selector.select(sleep_limit(remaining, self._services)):
                         if key.fileobj is channel.sock or key.fd == channel.fileno():
                             try:
                                 channel.fill()
@@ -251,8 +215,8 @@ class Session(Transport):
                         elif key.data == "service":
                             # Served even now: a status query only reads, and an operator asks exactly when
                             # the device seems stuck waiting for the VMM.
-                            _run_service(self._by_service_fd[key.fd])
-                    _service_due(self._services)
+                            run_service(self._by_service_fd[key.fd])
+                    service_due(self._services)
         finally:
             if registered:
                 self._selector.unregister(channel.sock)
@@ -305,7 +269,7 @@ class Session(Transport):
         if any(q.ready and q.kick_fd < 0 for q in self._queues):
             return 0.001
         timeout = max(0.0, self._timers[0][0] - time.monotonic()) if self._timers else None
-        return _sleep_limit(timeout, self._services) if self._services else timeout
+        return sleep_limit(timeout, self._services) if self._services else timeout
 
     # --- the loop ---------------------------------------------------------------------------------------------
 
@@ -330,7 +294,7 @@ class Session(Transport):
                     self._poll_kickless()
                     self._run_timers()
                     if self._services:
-                        _service_due(self._services)
+                        service_due(self._services)
                 if self._frontend_gone is not None:
                     raise self._frontend_gone
                 if self.channel.closed:
@@ -367,7 +331,7 @@ class Session(Transport):
                 # deferred, and nothing else would run them until the front end sends something more.
                 self._run_deferred()
         elif key.data == "service":
-            _run_service(self._by_service_fd[key.fd])
+            run_service(self._by_service_fd[key.fd])
         elif key.data == "stop":
             self.stopping = True
 
@@ -516,96 +480,3 @@ class Session(Transport):
         self._memory.close()
         self._selector.close()
         self.channel.close()
-
-
-class StopSignal:
-    """A self-pipe that SIGTERM and SIGINT write to, so the loop wakes and exits promptly."""
-
-    def __init__(self) -> None:
-        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._old = signal.set_wakeup_fd(self.w)
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        self.requested = True
-
-    def close(self) -> None:
-        signal.set_wakeup_fd(self._old)
-        os.close(self.r)
-        os.close(self.w)
-
-
-class Serving:
-    """Which front end the back end is serving, if any: what a status query reports about the transport and the
-    device.  serve() keeps it current; it answers also between front ends (idle: no session, no device)."""
-
-    def __init__(self) -> None:
-        self.session: Session | None = None
-        self.connections = 0
-
-    def status(self) -> dict[str, object]:
-        s = self.session
-        return {
-            "vmm_connected": s is not None,
-            "vmm_connections": self.connections,
-            "transport": s.snapshot() if s is not None else None,
-            "device": dict(s.device.status()) if s is not None else None,
-        }
-
-
-def serve_connection(device: Device, sock: socket.socket, stop_fd: int | None = None,
-                     services: Sequence[LoopService] = (), serving: Serving | None = None) -> bool:
-    """Serve one front end to the end; returns False if we were asked to stop."""
-    session = Session(device, Channel(sock), stop_fd, services)
-    if serving is not None:
-        serving.session = session
-        serving.connections += 1
-    try:
-        session.run()
-    finally:
-        if serving is not None:
-            serving.session = None
-        session.close()
-    return not session.stopping
-
-
-def serve(
-    device_factory: Callable[[], Device],
-    listener: socket.socket,
-    stop_fd: int | None = None,
-    max_connections: int | None = None,
-    services: Sequence[LoopService] = (),
-    serving: Serving | None = None,
-) -> None:
-    """Accept front ends one at a time, each with a fresh device, until stopped.  `services` (a control socket)
-    are served throughout: between front ends by this loop, during one by the session's."""
-    served = 0
-    sel = selectors.DefaultSelector()
-    sel.register(listener, selectors.EVENT_READ, "listen")
-    if stop_fd is not None:
-        sel.register(stop_fd, selectors.EVENT_READ, "stop")
-    by_fd = {svc.fileno(): svc for svc in services}
-    for fd in by_fd:
-        sel.register(fd, selectors.EVENT_READ, "service")
-    try:
-        while max_connections is None or served < max_connections:
-            events = sel.select(_sleep_limit(None, services))
-            ready = {key.data for key, _ in events}
-            if "stop" in ready:
-                return
-            for key, _ in events:
-                if key.data == "service":
-                    _run_service(by_fd[key.fd])
-            _service_due(services)
-            if "listen" not in ready:
-                continue
-            conn, _ = listener.accept()
-            conn.set_inheritable(False)
-            served += 1
-            log.info("front end connected")
-            if not serve_connection(device_factory(), conn, stop_fd, services, serving):
-                return
-    finally:
-        sel.close()

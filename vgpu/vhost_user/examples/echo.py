@@ -14,8 +14,8 @@ import os
 import socket
 import sys
 
-from ..backend import StopSignal, serve, serve_connection
 from ..device import BackendChannelError, Device
+from ..server import StopSignal, serve, serve_connection
 from ..virtqueue import Virtqueue, VirtqueueError
 from ..wire import MMAP_FLAG_READ_WRITE, BackendRequest, MMapRequest, ProtocolFeature, bit, build
 
