@@ -43,6 +43,7 @@ from vgpu.blob.dmabuf import KernelAnswerKind, VmProtAnswer, query_vm_prot, read
 from vgpu.blob.resolve import Resolver, legacy_heuristic
 from vgpu.blob.types import CacheAttr, HostBuffer, Unresolved
 from vgpu.lab.cache_matrix_probe import timed
+from vgpu.lab.shell import ProvisionError
 
 STRATEGIES = {
     "kernel": "kernel query",
@@ -195,7 +196,7 @@ def run_guest(runs: int, bw_size: int, bw_seconds: float, build_kernel: bool) ->
         qemu = provisioner.qemu()
         busybox = provisioner.busybox()
         program = guest.build_program("dmabuf_info", provisioner.cache, gcc=provisioner.toolchain())
-    except (provision.ProvisionError, kernel_build.KernelBuildError, guest.GuestBuildError, OSError) as exc:
+    except (ProvisionError, kernel_build.KernelBuildError, guest.GuestBuildError, OSError) as exc:
         return f"lab component unavailable: {exc}"
     with tempfile.TemporaryDirectory(prefix="vgpu-cache-matrix-") as tmp:
         work = Path(tmp)

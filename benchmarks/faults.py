@@ -25,6 +25,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS, machine, write_result
 from tests import fault_scenarios as fs
+from vgpu.lab.shell import ProvisionError
 
 
 def qemu_row(work: Path) -> fs.Fault:
@@ -38,7 +39,7 @@ def qemu_row(work: Path) -> fs.Fault:
         p.guest_kernel()
         p.busybox()
         p.guest_programs()
-    except (provision.ProvisionError, OSError) as e:
+    except (ProvisionError, OSError) as e:
         f.details["not_run"] = f"lab unavailable: {e}"
         return f
     return qemu_kill_with_a_blob_mapped(p, work)

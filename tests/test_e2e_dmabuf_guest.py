@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import pytest
 
 from vgpu.lab.dmabuf_guest import GUEST_SCRATCH
+from vgpu.lab.shell import ProvisionError
 
 REPO = Path(__file__).resolve().parent.parent
 PREFIX = "VGPU-GUEST dmabuf "
@@ -236,11 +237,10 @@ exec chroot {root} /usr/bin/env TMPDIR={scratch} {python} -B {script} --guest
 def _component(name: str, make: Callable[[], T]) -> T:
     # Imported here: this file also runs inside the guest as a script, where `tests` is not importable.
     from tests.conftest import unavailable
-    from vgpu.lab import provision
 
     try:
         return make()
-    except (provision.ProvisionError, OSError) as exc:
+    except (ProvisionError, OSError) as exc:
         message = f"lab component {name!r} unavailable: {exc}"
         unavailable(message)
 

@@ -24,6 +24,7 @@ from tests.conftest import unavailable
 from vgpu.lab import dmabuf_guest, guest, kernel_build, provision
 from vgpu.lab.dmabuf_guest import BufferReport, PythonReport
 from vgpu.lab.qemu import GuestRun
+from vgpu.lab.shell import ProvisionError
 
 pytestmark = pytest.mark.e2e
 
@@ -48,7 +49,7 @@ def _component(what: str, make: Callable[[], T]) -> T:
     """Provision one component; fail in CI, skip (naming it) elsewhere."""
     try:
         return make()
-    except (provision.ProvisionError, kernel_build.KernelBuildError, guest.GuestBuildError, OSError) as exc:
+    except (ProvisionError, kernel_build.KernelBuildError, guest.GuestBuildError, OSError) as exc:
         message = f"{what} unavailable: {exc}"
         unavailable(message)
 

@@ -29,6 +29,7 @@ from tests.test_e2e_vgpu import MARK, rgb_of
 from tests.test_lab_qemu_peer import BOOT_TIMEOUT, _component
 from vgpu.gpu import png
 from vgpu.lab import initramfs, patterns, provision, sid
+from vgpu.lab.guest_kernel import GuestKernel
 from vgpu.lab.procfs import settled_fd_count
 from vgpu.lab.qemu import (
     VHOST_USER_TEST_DEVICE_GPU,
@@ -39,6 +40,7 @@ from vgpu.lab.qemu import (
     run_guest,
     socket_dir,
 )
+from vgpu.lab.shell import ProvisionError
 from vgpu.lab.sid import SidQemu
 
 #: Steps of kms_pattern that must succeed whatever the display path (the cursor ones are reported, see below).
@@ -49,7 +51,7 @@ CURSOR_STEPS = ("cursor", "cursor-move")
 @dataclass(frozen=True)
 class Lab11:
     qemu11: SidQemu
-    kernel: provision.GuestKernel
+    kernel: GuestKernel
     busybox: Path
     guest_programs: dict[str, Path]
 
@@ -84,7 +86,7 @@ def test_qemu_version_parsing() -> None:
     text = "QEMU emulator version 11.1.3 (Debian 1:11.1.3+ds-1)\nCopyright (c) 2003-2025 Fabrice Bellard\n"
     assert sid.parse_qemu_version(text) == (11, 1, 3)
     assert sid.parse_qemu_version("QEMU emulator version 12.0") == (12, 0, 0)
-    with pytest.raises(provision.ProvisionError):
+    with pytest.raises(ProvisionError):
         sid.parse_qemu_version("qemu-system-x86_64: not found")
 
 

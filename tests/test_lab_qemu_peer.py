@@ -21,6 +21,7 @@ import pytest
 from tests.conftest import unavailable
 from vgpu.lab import initramfs, provision
 from vgpu.lab.qemu import QemuConfig, run_with_backend
+from vgpu.lab.shell import ProvisionError
 
 pytestmark = pytest.mark.e2e
 
@@ -34,7 +35,7 @@ def _component(name: str, make: Callable[[], T]) -> T:
     """Provision one component; fail in CI, skip (naming it) elsewhere."""
     try:
         return make()
-    except (provision.ProvisionError, OSError) as exc:
+    except (ProvisionError, OSError) as exc:
         message = f"lab component {name!r} unavailable: {exc}"
         unavailable(message)
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vgpu.lab import dmabuf_guest, guest, initramfs, patterns, provision
+from vgpu.lab import apt_sources, dmabuf_guest, guest, initramfs, patterns, provision
 from vgpu.lab.qemu import VHOST_USER_TEST_DEVICE_GPU, Backend, GuestRun, LabError, QemuConfig, qemu_command
+from vgpu.lab.shell import ProvisionError
 
 GCC = shutil.which("gcc")
 needs_gcc = pytest.mark.skipif(GCC is None, reason="gcc is not installed (python -m vgpu.lab.provision toolchain)")
@@ -50,7 +51,7 @@ Enabled: no
 
 
 def test_deb822_parsing_keeps_continuations_and_flags() -> None:
-    sources = provision.parse_deb822_sources(DEB822, Path("x.sources"))
+    sources = apt_sources.parse_deb822_sources(DEB822, Path("x.sources"))
     assert len(sources) == 3
     assert sources[0].uris == ("http://mirror.example/archive/debian",)
     assert sources[0].suites == ("bookworm", "bookworm-updates")
@@ -59,10 +60,10 @@ def test_deb822_parsing_keeps_continuations_and_flags() -> None:
 
 
 def test_mirror_is_the_codename_entry_not_security() -> None:
-    sources = [s for s in provision.parse_deb822_sources(DEB822, Path("x.sources")) if s.enabled]
-    assert provision.debian_mirror(sources, "bookworm").uris[0] == "http://mirror.example/archive/debian"
-    with pytest.raises(provision.ProvisionError):
-        provision.debian_mirror(sources, "trixie")
+    sources = [s for s in apt_sources.parse_deb822_sources(DEB822, Path("x.sources")) if s.enabled]
+    assert apt_sources.debian_mirror(sources, "bookworm").uris[0] == "http://mirror.example/archive/debian"
+    with pytest.raises(ProvisionError):
+        apt_sources.debian_mirror(sources, "trixie")
 
 
 def test_one_line_sources() -> None:
@@ -71,11 +72,11 @@ def test_one_line_sources() -> None:
         "deb [arch=amd64 signed-by=/k.gpg] http://m.example/archive/debian bookworm main contrib\n"
         "deb-src http://m.example/archive/debian bookworm main\n"
     )
-    sources = provision.parse_one_line_sources(text, Path("sources.list"))
+    sources = apt_sources.parse_one_line_sources(text, Path("sources.list"))
     assert [s.types for s in sources] == [("deb",), ("deb-src",)]
     assert sources[0].signed_by == "/k.gpg"
     assert sources[0].components == ("main", "contrib")
-    assert provision.debian_mirror(sources, "bookworm").uris == ("http://m.example/archive/debian",)
+    assert apt_sources.debian_mirror(sources, "bookworm").uris == ("http://m.example/archive/debian",)
 
 
 def test_backports_source_written_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

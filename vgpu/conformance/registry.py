@@ -58,6 +58,6 @@ def expect(cond: bool, message: str, observed: bytes | None = None) -> None:
 
 def all_checks() -> dict[str, Check]:
     """Every check, with their modules imported (registration happens at import)."""
-    for module in ("cases", "checks_gpu", "checks_blob", "checks_vhost", "checks_program"):
+    for module in ("cases", "checks_gpu", "checks_scanout", "checks_blob", "checks_vhost", "checks_program"):
         importlib.import_module(f"{__package__}.{module}")
     return CHECKS

@@ -39,6 +39,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from vgpu.lab import provision
+from vgpu.lab.shell import ProvisionError
 
 log = logging.getLogger("vgpu.lab")
 
@@ -188,7 +189,7 @@ def ensure_build_packages(provisioner: provision.Provisioner) -> str:
     if missing or not SOURCE_TARBALL.is_file():
         try:
             provisioner.apt_install(missing or [SOURCE_PACKAGE], what="kernel source")
-        except provision.ProvisionError as exc:
+        except ProvisionError as exc:
             raise KernelBuildError(str(exc)) from exc
         have = provisioner.installed_versions(BUILD_PACKAGES)
     if SOURCE_PACKAGE not in have or not SOURCE_TARBALL.is_file():
@@ -328,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         kernel = patched_kernel(args.cache, jobs=args.jobs)
-    except (KernelBuildError, provision.ProvisionError, OSError) as exc:
+    except (KernelBuildError, ProvisionError, OSError) as exc:
         print(f"vgpu-lab: cannot build the patched kernel: {exc}", file=sys.stderr)
         return 1
     summary = {

@@ -31,13 +31,21 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vgpu.lab import guest
+from vgpu.lab.apt_sources import debian_mirror, debian_mirror_uri, os_codename, read_apt_sources, source_files
+from vgpu.lab.guest_kernel import GuestKernel, cached_kernel, fetch_kernel, select_kernel_package
+from vgpu.lab.shell import (
+    APT_INSTALL_TIMEOUT,
+    APT_UPDATE_TIMEOUT,
+    QUERY_TIMEOUT,
+    ProvisionError,
+    run,
+)
 
 if TYPE_CHECKING:
     from vgpu.lab.sid import SidQemu
@@ -46,8 +54,6 @@ log = logging.getLogger("vgpu.lab")
 
 #: Environment variable that overrides the cache directory (default ``<repo>/.cache/lab``).
 ENV_CACHE = "VGPU_LAB_CACHE"
-#: Environment variable that pins the guest kernel package name instead of picking the newest 6.12 image.
-ENV_KERNEL_PACKAGE = "VGPU_LAB_KERNEL_PACKAGE"
 
 QEMU_PACKAGES = ("qemu-system-x86", "qemu-system-gui", "qemu-system-common", "qemu-system-data")
 #: QEMU 7.2 (bookworm) refuses vhost-user-gpu under TCG ("requires kvm"); 10.0 (backports) works.
@@ -62,168 +68,10 @@ TOOLCHAIN_PACKAGES = ("gcc", "libc6-dev", "linux-libc-dev")
 DBUS_PACKAGES = ("dbus-daemon", "dbus-bin")
 DBUS_DAEMON = Path("/usr/bin/dbus-daemon")
 DBUS_SEND = Path("/usr/bin/dbus-send")
-#: The guest kernel family: 6.12 has udmabuf and the system dma-heap built in, virtio-gpu and vgem as modules.
-KERNEL_SERIES = "6.12"
 
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 BACKPORTS_FILE_NAME = "vgpu-lab-backports.sources"
 APT_LISTS = Path("/var/lib/apt/lists")
-
-# Generous bounds: they only stop a hung mirror from hanging CI forever.
-APT_UPDATE_TIMEOUT = 600.0
-APT_INSTALL_TIMEOUT = 1200.0
-APT_DOWNLOAD_TIMEOUT = 1200.0
-QUERY_TIMEOUT = 60.0
-EXTRACT_TIMEOUT = 600.0
-
-
-class ProvisionError(RuntimeError):
-    """A lab component cannot be provisioned; the message names the component and the reason."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# apt sources
-
-
-@dataclasses.dataclass(frozen=True)
-class AptSource:
-    """One apt source entry, whichever of the two file formats it came from."""
-
-    types: tuple[str, ...]
-    uris: tuple[str, ...]
-    suites: tuple[str, ...]
-    components: tuple[str, ...]
-    signed_by: str | None
-    enabled: bool
-    origin: Path
-
-
-def parse_deb822_sources(text: str, origin: Path) -> list[AptSource]:
-    """Parse a deb822 ``.sources`` file (stanzas of ``Field: value`` separated by blank lines).
-
-    Continuation lines (starting with white space) belong to the previous field: ``Signed-By`` may hold an
-    inline armoured key that way, and it must not be mistaken for a new field.
-    """
-    sources: list[AptSource] = []
-    stanzas: list[dict[str, str]] = []
-    current: dict[str, str] = {}
-    last_key: str | None = None
-    for raw in text.splitlines():
-        if raw.startswith("#"):
-            continue
-        if not raw.strip():
-            if current:
-                stanzas.append(current)
-            current, last_key = {}, None
-            continue
-        if raw[0] in " \t":
-            if last_key is not None:
-                current[last_key] += "\n" + raw.strip()
-            continue
-        key, sep, value = raw.partition(":")
-        if not sep:
-            continue
-        last_key = key.strip().lower()
-        current[last_key] = value.strip()
-    if current:
-        stanzas.append(current)
-    for stanza in stanzas:
-        sources.append(
-            AptSource(
-                types=tuple(stanza.get("types", "").split()),
-                uris=tuple(stanza.get("uris", "").split()),
-                suites=tuple(stanza.get("suites", "").split()),
-                components=tuple(stanza.get("components", "").split()),
-                signed_by=stanza.get("signed-by") or None,
-                enabled=stanza.get("enabled", "yes").strip().lower() not in ("no", "false", "0"),
-                origin=origin,
-            )
-        )
-    return sources
-
-
-_ONE_LINE_RE = re.compile(r"^(?P<type>deb(?:-src)?)\s+(?:\[(?P<opts>[^\]]*)\]\s+)?(?P<rest>.*)$")
-
-
-def parse_one_line_sources(text: str, origin: Path) -> list[AptSource]:
-    """Parse the one-line ``deb [options] URI suite component...`` format of ``sources.list``."""
-    sources: list[AptSource] = []
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].strip()
-        match = _ONE_LINE_RE.match(line)
-        if not match:
-            continue
-        fields = match.group("rest").split()
-        if len(fields) < 2:
-            continue
-        options = dict(opt.split("=", 1) for opt in (match.group("opts") or "").split() if "=" in opt)
-        sources.append(
-            AptSource(
-                types=(match.group("type"),),
-                uris=(fields[0],),
-                suites=(fields[1],),
-                components=tuple(fields[2:]),
-                signed_by=options.get("signed-by"),
-                enabled=True,
-                origin=origin,
-            )
-        )
-    return sources
-
-
-def source_files(etc_apt: Path) -> list[Path]:
-    """The files apt itself reads: ``sources.list`` plus ``sources.list.d/*.list`` and ``*.sources``."""
-    files = []
-    main = etc_apt / "sources.list"
-    if main.is_file():
-        files.append(main)
-    parts = etc_apt / "sources.list.d"
-    if parts.is_dir():
-        files.extend(sorted(p for p in parts.iterdir() if p.suffix in (".list", ".sources") and p.is_file()))
-    return files
-
-
-def read_apt_sources(etc_apt: Path = Path("/etc/apt")) -> list[AptSource]:
-    """All enabled entries apt would use."""
-    sources: list[AptSource] = []
-    for path in source_files(etc_apt):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        parsed = parse_deb822_sources(text, path) if path.suffix == ".sources" else parse_one_line_sources(text, path)
-        sources.extend(s for s in parsed if s.enabled)
-    return sources
-
-
-def os_codename(os_release: Path = Path("/etc/os-release")) -> str:
-    """The Debian codename (``bookworm``) from os-release; the backports suite is derived from it."""
-    try:
-        for line in os_release.read_text(encoding="utf-8").splitlines():
-            key, _, value = line.partition("=")
-            if key == "VERSION_CODENAME" and value.strip('"'):
-                return value.strip('"')
-    except OSError as exc:
-        raise ProvisionError(f"apt sources: cannot read {os_release}: {exc}") from exc
-    raise ProvisionError(f"apt sources: no VERSION_CODENAME in {os_release}")
-
-
-def debian_mirror(sources: Sequence[AptSource], codename: str) -> AptSource:
-    """The entry that serves the release's main archive (``<codename>`` suite, component main).
-
-    The security archive is a different tree (``debian-security``) without backports, so an entry is only taken
-    when it lists the plain codename suite.
-    """
-    for source in sources:
-        if "deb" in source.types and codename in source.suites and "main" in source.components and source.uris:
-            return source
-    raise ProvisionError(
-        f"apt sources: no enabled 'deb' entry for suite {codename!r} with component main in /etc/apt; "
-        "cannot tell which Debian mirror to use"
-    )
-
-
-def debian_mirror_uri(etc_apt: Path = Path("/etc/apt"), codename: str | None = None) -> str:
-    """The Debian mirror URI the machine's apt sources name for its release, read at run time."""
-    return debian_mirror(read_apt_sources(etc_apt), codename or os_codename()).uris[0]
-
 
 # --------------------------------------------------------------------------------------------------------------
 # results
@@ -236,22 +84,6 @@ class Qemu:
     system: Path
     vhost_user_gpu: Path
     package_version: str
-
-
-@dataclasses.dataclass(frozen=True)
-class GuestKernel:
-    """A Debian kernel package unpacked into the cache: what QEMU boots and where its modules are."""
-
-    package: str
-    package_version: str
-    release: str
-    root: Path
-    vmlinuz: Path
-
-    @property
-    def modules_dir(self) -> Path:
-        """``<root>/lib/modules/<release>``: the tree the initramfs builder takes modules from."""
-        return self.root / "lib" / "modules" / self.release
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,40 +106,6 @@ def default_cache_dir() -> Path:
     if env:
         return Path(env).resolve()
     return Path(__file__).resolve().parents[2] / ".cache" / "lab"
-
-
-def run(
-    cmd: Sequence[str],
-    *,
-    timeout: float,
-    what: str,
-    cwd: Path | None = None,
-    env: Mapping[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Run a command, logging it; any failure or timeout becomes a :class:`ProvisionError` naming ``what``."""
-    log.info("%s: $ %s", what, " ".join(cmd))
-    full_env = dict(os.environ)
-    if env:
-        full_env.update(env)
-    try:
-        proc = subprocess.run(
-            list(cmd),
-            cwd=cwd,
-            env=full_env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise ProvisionError(f"{what}: {cmd[0]} did not finish within {timeout:.0f} s") from exc
-    except OSError as exc:
-        raise ProvisionError(f"{what}: cannot run {cmd[0]}: {exc}") from exc
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise ProvisionError(f"{what}: {' '.join(cmd)} exited with {proc.returncode}:\n{tail}")
-    return proc
 
 
 def _version_major(version: str) -> int:
@@ -549,135 +347,21 @@ class Provisioner:
                 raise ProvisionError("toolchain: gcc is not on PATH after installing gcc")
             return Path(gcc)
 
-    def _kernel_record(self) -> Path:
-        return self.cache / "kernel" / "kernel.json"
-
-    def _cached_kernel(self) -> GuestKernel | None:
-        record = self._kernel_record()
-        if not record.is_file():
-            return None
-        try:
-            data = json.loads(record.read_text())
-            kernel = GuestKernel(
-                package=data["package"],
-                package_version=data["package_version"],
-                release=data["release"],
-                root=Path(data["root"]),
-                vmlinuz=Path(data["vmlinuz"]),
-            )
-        except (ValueError, KeyError, TypeError):
-            log.warning("kernel: ignoring unreadable %s", record)
-            return None
-        pinned = os.environ.get(ENV_KERNEL_PACKAGE)
-        if pinned and pinned != kernel.package:
-            return None
-        if kernel.vmlinuz.is_file() and kernel.modules_dir.is_dir():
-            return kernel
-        return None
-
-    def select_kernel_package(self) -> str:
-        """The newest ``linux-image-6.12.*-amd64`` apt knows, preferring the unsigned image.
-
-        The unsigned package holds the same kernel and modules without the signed-shim plumbing. Both
-        bookworm-backports and bookworm-security carry Debian's 6.12 for bookworm (same config: udmabuf and the
-        system heap built in, virtio-gpu and vgem as modules); the newest wins, which is also the version
-        ``linux-source-6.12`` builds a patched kernel from. ``$VGPU_LAB_KERNEL_PACKAGE`` pins a name instead.
-        """
-        pinned = os.environ.get(ENV_KERNEL_PACKAGE)
-        if pinned:
-            return pinned
-        series = re.escape(KERNEL_SERIES)
-        pattern = re.compile(rf"^linux-image-{series}\.(\d+)(?:\+deb\d+)?(?:-(\d+))?-amd64(-unsigned)?$")
-        names = run(
-            ["apt-cache", "pkgnames", f"linux-image-{KERNEL_SERIES}."],
-            timeout=QUERY_TIMEOUT,
-            what="kernel",
-        ).stdout.split()
-        candidates: list[tuple[tuple[int, int, int], str]] = []
-        for name in names:
-            match = pattern.match(name)
-            if match:
-                rank = (int(match.group(1)), int(match.group(2) or 0), 1 if match.group(3) else 0)
-                candidates.append((rank, name))
-        if not candidates:
-            raise ProvisionError(
-                f"kernel: apt knows no linux-image-{KERNEL_SERIES}.*-amd64 package "
-                f"(is {self.backports_suite()} in the apt sources?)"
-            )
-        return max(candidates)[1]
-
     def guest_kernel(self) -> GuestKernel:
         """The 6.12 guest kernel, downloaded and unpacked once into ``<cache>/kernel``."""
         with self.locked():
-            cached = self._cached_kernel()
+            cached = cached_kernel(self.cache)
             if cached is not None:
                 return cached
             self.ensure_apt()
-            package = self.select_kernel_package()
+            package = select_kernel_package(self.backports_suite())
             try:
-                return self._fetch_kernel(package)
+                return fetch_kernel(self.cache, package)
             except ProvisionError as first:
                 if not self.apt_update(force=True):
                     raise
                 log.warning("kernel: retrying after apt-get update (%s)", str(first).splitlines()[0])
-                return self._fetch_kernel(self.select_kernel_package())
-
-    def _fetch_kernel(self, package: str) -> GuestKernel:
-        kernel_dir = self.cache / "kernel"
-        kernel_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="download-", dir=kernel_dir) as tmp_name:
-            tmp = Path(tmp_name)
-            # _apt cannot write into a root-only cache; downloading as root is what we intend here.
-            run(
-                ["apt-get", "-q", "download", "-o", "APT::Sandbox::User=root", package],
-                timeout=APT_DOWNLOAD_TIMEOUT,
-                what="kernel",
-                cwd=tmp,
-            )
-            debs = sorted(tmp.glob("*.deb"))
-            if len(debs) != 1:
-                raise ProvisionError(f"kernel: expected one .deb from apt-get download {package}, got {debs}")
-            version = run(
-                ["dpkg-deb", "-f", str(debs[0]), "Version"], timeout=QUERY_TIMEOUT, what="kernel"
-            ).stdout.strip()
-            unpack = tmp / "root"
-            run(["dpkg", "-x", str(debs[0]), str(unpack)], timeout=EXTRACT_TIMEOUT, what="kernel")
-            releases = sorted(p.name for p in (unpack / "lib" / "modules").glob("*") if p.is_dir())
-            if len(releases) != 1:
-                raise ProvisionError(f"kernel: {package} holds {len(releases)} module trees, expected one")
-            release = releases[0]
-            if not (unpack / "boot" / f"vmlinuz-{release}").is_file():
-                raise ProvisionError(f"kernel: {package} has no boot/vmlinuz-{release}")
-            safe_version = re.sub(r"[^A-Za-z0-9.+~-]", "_", version)
-            final = kernel_dir / f"{package}_{safe_version}"
-            if final.exists():
-                shutil.rmtree(final)
-            unpack.replace(final)
-        kernel = GuestKernel(
-            package=package,
-            package_version=version,
-            release=release,
-            root=final,
-            vmlinuz=final / "boot" / f"vmlinuz-{release}",
-        )
-        record = self._kernel_record()
-        tmp_record = record.with_name(record.name + ".tmp")
-        tmp_record.write_text(
-            json.dumps(
-                {
-                    "package": kernel.package,
-                    "package_version": kernel.package_version,
-                    "release": kernel.release,
-                    "root": str(kernel.root),
-                    "vmlinuz": str(kernel.vmlinuz),
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-        tmp_record.replace(record)
-        log.info("kernel: %s %s (release %s) unpacked in %s", package, version, release, final)
-        return kernel
+                return fetch_kernel(self.cache, select_kernel_package(self.backports_suite()))
 
     def guest_programs(self) -> dict[str, Path]:
         """Every static guest program, built into the cache (rebuilt only when its sources change)."""

@@ -37,8 +37,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vgpu.lab.provision import ProvisionError, debian_mirror_uri, run
+from vgpu.lab.apt_sources import debian_mirror_uri
 from vgpu.lab.qemu import VHOST_USER_TEST_DEVICE_GPU, QemuConfig
+from vgpu.lab.shell import ProvisionError, run
 
 if TYPE_CHECKING:
     from vgpu.lab.provision import Provisioner
