@@ -301,9 +301,6 @@ class Session(Transport):
                     return
         except PeerClosed as e:
             log.info("front end disconnected: %s", e)
-        except ConnectionError as e:
-            # A reply to a front end that is already gone (killed mid-request): the next VMM is still to be served.
-            log.info("front end gone while we answered it: %s", e)
         except ProtocolError as e:
             log.error("protocol violation, closing the connection: %s", e)
 

@@ -291,8 +291,6 @@ class GuestMemory:
         """Region and offset (relative to the region start) of front-end user address range."""
         return self._uva.find(addr, length)
 
-    def gpa_region(self, addr: int, length: int) -> tuple[MappedRegion, int]:
-        return self._gpa.find(addr, length)
 
     def uva_to_gpa(self, addr: int, length: int) -> int:
         r, off = self._uva.find(addr, length)
