@@ -42,8 +42,9 @@ from vgpu.blob.allocators import MemfdAllocator
 from vgpu.blob.dmabuf import KernelAnswerKind, VmProtAnswer, query_vm_prot, read_fdinfo
 from vgpu.blob.resolve import Resolver, legacy_heuristic
 from vgpu.blob.types import CacheAttr, HostBuffer, Unresolved
-from vgpu.lab.cache_matrix_probe import timed
-from vgpu.lab.shell import ProvisionError
+from vgpu_lab import paths
+from vgpu_lab.cache_matrix_probe import timed
+from vgpu_lab.shell import ProvisionError
 
 STRATEGIES = {
     "kernel": "kernel query",
@@ -57,7 +58,7 @@ VERDICTS = ("right", "dangerous", "slow", "other", "refused")
 PTE_ATTR = {"WB": "CACHED", "WC": "WC", "UC-": "UNCACHED", "UC": "UNCACHED"}
 ANSWERS = {a.name for a in CacheAttr}
 ENOTTY = VmProtAnswer(KernelAnswerKind.ENOTTY, errno=errno.ENOTTY)
-GUEST_PROBE = "vgpu.lab.cache_matrix_probe"
+GUEST_PROBE = "vgpu_lab.cache_matrix_probe"
 
 
 def verdict(answer: str, truth: str) -> str:
@@ -159,7 +160,7 @@ def _cached_patched_kernel(cache: Path) -> Path | None:
 def guest_command(program: str, env: dict[str, str]) -> str:
     """Mount the host root over 9p, give the chroot the guest's /dev, /proc, /sys and debugfs (for the page-table
     dump), and let the C program exec our probe there on the fds it made."""
-    from vgpu.lab import dmabuf_guest
+    from vgpu_lab import dmabuf_guest
 
     root = dmabuf_guest.GUEST_HOST_ROOT
     steps = [
@@ -170,7 +171,7 @@ def guest_command(program: str, env: dict[str, str]) -> str:
         f"mount --bind /proc {root}/proc",
         f"mount --bind /sys {root}/sys",
         f"mount -t debugfs debugfs {root}/sys/kernel/debug",
-        shlex.join([program, "--exec", "chroot", root, "/usr/bin/env", f"PYTHONPATH={dmabuf_guest.REPO}",
+        shlex.join([program, "--exec", "chroot", root, "/usr/bin/env", f"PYTHONPATH={paths.project_root()}",
                     "PYTHONDONTWRITEBYTECODE=1", *(f"{k}={v}" for k, v in env.items()), sys.executable, "-m",
                     GUEST_PROBE]),
     ]
@@ -179,9 +180,9 @@ def guest_command(program: str, env: dict[str, str]) -> str:
 
 def run_guest(runs: int, bw_size: int, bw_seconds: float, build_kernel: bool) -> GuestResult | str:
     """Boot the patched kernel once; returns the results, or why the guest part could not run."""
-    from vgpu.lab import dmabuf_guest, guest, initramfs, kernel_build, provision
-    from vgpu.lab.qemu import QemuConfig
-    from vgpu.lab.qemu import run_guest as boot
+    from vgpu_lab import dmabuf_guest, guest, initramfs, kernel_build, provision
+    from vgpu_lab.qemu import QemuConfig
+    from vgpu_lab.qemu import run_guest as boot
 
     started = time.monotonic()
     try:
@@ -191,7 +192,7 @@ def run_guest(runs: int, bw_size: int, bw_seconds: float, build_kernel: bool) ->
         else:
             kernel = _cached_patched_kernel(provisioner.cache)
         if kernel is None:
-            return ("the patched kernel is not built (python -m vgpu.lab.kernel_build, about 6 minutes, or "
+            return ("the patched kernel is not built (python -m vgpu_lab.kernel_build, about 6 minutes, or "
                     "--build-kernel)")
         qemu = provisioner.qemu()
         busybox = provisioner.busybox()

@@ -18,8 +18,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vgpu_lab import paths
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
+paths.use_checkout(REPO)
 
 
 @contextmanager

@@ -25,12 +25,12 @@ from typing import Any
 
 from benchmarks.common import RESULTS, machine, write_result
 from tests import fault_scenarios as fs
-from vgpu.lab.shell import ProvisionError
+from vgpu_lab.shell import ProvisionError
 
 
 def qemu_row(work: Path) -> fs.Fault:
     from tests.fault_qemu import qemu_kill_with_a_blob_mapped
-    from vgpu.lab import provision
+    from vgpu_lab import provision
 
     f = fs.Fault("SIGKILL of QEMU with a guest's blob mapped", "QEMU 11.1 (sid chroot)")
     try:

@@ -16,9 +16,11 @@ from typing import NoReturn
 import pytest
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from vgpu.lab import procfs
+from vgpu import procfs
+from vgpu_lab import paths
 
 REPO = Path(__file__).resolve().parent.parent
+paths.use_checkout(REPO)
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 QEMU_GPU_BACKEND = "/usr/lib/qemu/vhost-user-gpu"
 

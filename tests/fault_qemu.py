@@ -16,9 +16,9 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from tests.fault_scenarios import Fault, Subject, held
-from vgpu.lab import initramfs, provision
-from vgpu.lab.procfs import wait_until
-from vgpu.lab.qemu import qemu_command, socket_dir
+from vgpu.procfs import wait_until
+from vgpu_lab import initramfs, provision
+from vgpu_lab.qemu import qemu_command, socket_dir
 
 BOOT_TIMEOUT = 180.0
 

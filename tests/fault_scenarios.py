@@ -28,7 +28,7 @@ from tests.conftest import REPO, BackendProcess, fd_count, start_backend, stop_b
 from tests.gpu_helpers import ALL_FEATURES, Gpu, resp_type
 from tests.test_gpu_2d import display
 from tests.test_gpu_host_blob import FEATURES, Client, backend_args, h
-from vgpu.lab.procfs import settled_fd_count, wait_until
+from vgpu.procfs import settled_fd_count, wait_until
 from vgpu.protocol import CtrlType, ResourceUnmapBlob
 from vgpu.vhost_user.driver import GuestRam
 from vgpu.vhost_user.frontend import Frontend

@@ -1,13 +1,13 @@
 """End to end: the whole device — our back end driven by our own front end — inside a real 6.12 guest.
 
 Why inside a guest: only there do real dma-buf exporters exist (this host has no udmabuf and no DRM), and only
-our patched kernel (:mod:`vgpu.lab.kernel_build`) answers ``DMA_BUF_IOCTL_INFO``. So the product's primary path
+our patched kernel (:mod:`vgpu_lab.kernel_build`) answers ``DMA_BUF_IOCTL_INFO``. So the product's primary path
 — the back end asking the exporter, and telling the guest the answer in RESP_OK_MAP_INFO — can be proven end to
 end only by running ``python -m vgpu`` and a front end next to each other in such a guest.
 
 How: QEMU 10 (TCG) boots the guest kernel with the host's root shared read-only over virtio-9p
-(:func:`vgpu.lab.dmabuf_guest.host_root_args`); the guest chroots into it (its own /dev, /proc, /sys, debugfs and
-a scratch tmpfs bound in: :func:`vgpu.lab.dmabuf_guest.chroot_mounts`) and runs *this file* with the host's venv
+(:func:`vgpu_lab.dmabuf_guest.host_root_args`); the guest chroots into it (its own /dev, /proc, /sys, debugfs and
+a scratch tmpfs bound in: :func:`vgpu_lab.dmabuf_guest.chroot_mounts`) and runs *this file* with the host's venv
 Python in ``--guest`` mode. For each allocator (udmabuf, then vgem) the guest side starts
 ``python -m vgpu --socket-path=/dev/shm/vgpu.sock --context-types=cross-domain --allocator=NAME --log-level=info``
 and drives it with :class:`vgpu.vhost_user.frontend.Frontend` through the same cross-domain ``Client`` the host
@@ -19,7 +19,7 @@ per round, the back end's ``map blob`` log lines included. The host side parses 
 
 The same boot on Debian's stock 6.12 kernel must give the same map_info through the allocator's knowledge, with
 the kernel's ENOTTY in the detail. A third kind of boot shows the resolver's fallbacks on the exporter that has no
-hook (virtio-gpu's PRIME export answers ENOSYS on the patched kernel): :mod:`vgpu.lab.dmabuf_probe` runs the
+hook (virtio-gpu's PRIME export answers ENOSYS on the patched kernel): :mod:`vgpu_lab.dmabuf_probe` runs the
 resolver on the real fd with an operator rule, with the legacy heuristic, and with neither.
 
 In CI (``CI=true``) every component must be there (the patched kernel is built if the cache lacks it, about 6
@@ -42,11 +42,11 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from vgpu.lab.dmabuf_guest import GUEST_SCRATCH
+from vgpu_lab.dmabuf_guest import GUEST_SCRATCH
 
 if TYPE_CHECKING:
     from tests.test_e2e_kernel_ioctl import Rig
-    from vgpu.lab.dmabuf_guest import FallbackReport
+    from vgpu_lab.dmabuf_guest import FallbackReport
 
 REPO = Path(__file__).resolve().parent.parent
 PREFIX = "VGPU-GUEST device "
@@ -288,8 +288,8 @@ def _records(lines: list[str]) -> list[dict[str, Any]]:
 def _boot_device(rig: Rig, tmp_path: Path, *, patched: bool, rounds: tuple[str, ...] = ALLOCATORS
                  ) -> tuple[dict[str, dict[str, Any]], str, float]:
     """Boot one kernel with the given rounds; returns (allocator → round record, failure context, seconds)."""
-    from vgpu.lab import dmabuf_guest, initramfs
-    from vgpu.lab.qemu import QemuConfig, run_guest
+    from vgpu_lab import dmabuf_guest, initramfs
+    from vgpu_lab.qemu import QemuConfig, run_guest
 
     here = Path(__file__).resolve()
     hidden = dmabuf_guest.shadowed([REPO, here, Path(sys.executable)])
@@ -417,7 +417,7 @@ def test_device_in_the_stock_guest_falls_back_to_the_allocator(rig: Rig, tmp_pat
 
 def _boot_probe(rig: Rig, tmp_path: Path, *, patched: bool) -> tuple[dict[tuple[str, str], FallbackReport], str]:
     """The dmabuf_info program + our probe on the same fds (the boot of tests/test_e2e_kernel_ioctl.py)."""
-    from vgpu.lab import dmabuf_guest
+    from vgpu_lab import dmabuf_guest
 
     modules: tuple[str, ...] = ()
     if not patched:

@@ -4,7 +4,7 @@ Why a guest: this host's kernel has no udmabuf, no dma-heap and no DRM, so only 
 fds with real exporter names and the kernel's real answer to DMA_BUF_IOCTL_INFO (ENOTTY: the proposal was never
 merged). QEMU 10 (TCG) boots the Debian 6.12 kernel with vgem and 9p loaded and no GPU device at all; the host's
 root filesystem is shared read-only over 9p, and the guest chroots into it (with its own /dev, /proc, /sys and a
-scratch tmpfs bound in: :func:`vgpu.lab.dmabuf_guest.chroot_mounts`) to run *this file* with the host's own venv
+scratch tmpfs bound in: :func:`vgpu_lab.dmabuf_guest.chroot_mounts`) to run *this file* with the host's own venv
 Python in ``--guest`` mode. The guest prints one ``VGPU-GUEST dmabuf <json>`` line per finding on the serial
 console; the host side parses and asserts.
 
@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from vgpu.lab.dmabuf_guest import GUEST_SCRATCH
-from vgpu.lab.shell import ProvisionError
+from vgpu_lab.dmabuf_guest import GUEST_SCRATCH
+from vgpu_lab.shell import ProvisionError
 
 REPO = Path(__file__).resolve().parent.parent
 PREFIX = "VGPU-GUEST dmabuf "
@@ -251,8 +251,8 @@ def _records(lines: list[str]) -> list[dict[str, Any]]:
 
 @pytest.mark.e2e
 def test_real_exporters_in_a_guest(tmp_path: Path) -> None:
-    from vgpu.lab import dmabuf_guest, initramfs, provision
-    from vgpu.lab.qemu import QemuConfig, run_guest
+    from vgpu_lab import dmabuf_guest, initramfs, provision
+    from vgpu_lab.qemu import QemuConfig, run_guest
 
     provisioner = _component("cache", provision.Provisioner)
     qemu = _component("qemu", provisioner.qemu)

@@ -13,7 +13,7 @@ import pytest
 
 from tests.fault_qemu import qemu_kill_with_a_blob_mapped
 from tests.test_e2e_host_blob import provisioner as provisioner  # the fixture, shared
-from vgpu.lab import provision
+from vgpu_lab import provision
 
 pytestmark = pytest.mark.e2e
 

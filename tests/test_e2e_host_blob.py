@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.test_lab_qemu_peer import _component
-from vgpu.lab import provision
-from vgpu.lab.hostblob import PAT_TYPE, HostBlobRun, run_host_blob
+from vgpu_lab import provision
+from vgpu_lab.hostblob import PAT_TYPE, HostBlobRun, run_host_blob
 
 pytestmark = pytest.mark.e2e
 

@@ -1,8 +1,8 @@
 """End to end: DMA_BUF_IOCTL_INFO on a kernel that has it, checked against the page tables, and on one that has not.
 
-Our patch (``tools/kernel/``) is built into a minimal 6.12 guest kernel (:mod:`vgpu.lab.kernel_build`, cached), booted
-under QEMU TCG with vgem, udmabuf, the system heap and QEMU's built-in virtio-gpu, and asked by a static C program
-about a buffer of each exporter; the program also reads its own PTE of each buffer from
+Our patch (``tools/vgpu_lab/kernel/``) is built into a minimal 6.12 guest kernel (:mod:`vgpu_lab.kernel_build`,
+cached), booted under QEMU TCG with vgem, udmabuf, the system heap and QEMU's built-in virtio-gpu, and asked by a
+static C program about a buffer of each exporter; the program also reads its own PTE of each buffer from
 ``/sys/kernel/debug/page_tables/current_kernel``, so the kernel's answer is compared with what the kernel really
 installed. A second boot runs our Python (``vgpu.blob.dmabuf.query_vm_prot`` and the resolver) from the host's root
 shared over 9p on the same fds. The same program on Debian's stock 6.12 kernel must see ENOTTY everywhere.
@@ -21,10 +21,10 @@ from typing import TypeVar
 import pytest
 
 from tests.conftest import unavailable
-from vgpu.lab import dmabuf_guest, guest, kernel_build, provision
-from vgpu.lab.dmabuf_guest import BufferReport, PythonReport
-from vgpu.lab.qemu import GuestRun
-from vgpu.lab.shell import ProvisionError
+from vgpu_lab import dmabuf_guest, guest, kernel_build, provision
+from vgpu_lab.dmabuf_guest import BufferReport, PythonReport
+from vgpu_lab.qemu import GuestRun
+from vgpu_lab.shell import ProvisionError
 
 pytestmark = pytest.mark.e2e
 

@@ -28,10 +28,10 @@ from tests.conftest import fd_count, wait_until
 from tests.test_e2e_vgpu import MARK, rgb_of
 from tests.test_lab_qemu_peer import BOOT_TIMEOUT, _component
 from vgpu.gpu import png
-from vgpu.lab import initramfs, patterns, provision, sid
-from vgpu.lab.guest_kernel import GuestKernel
-from vgpu.lab.procfs import settled_fd_count
-from vgpu.lab.qemu import (
+from vgpu.procfs import settled_fd_count
+from vgpu_lab import initramfs, patterns, provision, sid
+from vgpu_lab.guest_kernel import GuestKernel
+from vgpu_lab.qemu import (
     VHOST_USER_TEST_DEVICE_GPU,
     Backend,
     GuestRun,
@@ -40,8 +40,8 @@ from vgpu.lab.qemu import (
     run_guest,
     socket_dir,
 )
-from vgpu.lab.shell import ProvisionError
-from vgpu.lab.sid import SidQemu
+from vgpu_lab.shell import ProvisionError
+from vgpu_lab.sid import SidQemu
 
 #: Steps of kms_pattern that must succeed whatever the display path (the cursor ones are reported, see below).
 REQUIRED_STEPS = ("open", "resources", "connector", "crtc", "dumb", "addfb", "modeset", "dirtyfb", "done")

@@ -35,8 +35,8 @@ from pathlib import Path
 import pytest
 
 from tests.test_lab_qemu_peer import BOOT_TIMEOUT, _component, lab  # noqa: F401  (the provisioning fixture)
-from vgpu.lab import initramfs, provision
-from vgpu.lab.qemu import GUEST_LINE_PREFIX, VHOST_USER_GPU_PCI, Backend, QemuConfig, run_guest, socket_dir
+from vgpu_lab import initramfs, provision
+from vgpu_lab.qemu import GUEST_LINE_PREFIX, VHOST_USER_GPU_PCI, Backend, QemuConfig, run_guest, socket_dir
 
 pytestmark = pytest.mark.e2e
 

@@ -20,8 +20,8 @@ import pytest
 from tests.conftest import fd_count, wait_until
 from tests.test_lab_qemu_peer import BOOT_TIMEOUT, lab  # noqa: F401  (the provisioning fixture)
 from vgpu.gpu import png
-from vgpu.lab import initramfs, patterns, provision
-from vgpu.lab.qemu import Backend, QemuConfig, run_guest, socket_dir
+from vgpu_lab import initramfs, patterns, provision
+from vgpu_lab.qemu import Backend, QemuConfig, run_guest, socket_dir
 
 pytestmark = pytest.mark.e2e
 

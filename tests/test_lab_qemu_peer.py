@@ -19,9 +19,9 @@ from typing import TypeVar
 import pytest
 
 from tests.conftest import unavailable
-from vgpu.lab import initramfs, provision
-from vgpu.lab.qemu import QemuConfig, run_with_backend
-from vgpu.lab.shell import ProvisionError
+from vgpu_lab import initramfs, provision
+from vgpu_lab.qemu import QemuConfig, run_with_backend
+from vgpu_lab.shell import ProvisionError
 
 pytestmark = pytest.mark.e2e
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vgpu.lab import apt_sources, dmabuf_guest, guest, initramfs, patterns, provision
-from vgpu.lab.qemu import VHOST_USER_TEST_DEVICE_GPU, Backend, GuestRun, LabError, QemuConfig, qemu_command
-from vgpu.lab.shell import ProvisionError
+from vgpu_lab import apt_sources, dmabuf_guest, guest, initramfs, patterns, provision
+from vgpu_lab.qemu import VHOST_USER_TEST_DEVICE_GPU, Backend, GuestRun, LabError, QemuConfig, qemu_command
+from vgpu_lab.shell import ProvisionError
 
 GCC = shutil.which("gcc")
-needs_gcc = pytest.mark.skipif(GCC is None, reason="gcc is not installed (python -m vgpu.lab.provision toolchain)")
+needs_gcc = pytest.mark.skipif(GCC is None, reason="gcc is not installed (python -m vgpu_lab.provision toolchain)")
 
 
 # -- apt sources -----------------------------------------------------------------------------------------------

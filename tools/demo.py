@@ -16,9 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from vgpu.lab.hostblob import PAT_TYPE, HostBlobRun, run_host_blob
-from vgpu.lab.provision import Provisioner
 from vgpu.status import header_lines, mapping_lines, quota_lines, resource_line
+from vgpu_lab.hostblob import PAT_TYPE, HostBlobRun, run_host_blob
+from vgpu_lab.provision import Provisioner
 
 NAMES = {1: "CACHED", 2: "UNCACHED", 3: "WC"}
 

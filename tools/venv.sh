@@ -12,3 +12,7 @@ if [ "$(cat "$_stamp" 2>/dev/null)" != "$_want" ]; then
     fi
     echo "$_want" > "$_stamp"
 fi
+# The lab package (tools/vgpu_lab: provisioning, guest programs, QEMU runs) is not part of the installed product; the
+# venv finds it through a .pth file naming this checkout's tools/ folder, written on every run so a moved checkout
+# with a fresh venv, or a worktree, always points at its own copy.
+.venv/bin/python -c 'import sys, sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()["purelib"], "vgpu-lab.pth").write_text(str(pathlib.Path("tools").resolve()) + "\n")'

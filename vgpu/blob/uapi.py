@@ -8,7 +8,7 @@ apart. Names follow the C structs; constants are named exactly as the UAPI heade
 
 Sources: ``linux/dma-buf.h`` (dma_buf_sync), ``spec/dma-buf-info.h`` (the proposed dma_buf_info),
 ``linux/udmabuf.h``, ``linux/dma-heap.h``, and ``drm/drm.h`` / ``drm/drm_mode.h`` for the DRM structs (absent
-from this host's linux-libc-dev; checked against ``vgpu/lab/guest/drm_uapi.h`` and, for drm_prime_handle, by the
+from this host's linux-libc-dev; checked against ``tools/vgpu_lab/guest/drm_uapi.h`` and, for drm_prime_handle, by the
 real vgem export in the guest test). All layouts are x86-64 native (little-endian, 8-byte pointers).
 """
 

@@ -32,7 +32,8 @@ from ..protocol import (
 )
 from ..protocol import structs as s
 from .context import CheckContext
-from .registry import CheckFailed, check
+from .errors import CheckFailed
+from .registry import check
 from .session import DISPLAY_INFO_SIZE, PAGE, Session, hdr
 
 E = CtrlType

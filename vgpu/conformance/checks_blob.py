@@ -39,7 +39,8 @@ from ..vhost_user.frontend import ShmWindow
 from ..vhost_user.wire import ProtocolFeature
 from .checks_gpu import create_context
 from .context import CheckContext
-from .registry import CheckFailed, NotApplicable, check, expect
+from .errors import CheckFailed, NotApplicable, expect
+from .registry import check
 from .session import PAGE, Session, hdr, rtype, type_name
 
 E = CtrlType

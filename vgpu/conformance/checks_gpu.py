@@ -35,7 +35,8 @@ from ..protocol import structs as s
 from ..vhost_user.frontend import Display, DisplayEvent, FrontendError
 from ..vhost_user.wire import GPU_UPDATE_SIZE, GpuRequest
 from .context import CheckContext
-from .registry import CheckFailed, NotApplicable, check, expect
+from .errors import CheckFailed, NotApplicable, expect
+from .registry import check
 from .session import (
     DISPLAY_INFO_SIZE,
     DISPLAY_MODES,

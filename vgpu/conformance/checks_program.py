@@ -11,12 +11,13 @@ import socket
 import subprocess
 from typing import Final
 
-from ..lab.procfs import wait_until
+from ..procfs import wait_until
 from ..vhost_user.frontend import Frontend
 from ..vhost_user.wire import FrontendRequest
 from .context import CheckContext
+from .errors import CheckFailed, NotApplicable, expect
 from .process import socket_option, without_socket
-from .registry import CheckFailed, NotApplicable, check, expect
+from .registry import check
 
 GPU_CAPABILITIES: Final = frozenset({"render-node", "virgl"})
 PROMPT: Final = 5.0

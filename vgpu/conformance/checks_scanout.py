@@ -46,7 +46,8 @@ from .checks_gpu import (
     wait_events,
 )
 from .context import CheckContext
-from .registry import CheckFailed, check, expect
+from .errors import CheckFailed, expect
+from .registry import check
 from .session import (
     EDID_RESP_SIZE,
     Session,

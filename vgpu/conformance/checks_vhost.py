@@ -7,7 +7,7 @@ import os
 import time
 from typing import Final
 
-from ..lab.procfs import wait_until
+from ..procfs import wait_until
 from ..protocol import (
     CtrlType,
     CursorPos,
@@ -41,8 +41,9 @@ from ..vhost_user.wire import (
     parse_u64,
 )
 from .context import CheckContext
+from .errors import CheckFailed, NotApplicable, expect
 from .process import fd_targets
-from .registry import CheckFailed, NotApplicable, check, expect
+from .registry import check
 from .session import PAGE, Session, hdr
 
 R = FrontendRequest

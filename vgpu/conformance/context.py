@@ -11,8 +11,8 @@ from ..protocol import VIRTIO_GPU_MAX_SCANOUTS, Capset, CtrlType, GetCapsetInfo,
 from ..protocol import structs as s
 from ..vhost_user.frontend import Frontend
 from ..vhost_user.wire import ProtocolFeature, bit
+from .errors import NotApplicable
 from .process import BackendProcess, without_socket
-from .registry import NotApplicable
 from .session import TIMEOUT, Session, hdr, rtype
 
 

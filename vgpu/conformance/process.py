@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import IO
 
-from ..lab.procfs import settled_fd_count, wait_until
+from ..procfs import settled_fd_count, wait_until
 
 SOCKET_PLACEHOLDER = "{sock}"
 

@@ -1,31 +1,15 @@
-"""Checks and how they report: a check is a function that drives a back end and either returns (pass, with an
-optional note), raises `CheckFailed` with what it observed, or raises `NotApplicable` with the reason."""
+"""The checks by name: a check is a function that drives a back end and either returns (pass, with an optional
+note), raises `CheckFailed` with what it observed, or raises `NotApplicable` with the reason (`errors`)."""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .context import CheckContext
+from .context import CheckContext
 
-
-class CheckFailed(Exception):
-    """The back end did not do what the requirement asks; `observed` holds the bytes that show it."""
-
-    def __init__(self, message: str, observed: bytes | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.observed = observed
-
-
-class NotApplicable(Exception):
-    """The back end does not offer what the check needs (decided from what it advertises, never from failures)."""
-
-
-CheckFn = Callable[["CheckContext"], "str | None"]
+CheckFn = Callable[[CheckContext], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -49,11 +33,6 @@ def check(requirement: str, name: str) -> Callable[[CheckFn], CheckFn]:
         return fn
 
     return register
-
-
-def expect(cond: bool, message: str, observed: bytes | None = None) -> None:
-    if not cond:
-        raise CheckFailed(message, observed)
 
 
 def all_checks() -> dict[str, Check]:

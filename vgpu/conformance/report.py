@@ -17,8 +17,8 @@ from typing import Final
 from .catalogue import DEFAULT_CATALOGUE, Catalogue, load
 from .runner import FAIL, NA, PASS, RequirementResult, Run, retry_timeouts, run
 
-REPO: Final = Path(__file__).resolve().parent.parent.parent
-DEFAULT_OUTPUT: Final = REPO / "spec" / "conformance.md"
+#: The project's page, relative to the working directory: the report is a checkout's tool, run from its top.
+DEFAULT_OUTPUT: Final = Path("spec") / "conformance.md"
 QEMU_BACKEND: Final = "/usr/lib/qemu/vhost-user-gpu"
 # Our back end as the report runs it: two scanouts (mirroring), the cross-domain context (capsets, contexts, host
 # blobs) on memfd buffers, a 64 MiB host-visible region.
@@ -116,12 +116,13 @@ def generate(catalogue: Catalogue, ours_cmd: str, qemu_cmd: str) -> tuple[Run, R
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vgpu.conformance.report", description=__doc__)
-    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="default: spec/conformance.md of the "
+                   "checkout the command runs in")
     p.add_argument("--qemu", default=QEMU_BACKEND, help="QEMU's vhost-user-gpu binary")
     p.add_argument("--catalogue", type=Path, default=DEFAULT_CATALOGUE)
     args = p.parse_args(argv)
     if not os.access(args.qemu, os.X_OK):
-        print(f"{args.qemu} is not installed (python -m vgpu.lab.provision qemu)", file=sys.stderr)
+        print(f"{args.qemu} is not installed (python -m vgpu_lab.provision qemu)", file=sys.stderr)
         return 2
     ours, qemu, text = generate(load(args.catalogue), ours_command(), qemu_command(args.qemu))
     args.output.write_text(text)

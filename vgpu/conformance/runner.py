@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from ..lab.procfs import wait_until
+from ..procfs import wait_until
 from .catalogue import Catalogue, Requirement
 from .context import CheckContext, Offer, probe
+from .errors import CheckFailed, NotApplicable
 from .process import BackendProcess
-from .registry import CheckFailed, NotApplicable, all_checks
+from .registry import all_checks
 
 PASS: Final = "pass"
 FAIL: Final = "fail"

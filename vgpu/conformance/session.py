@@ -25,7 +25,7 @@ from ..protocol import (
 from ..vhost_user.driver import GuestRam
 from ..vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES, Display, Frontend
 from ..vhost_user.wire import ProtocolFeature, bit
-from .registry import CheckFailed
+from .errors import CheckFailed
 
 PAGE: Final = 4096
 RAM_SIZE: Final = 32 << 20

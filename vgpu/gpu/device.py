@@ -198,7 +198,8 @@ class GpuDevice(Device):
         self._reported = self.output.default_modes()
 
     def status(self) -> dict[str, object]:
-        return device_status(self)
+        return device_status(acked=self.acked, limits=self.cfg.limits, table=self.resources, blobs=self.blobs,
+                             scanouts=self.scanouts)
 
     def process_queue(self, queue: Virtqueue) -> None:
         """Every available chain, then one notification (the transport suppresses it as the driver asks)."""

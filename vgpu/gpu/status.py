@@ -9,15 +9,13 @@ README's options section; numbers stay numbers (the text form in `vgpu.status` f
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 from ..blob.types import HostBuffer
 from ..protocol import BlobMem, Format, GpuFeature
-from .blobs import CONTEXT_TYPES
-from .resources import Limits, Resource
-
-if TYPE_CHECKING:
-    from .device import GpuDevice
+from .blobs import CONTEXT_TYPES, BlobEngine
+from .resources import Limits, Resource, ResourceTable
+from .scanout import Scanout
 
 _CONTEXT_NAMES: dict[int, str] = {int(capset): name for name, capset in CONTEXT_TYPES.items()}
 
@@ -65,8 +63,10 @@ def resource_status(res: Resource, mapped: bool, contexts: list[int]) -> dict[st
     return out
 
 
-def device_status(dev: GpuDevice) -> dict[str, object]:
-    blobs, table, region = dev.blobs, dev.resources, dev.blobs.region
+def device_status(*, acked: int, limits: Limits, table: ResourceTable, blobs: BlobEngine,
+                  scanouts: Sequence[Scanout]) -> dict[str, object]:
+    """The device's parts, as the device hands them over (this module reads them; it never imports the device)."""
+    region = blobs.region
     by_id = {res.id: res for res in table}
     attached: dict[int, list[int]] = {}
     for ctx in blobs.contexts.values():
@@ -93,8 +93,8 @@ def device_status(dev: GpuDevice) -> dict[str, object]:
                          "attached": sorted(ctx.attached), "pending_blobs": len(pending),
                          "pending_bytes": sum(b.size for b in pending)})
     return {
-        "features": [f.name.removeprefix("F_") for f in GpuFeature if dev.acked & f.mask],
-        "quotas": quotas(dev.cfg.limits, table.host_bytes, len(table), len(blobs.contexts)),
+        "features": [f.name.removeprefix("F_") for f in GpuFeature if acked & f.mask],
+        "quotas": quotas(limits, table.host_bytes, len(table), len(blobs.contexts)),
         "host_visible_region": {"size": region.size, "available": region.size > 0 and blobs.host_visible,
                                 "mappings": len(region), "mapped_bytes": sum(m.length for m in region)},
         "resources": [resource_status(by_id[rid], region.get(rid) is not None, sorted(attached.get(rid, [])))
@@ -102,5 +102,5 @@ def device_status(dev: GpuDevice) -> dict[str, object]:
         "mappings": mappings,
         "contexts": contexts,
         "scanouts": [{"id": s.id, "resource_id": s.resource.id if s.resource is not None else None,
-                      "rect": [s.rect.x, s.rect.y, s.rect.width, s.rect.height]} for s in dev.scanouts],
+                      "rect": [s.rect.x, s.rect.y, s.rect.width, s.rect.height]} for s in scanouts],
     }

@@ -1,11 +1,11 @@
 """Boot a guest that asks real dma-buf exporters ``DMA_BUF_IOCTL_INFO`` and reads the truth from its page tables.
 
 Why this module: the kernel-query path of vgpu can only be proven on a kernel that has the ioctl (our patched
-build, :mod:`vgpu.lab.kernel_build`) and compared with one that has not (Debian's 6.12). Both boots run the same
+build, :mod:`vgpu_lab.kernel_build`) and compared with one that has not (Debian's 6.12). Both boots run the same
 static ``dmabuf_info`` guest program under QEMU TCG with no vhost-user device at all — udmabuf, the system heap
 and vgem are virtual — plus QEMU's built-in ``virtio-gpu-pci``, whose PRIME exports use virtio-gpu's own
 dma_buf_ops (the "exporter without a hook" case). Optionally the host's root is shared read-only over virtio-9p
-and the program ``exec``s our Python (:mod:`vgpu.lab.dmabuf_probe`) in a chroot of it, on the same fds.
+and the program ``exec``s our Python (:mod:`vgpu_lab.dmabuf_probe`) in a chroot of it, on the same fds.
 
 :func:`parse_report` and :func:`parse_python` turn the guest's ``VGPU-GUEST`` lines into typed rows, so tests and
 the cache-attribute benchmark read the same table.
@@ -22,10 +22,9 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from vgpu.lab import initramfs
-from vgpu.lab.qemu import GuestRun, QemuConfig, run_guest
+from vgpu_lab import initramfs, paths
+from vgpu_lab.qemu import GuestRun, QemuConfig, run_guest
 
-REPO = Path(__file__).resolve().parents[2]
 #: Every buffer the guest program makes, in its order.
 BUFFERS = ("udmabuf", "system-heap", "vgem", "virtio-gpu", "memfd")
 #: The guest waits for both DRM devices (vgem and virtio-gpu) before it runs.
@@ -149,16 +148,17 @@ def shadowed(paths: Iterable[Path]) -> list[Path]:
     return out
 
 
-def python_command(program: str, *, python: Path | None = None, repo: Path = REPO) -> str:
+def python_command(program: str, *, python: Path | None = None, repo: Path | None = None) -> str:
     """The guest shell command: prepare the chroot of the host root (:func:`chroot_mounts`) and let the C program
     exec our Python probe in it (the fds are inherited across both execs)."""
     interpreter = python or Path(sys.executable)
+    repo = repo or paths.project_root()
     root = GUEST_HOST_ROOT
     steps = [
         *chroot_mounts(root),
         shlex.join([
             program, "--exec", "chroot", root, "/usr/bin/env", f"PYTHONPATH={repo}", "PYTHONDONTWRITEBYTECODE=1",
-            f"TMPDIR={GUEST_SCRATCH}", str(interpreter), "-m", "vgpu.lab.dmabuf_probe",
+            f"TMPDIR={GUEST_SCRATCH}", str(interpreter), "-m", "vgpu_lab.dmabuf_probe",
         ]),
     ]
     return " && ".join(steps)
@@ -226,7 +226,7 @@ class FallbackReport:
 
 
 def parse_fallbacks(lines: Iterable[str]) -> dict[tuple[str, str], FallbackReport]:
-    """(buffer name, mode) → what the resolver decided, from :func:`vgpu.lab.dmabuf_probe.fallbacks` lines."""
+    """(buffer name, mode) → what the resolver decided, from :func:`vgpu_lab.dmabuf_probe.fallbacks` lines."""
     prefix = "VGPU-GUEST py-fallback "
     out: dict[tuple[str, str], FallbackReport] = {}
     for line in lines:

@@ -8,7 +8,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from vgpu.lab.shell import ProvisionError
+from vgpu_lab.shell import ProvisionError
 
 
 @dataclasses.dataclass(frozen=True)

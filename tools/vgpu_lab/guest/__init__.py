@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-log = logging.getLogger("vgpu.lab")
+log = logging.getLogger("vgpu_lab")
 
 SOURCE_DIR = Path(__file__).resolve().parent
 CFLAGS = ("-static", "-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror")

@@ -33,7 +33,7 @@ EXTRA_MODULE_SETS: Mapping[str, tuple[str, ...]] = {
     "9p": ("9pnet", "9pnet_virtio", "9p"),
 }
 
-#: Printed by /init as ``VGPU-LAB-END rc=<status>`` right before poweroff; :mod:`vgpu.lab.qemu` parses it.
+#: Printed by /init as ``VGPU-LAB-END rc=<status>`` right before poweroff; :mod:`vgpu_lab.qemu` parses it.
 END_MARKER = "VGPU-LAB-END"
 DMESG_BEGIN = "VGPU-LAB-DMESG-BEGIN"
 DMESG_END = "VGPU-LAB-DMESG-END"

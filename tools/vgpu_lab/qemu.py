@@ -8,7 +8,7 @@ runs under TCG, and a hard timeout bounds every run because a wedged back end le
 The device string and extra arguments are free so the same runner can later drive
 ``vhost-user-test-device-pci`` (QEMU 11.1, host-visible window) or add ``-virtfs``; ``command_prefix`` lets a
 QEMU run from a chroot, in which case every path given must exist inside that chroot —
-:meth:`vgpu.lab.sid.SidQemu.config` builds such a configuration for QEMU 11.1 in a sid chroot, binding the paths.
+:meth:`vgpu_lab.sid.SidQemu.config` builds such a configuration for QEMU 11.1 in a sid chroot, binding the paths.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from vgpu.lab.initramfs import DMESG_BEGIN, DMESG_END, END_MARKER
+from vgpu_lab.initramfs import DMESG_BEGIN, DMESG_END, END_MARKER
 
 QEMU_SYSTEM_X86_64 = Path("/usr/bin/qemu-system-x86_64")
 #: quiet + loglevel=4 keep the console (and so the boot) fast; /init dumps the full kernel log at the end.

@@ -12,9 +12,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from vgpu.lab.shell import APT_DOWNLOAD_TIMEOUT, EXTRACT_TIMEOUT, QUERY_TIMEOUT, ProvisionError, run
+from vgpu_lab.shell import APT_DOWNLOAD_TIMEOUT, EXTRACT_TIMEOUT, QUERY_TIMEOUT, ProvisionError, run
 
-log = logging.getLogger("vgpu.lab")
+log = logging.getLogger("vgpu_lab")
 
 #: Environment variable that pins the guest kernel package name instead of picking the newest 6.12 image.
 ENV_KERNEL_PACKAGE = "VGPU_LAB_KERNEL_PACKAGE"

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from vgpu.procfs import fd_count, settled_fd_count, wait_until
+
 from . import initramfs
-from .procfs import fd_count, settled_fd_count, wait_until
 from .provision import Provisioner
 from .qemu import Backend, GuestRun, run_guest, socket_dir
 

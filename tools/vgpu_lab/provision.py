@@ -11,9 +11,9 @@ The mirror URI is read from the machine's apt sources at run time (deb822 ``debi
 
 Use as a library (``provision_qemu()``, ``provision_guest_kernel()``, ... return paths) or as a command::
 
-    python -m vgpu.lab.provision [all|apt|qemu|busybox|toolchain|kernel|guest|qemu11 ...] [--cache DIR] [--json]
+    python -m vgpu_lab.provision [all|apt|qemu|busybox|toolchain|kernel|guest|qemu11 ...] [--cache DIR] [--json]
 
-``qemu11`` (QEMU 11.1 in a sid chroot, see :mod:`vgpu.lab.sid`) is not part of ``all``: it costs about 50 s and
+``qemu11`` (QEMU 11.1 in a sid chroot, see :mod:`vgpu_lab.sid`) is not part of ``all``: it costs about 50 s and
 about 1 GB, and only the tests of the host-visible window need it.
 """
 
@@ -34,12 +34,11 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from vgpu.lab import guest
-from vgpu.lab.apt_sources import debian_mirror, debian_mirror_uri, os_codename, read_apt_sources, source_files
-from vgpu.lab.guest_kernel import GuestKernel, cached_kernel, fetch_kernel, select_kernel_package
-from vgpu.lab.shell import (
+from vgpu_lab import guest, paths, sid
+from vgpu_lab.apt_sources import debian_mirror, debian_mirror_uri, os_codename, read_apt_sources, source_files
+from vgpu_lab.guest_kernel import GuestKernel, cached_kernel, fetch_kernel, select_kernel_package
+from vgpu_lab.shell import (
     APT_INSTALL_TIMEOUT,
     APT_UPDATE_TIMEOUT,
     QUERY_TIMEOUT,
@@ -47,13 +46,8 @@ from vgpu.lab.shell import (
     run,
 )
 
-if TYPE_CHECKING:
-    from vgpu.lab.sid import SidQemu
+log = logging.getLogger("vgpu_lab")
 
-log = logging.getLogger("vgpu.lab")
-
-#: Environment variable that overrides the cache directory (default ``<repo>/.cache/lab``).
-ENV_CACHE = "VGPU_LAB_CACHE"
 
 QEMU_PACKAGES = ("qemu-system-x86", "qemu-system-gui", "qemu-system-common", "qemu-system-data")
 #: QEMU 7.2 (bookworm) refuses vhost-user-gpu under TCG ("requires kvm"); 10.0 (backports) works.
@@ -100,14 +94,6 @@ class Lab:
 # helpers
 
 
-def default_cache_dir() -> Path:
-    """``$VGPU_LAB_CACHE`` or ``<repo>/.cache/lab``: big downloads stay with the project, not in /tmp."""
-    env = os.environ.get(ENV_CACHE)
-    if env:
-        return Path(env).resolve()
-    return Path(__file__).resolve().parents[2] / ".cache" / "lab"
-
-
 def _version_major(version: str) -> int:
     """Major number of a Debian version string such as ``1:10.0.2+ds-1~bpo12+1``."""
     upstream = version.split(":", 1)[-1]
@@ -120,7 +106,7 @@ def _ensure_cache_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     ignore = path / ".gitignore"
     if not ignore.exists():
-        ignore.write_text("# created by vgpu.lab.provision: everything here is a download or a build\n*\n")
+        ignore.write_text("# created by vgpu_lab.provision: everything here is a download or a build\n*\n")
     return path
 
 
@@ -142,7 +128,7 @@ class Provisioner:
         etc_apt: Path = Path("/etc/apt"),
         apt_lists: Path = APT_LISTS,
     ) -> None:
-        self.cache = _ensure_cache_dir(cache or default_cache_dir())
+        self.cache = _ensure_cache_dir(cache or paths.cache_dir())
         self.etc_apt = etc_apt
         self.apt_lists = apt_lists
         self._lock_depth = 0
@@ -194,7 +180,7 @@ class Provisioner:
         self._require_root("apt sources")
         target = self.etc_apt / "sources.list.d" / BACKPORTS_FILE_NAME
         text = (
-            "# Added by vgpu.lab.provision: QEMU 10 and the 6.12 guest kernel come from backports.\n"
+            "# Added by vgpu_lab.provision: QEMU 10 and the 6.12 guest kernel come from backports.\n"
             "Types: deb\n"
             f"URIs: {mirror.uris[0]}\n"
             f"Suites: {suite}\n"
@@ -372,10 +358,8 @@ class Provisioner:
             except guest.GuestBuildError as exc:
                 raise ProvisionError(f"guest programs: {exc}") from exc
 
-    def qemu11(self, root: Path | None = None) -> SidQemu:
+    def qemu11(self, root: Path | None = None) -> sid.SidQemu:
         """QEMU ≥ 11.1 in a sid chroot under the cache (``<cache>/sid``), for the generic vhost-user device."""
-        from vgpu.lab import sid  # sid builds on this module; imported here to keep the dependency one-way
-
         return sid.provision_sid_qemu(self, root)
 
     def all(self) -> Lab:
@@ -471,9 +455,9 @@ def _summary(p: Provisioner, components: Sequence[str]) -> dict[str, object]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vgpu.lab.provision``: provision components, print where they are."""
+    """``python -m vgpu_lab.provision``: provision components, print where they are."""
     parser = argparse.ArgumentParser(
-        prog="python -m vgpu.lab.provision",
+        prog="python -m vgpu_lab.provision",
         description="Provision the vgpu end-to-end lab (QEMU 10, 6.12 guest kernel, busybox, guest programs).",
     )
     parser.add_argument(
@@ -485,7 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"one or more of {', '.join((*COMPONENTS, *EXTRA_COMPONENTS))}, or all (default: all but "
         f"{', '.join(EXTRA_COMPONENTS)})",
     )
-    parser.add_argument("--cache", type=Path, help=f"cache directory (default ${ENV_CACHE} or <repo>/.cache/lab)")
+    parser.add_argument("--cache", type=Path,
+                        help=f"cache directory (default ${paths.ENV_CACHE} or ${paths.ENV_ROOT}/.cache/lab)")
     parser.add_argument("--json", action="store_true", help="print the resulting paths as JSON on stdout")
     parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
     args = parser.parse_args(argv)

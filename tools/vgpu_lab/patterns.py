@@ -1,7 +1,7 @@
 """The pixels the guest program ``kms_pattern`` draws, reproduced exactly in numpy.
 
 Why: an end-to-end test must be able to say not just "a frame arrived" but "the frame the guest drew arrived,
-every pixel in place". The formulas below are the ones in ``vgpu/lab/guest/kms_pattern.c`` (keep both in step);
+every pixel in place". The formulas below are the ones in ``tools/vgpu_lab/guest/kms_pattern.c`` (keep both in step);
 every frame pixel is distinct up to 4096x4096, so a wrong offset, stride or row order cannot go unnoticed.
 
 Pixels are 32-bit words as the guest stores them in memory (little endian): XRGB8888 for the frame (the X byte is

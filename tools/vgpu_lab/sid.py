@@ -17,10 +17,11 @@ Idempotence: a record (``<root>.json``) is written only after QEMU has been inst
 that was interrupted anywhere is detected and redone (a half-made root is removed, after checking that nothing is
 mounted under it); a warm run reads the record and checks two files — a few milliseconds.
 
-The mirror URI is read from the host's apt sources at run time (:func:`vgpu.lab.provision.debian_mirror_uri`);
+The mirror URI is read from the host's apt sources at run time (:func:`vgpu_lab.provision.debian_mirror_uri`);
 only the chroot's own apt configuration, written by ``debootstrap`` inside the cache, names it.
 
-Use as a library (:func:`provision_qemu11`, :meth:`SidQemu.config`) or via ``python -m vgpu.lab.provision qemu11``.
+Use as a library (:meth:`vgpu_lab.provision.Provisioner.qemu11`, :meth:`SidQemu.config`) or via
+``python -m vgpu_lab.provision qemu11``.
 """
 
 from __future__ import annotations
@@ -34,17 +35,27 @@ import shlex
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from vgpu.lab.apt_sources import debian_mirror_uri
-from vgpu.lab.qemu import VHOST_USER_TEST_DEVICE_GPU, QemuConfig
-from vgpu.lab.shell import ProvisionError, run
+from vgpu_lab.apt_sources import debian_mirror_uri
+from vgpu_lab.qemu import VHOST_USER_TEST_DEVICE_GPU, QemuConfig
+from vgpu_lab.shell import ProvisionError, run
 
-if TYPE_CHECKING:
-    from vgpu.lab.provision import Provisioner
 
-log = logging.getLogger("vgpu.lab")
+class Provisioner(Protocol):
+    """What building the chroot needs of :class:`vgpu_lab.provision.Provisioner` (which builds on this module, so the
+    dependency is named by shape, not imported)."""
+
+    cache: Path
+    etc_apt: Path
+
+    def locked(self) -> AbstractContextManager[None]: ...
+
+    def apt_install(self, packages: Sequence[str], *, what: str, target_release: str | None = None) -> None: ...
+
+log = logging.getLogger("vgpu_lab")
 
 SUITE = "sid"
 #: What QEMU 11.1 needs in the chroot: the x86 system emulator and (for parity with the host lab) the GUI/back-end
@@ -140,7 +151,7 @@ def namespace_prefix(root: Path, binds: Sequence[Path] = ()) -> tuple[str, ...]:
 
 
 def default_root(cache: Path) -> Path:
-    """``<cache>/sid`` (the lab cache is ``<repo>/.cache/lab`` unless ``$VGPU_LAB_CACHE`` says otherwise)."""
+    """``<cache>/sid`` (the lab cache: :func:`vgpu_lab.paths.cache_dir`)."""
     return cache / SUITE
 
 
@@ -313,13 +324,6 @@ def provision_sid_qemu(provisioner: Provisioner, root: Path | None = None) -> Si
         return qemu
 
 
-def provision_qemu11(cache: Path | None = None, root: Path | None = None) -> SidQemu:
-    """Module-level convenience: a default :class:`~vgpu.lab.provision.Provisioner`, then :func:`provision_sid_qemu`."""
-    from vgpu.lab.provision import Provisioner
-
-    return provision_sid_qemu(Provisioner(cache), root)
-
-
 __all__ = [
     "GENERIC_DEVICE",
     "QEMU11_MIN_VERSION",
@@ -329,6 +333,5 @@ __all__ = [
     "mounts_under",
     "namespace_prefix",
     "parse_qemu_version",
-    "provision_qemu11",
     "provision_sid_qemu",
 ]

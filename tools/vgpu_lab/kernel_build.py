@@ -2,12 +2,12 @@
 
 Why this exists: no released kernel answers ``DMA_BUF_IOCTL_INFO`` (the proposal was never merged), so vgpu's
 primary path — asking the exporter — could otherwise only ever meet ``ENOTTY`` or a fake. The patch in
-``tools/kernel/*.patch`` adds the ioctl and the exporter hooks; this module turns it into a bootable ``bzImage``
-from nothing but Debian packages (``linux-source-6.12`` through apt, no other download).
+``tools/vgpu_lab/kernel/*.patch`` adds the ioctl and the exporter hooks; this module turns it into a bootable
+``bzImage`` from nothing but Debian packages (``linux-source-6.12`` through apt, no other download).
 
 How: unpack ``/usr/src/linux-source-6.12.tar.xz``, apply the patches (checked with ``--dry-run`` first), configure
-``make tinyconfig`` + ``tools/kernel/vgpu-guest.config`` + ``olddefconfig`` out of tree (``O=``), verify that every
-option of the fragment survived (tinyconfig silently drops options whose dependencies are missing — a dropped
+``make tinyconfig`` + ``tools/vgpu_lab/kernel/vgpu-guest.config`` + ``olddefconfig`` out of tree (``O=``), verify that
+every option of the fragment survived (tinyconfig silently drops options whose dependencies are missing — a dropped
 PTDUMP_DEBUGFS or X86_PAT would make the ground truth lie, so that fails loudly), then ``make bzImage``.
 
 The image is cached under ``<cache>/patched-kernel/<key>/`` where the key hashes the source package version, the
@@ -17,7 +17,7 @@ interrupted build leaves no key directory and is redone from scratch, never half
 
 Use as a library (:func:`build_patched_kernel` returns the bzImage path) or as a command::
 
-    python -m vgpu.lab.kernel_build [--cache DIR] [--jobs N] [--json]
+    python -m vgpu_lab.kernel_build [--cache DIR] [--jobs N] [--json]
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from vgpu.lab import provision
-from vgpu.lab.shell import ProvisionError
+from vgpu_lab import provision
+from vgpu_lab.shell import ProvisionError
 
-log = logging.getLogger("vgpu.lab")
+log = logging.getLogger("vgpu_lab")
 
-REPO = Path(__file__).resolve().parents[2]
-KERNEL_TOOLS = REPO / "tools" / "kernel"
+#: Our kernel patch and config fragment: the lab's own files, beside this module.
+KERNEL_TOOLS = Path(__file__).resolve().parent / "kernel"
 FRAGMENT = KERNEL_TOOLS / "vgpu-guest.config"
 
 SOURCE_PACKAGE = "linux-source-6.12"
@@ -317,9 +317,9 @@ def build_patched_kernel(cache: Path | None = None, *, jobs: int | None = None) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vgpu.lab.kernel_build``: build (or find) the patched guest kernel and say where it is."""
-    parser = argparse.ArgumentParser(prog="python -m vgpu.lab.kernel_build", description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, help="cache directory (default $VGPU_LAB_CACHE or <repo>/.cache/lab)")
+    """``python -m vgpu_lab.kernel_build``: build (or find) the patched guest kernel and say where it is."""
+    parser = argparse.ArgumentParser(prog="python -m vgpu_lab.kernel_build", description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, help="cache directory (default $VGPU_LAB_CACHE or $VGPU_ROOT/.cache/lab)")
     parser.add_argument("--jobs", type=int, help="parallel make jobs (default: number of CPUs)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")

@@ -9,7 +9,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-log = logging.getLogger("vgpu.lab")
+log = logging.getLogger("vgpu_lab")
 
 # Generous bounds: they only stop a hung mirror from hanging CI forever.
 APT_UPDATE_TIMEOUT = 600.0

@@ -1,6 +1,6 @@
 """Guest side of the cache-attribute benchmark: every strategy's answer, what each query costs, and bandwidth.
 
-Why a probe of its own (next to :mod:`vgpu.lab.dmabuf_probe`, which checks *correctness* for the e2e test): the
+Why a probe of its own (next to :mod:`vgpu_lab.dmabuf_probe`, which checks *correctness* for the e2e test): the
 benchmark needs, on the same real buffers the static ``dmabuf_info`` program made and whose page-table truth it
 already printed, the answer of each strategy — the kernel query, our :class:`~vgpu.blob.resolve.Resolver` with the
 allocator knowledge vgpu would have had it made the buffer (once on this kernel, once as if the kernel said
@@ -39,7 +39,7 @@ from vgpu.blob.allocators import (
 from vgpu.blob.dmabuf import KernelAnswerKind, VmProtAnswer, drm_version, query_vm_prot, read_fdinfo
 from vgpu.blob.resolve import Resolver, legacy_heuristic
 from vgpu.blob.types import HostBuffer, Unresolved
-from vgpu.lab.dmabuf_probe import ENV_FDS, parse_fds
+from vgpu_lab.dmabuf_probe import ENV_FDS, parse_fds
 
 PREFIX = "VGPU-GUEST cm"
 PTDUMP = "/sys/kernel/debug/page_tables/current_kernel"
