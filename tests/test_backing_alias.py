@@ -309,3 +309,37 @@ def test_the_table_refuses_what_mmap_cannot_place() -> None:
     finally:
         os.close(fd)
         os.close(read_only)
+
+
+@pytest.mark.parametrize(("addr", "length"), [
+    (0x10000 - PAGE, PAGE),  # below the region
+    (0x10000 + (16 << 20) - PAGE, 2 * PAGE),  # runs off the end
+    (0x10000 + (16 << 20), PAGE),  # just past the end
+])
+def test_an_entry_outside_guest_memory_is_refused_whatever_its_arithmetic(ram: Ram, addr: int, length: int) -> None:
+    inside = (0x10000, PAGE)
+    for entries in ([(addr, length)], [inside, (addr, length)]):
+        b = Backing(np.array([a for a, _ in entries], dtype=np.uint64),
+                    np.array([n for _, n in entries], dtype=np.uint32))
+        with pytest.raises(BackingError, match=f"entry {len(entries) - 1} at {addr:#x} .* is not inside guest memory"):
+            b.validate(ram.memory, [])
+
+
+def test_entries_over_a_ring_are_refused_and_the_rest_accepted(ram: Ram) -> None:
+    rings = [(0x20000, 0x20100), (0x30000, 0x31000)]
+    ok = Backing(np.array([0x10000, 0x21000], dtype=np.uint64), np.full(2, PAGE, dtype=np.uint32))
+    ok.validate(ram.memory, rings)
+    bad = Backing(np.array([0x10000, 0x30000 - PAGE + 1], dtype=np.uint64), np.full(2, PAGE, dtype=np.uint32))
+    with pytest.raises(BackingError, match=f"entry 1 at {0x30000 - PAGE + 1:#x} overlaps a virtqueue ring"):
+        bad.validate(ram.memory, rings)
+
+
+def test_an_entry_whose_end_wraps_past_2_to_the_64_is_refused() -> None:
+    """With guest memory at address 0, an entry near 2**64 has an offset whose end wraps to a small number."""
+    ram = _ram(f"vgpu-wrap-{os.getpid()}", 1 << 20, gpa=0)
+    try:
+        b = Backing(np.array([(1 << 64) - 0x10], dtype=np.uint64), np.array([PAGE], dtype=np.uint32))
+        with pytest.raises(BackingError, match="is not inside guest memory"):
+            b.validate(ram.memory, [])
+    finally:
+        ram.close()

@@ -22,6 +22,7 @@ gets one within a few seconds.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
@@ -51,6 +52,35 @@ U8: TypeAlias = "npt.NDArray[np.uint8]"
 
 class BackingError(Exception):
     """The scatter list names memory the guest does not own, or a range past its end."""
+
+
+@dataclass(frozen=True)
+class _Table:
+    """One generation of the memory table as arrays (regions by guest-physical address), built once per table
+    rather than once per attach: the attach path is a few dozen numpy calls and each costs about a microsecond."""
+
+    generation: int
+    regions: list[MappedRegion]
+    starts: npt.NDArray[np.uint64]
+    sizes: npt.NDArray[np.uint64]
+    skews: I64
+    files: bool  # every region is a file an alias can map again
+
+
+_TABLES: weakref.WeakKeyDictionary[GuestMemory, _Table] = weakref.WeakKeyDictionary()
+
+
+def _table(memory: GuestMemory) -> _Table:
+    t = _TABLES.get(memory)
+    if t is not None and t.generation == memory.generation:
+        return t
+    regions = sorted(memory.regions, key=lambda m: m.desc.guest_phys_addr)
+    t = _Table(memory.generation, regions,
+               np.array([m.desc.guest_phys_addr for m in regions], dtype=np.uint64),
+               np.array([m.desc.memory_size for m in regions], dtype=np.uint64),
+               np.array([m.skew for m in regions], dtype=np.int64), all(m.fd >= 0 for m in regions))
+    _TABLES[memory] = t
+    return t
 
 
 @dataclass
@@ -118,15 +148,15 @@ class Backing:
         """Every entry non-empty, inside one region, and clear of `forbidden` guest-physical ranges (rings)."""
         if len(self.addr) == 0:
             return
-        if np.any(self.length == 0):
+        if self.length.min() == 0:
             raise BackingError("zero-length backing entry")
         self._resolve(memory)
-        starts = self.addr.astype(np.int64)
-        stops = starts + self.length.astype(np.int64)
-        for lo, hi in forbidden:
-            hit = (starts < hi) & (stops > lo)
-            if np.any(hit):
-                i = int(np.argmax(hit))
+        if forbidden:
+            # Inside guest memory now, so addr + length cannot wrap.  All ranges at once: (entries, ranges).
+            lo, hi = np.array(forbidden, dtype=np.uint64).T
+            hit = (self.addr[:, None] < hi) & ((self.addr + self.length)[:, None] > lo)
+            if hit.any():
+                i = int(np.argmax(hit.any(axis=1)))
                 raise BackingError(f"backing entry {i} at {int(self.addr[i]):#x} overlaps a virtqueue ring")
 
     # --- copies -----------------------------------------------------------------------------------------------
@@ -235,23 +265,28 @@ class Backing:
         if p is not None and p.memory is memory and p.generation == memory.generation:
             return p
         self._drop_alias()
-        regions = sorted(memory.regions, key=lambda m: m.desc.guest_phys_addr)
-        if not regions:
+        t = _table(memory)
+        if not t.regions:
             raise BackingError("no guest memory")
-        starts = np.array([m.desc.guest_phys_addr for m in regions], dtype=np.uint64)
-        sizes = np.array([m.desc.memory_size for m in regions], dtype=np.uint64)
-        idx = np.searchsorted(starts, self.addr, side="right").astype(np.int64) - 1
-        if np.any(idx < 0):
-            raise BackingError("backing entry below guest memory")
-        off = self.addr - starts[idx]
-        inside = off + self.length.astype(np.uint64) <= sizes[idx]
-        if not np.all(inside):
-            i = int(np.argmin(inside))
-            raise BackingError(f"backing entry {i} at {int(self.addr[i]):#x} +{int(self.length[i]):#x} is not inside "
-                               "guest memory")
-        skews = np.array([m.skew for m in regions], dtype=np.int64)
-        offset = off.astype(np.int64) + skews[idx]
-        p = _plan(memory, regions, offset, idx, self.length.astype(np.int64))
+        addr, length = self.addr, self.length.astype(np.uint64)
+        if len(t.regions) == 1:
+            idx = np.zeros(len(addr), dtype=np.int64)
+            off = addr - t.starts[0]
+            room = t.sizes[0]
+        else:
+            # The last region starting at or below each entry; an entry below all of them gets index -1, whose
+            # region starts above it, so its offset wraps and fails the check below like any other outsider.
+            idx = np.searchsorted(t.starts, addr, side="right").astype(np.int64) - 1
+            off = addr - t.starts[idx]
+            room = t.sizes[idx]
+        # In unsigned arithmetic that cannot wrap: the entry fits its region if length <= room and off <= room - length.
+        outside = (length > room) | (off > room - np.minimum(length, room))
+        if outside.any():
+            i = int(np.argmax(outside))
+            raise BackingError(f"backing entry {i} at {int(addr[i]):#x} +{int(length[i]):#x} is not inside guest "
+                               "memory")
+        skew = t.skews[0] if len(t.regions) == 1 else t.skews[idx]
+        p = _plan(memory, t, off.astype(np.int64) + skew, idx, self.length.astype(np.int64), self.ends)
         self._plan = p
         return p
 
@@ -334,26 +369,38 @@ class Backing:
         out[head + body:] = pages[rows[-1], :n - head - body]
 
 
-def _plan(memory: GuestMemory, regions: list[MappedRegion], offset: I64, idx: I64, length: I64) -> _Plan:
-    """Merge entries that continue each other in one file into runs, and find the page rows if any."""
-    breaks = (idx[1:] != idx[:-1]) | (offset[1:] != offset[:-1] + length[:-1])
-    first = np.flatnonzero(np.concatenate(([True], breaks))) if len(length) else np.zeros(0, dtype=np.int64)
-    run_len = np.add.reduceat(length, first) if len(length) else np.zeros(0, dtype=np.int64)
-    run_ends = np.cumsum(run_len)
-    run_region = idx[first]
-    run_offset = offset[first]
-    whole_pages = bool(np.all(run_offset % PAGE == 0) and np.all(run_len % PAGE == 0))
+def _plan(memory: GuestMemory, t: _Table, offset: I64, idx: I64, length: I64, ends: I64) -> _Plan:
+    """Merge entries that continue each other in one file into runs, and find the page rows if any.
+
+    The common guest scatter list — whole pages, none adjacent — has as many runs as entries, so the entries' own
+    arrays serve as the runs' and nothing is gathered."""
+    one_region = len(t.regions) == 1
+    breaks = offset[1:] != offset[:-1] + length[:-1]
+    if not one_region:
+        breaks |= idx[1:] != idx[:-1]
+    if breaks.all():
+        run_len, run_ends, run_region, run_offset = length, ends, idx, offset
+    else:
+        first = np.flatnonzero(np.concatenate(([True], breaks)))
+        run_len = np.add.reduceat(length, first)
+        run_ends = np.cumsum(run_len)
+        run_region, run_offset = idx[first], offset[first]
+    whole_pages = not ((run_offset | run_len) & (PAGE - 1)).any()
     page_rows = None
-    if whole_pages and len(run_region) and bool(np.all(run_region == run_region[0])):
-        per_run = run_len // PAGE
-        page_rows = np.repeat(run_offset // PAGE - (run_ends - run_len) // PAGE, per_run) + np.arange(
-            int(per_run.sum()), dtype=np.int64)
+    if whole_pages and (one_region or not run_region.any()):
+        if len(run_len) == len(length) and not (length != PAGE).any():
+            page_rows = run_offset // PAGE  # one page per run: the row is the run's own
+        else:
+            per_run = run_len // PAGE
+            page_rows = np.repeat(run_offset // PAGE - (run_ends - run_len) // PAGE, per_run) + np.arange(
+                int(per_run.sum()), dtype=np.int64)
     # An alias places whole pages: after the first run, every run starts on a page of its file and of the alias.
-    head = int(run_offset[0]) % PAGE if len(run_offset) else 0
-    later = run_offset[1:] % PAGE == 0
-    placed = (head + run_ends[:-1]) % PAGE == 0
-    aliasable = bool(np.all(later & placed)) and all(r.fd >= 0 for r in regions)
-    return _Plan(memory, memory.generation, regions, offset, idx, run_ends, run_len, run_region, run_offset,
+    if whole_pages:
+        aliasable = t.files
+    else:
+        head = int(run_offset[0]) % PAGE
+        aliasable = bool(((run_offset[1:] % PAGE == 0) & ((head + run_ends[:-1]) % PAGE == 0)).all()) and t.files
+    return _Plan(memory, memory.generation, t.regions, offset, idx, run_ends, run_len, run_region, run_offset,
                  page_rows, aliasable)
 
 

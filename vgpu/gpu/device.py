@@ -103,6 +103,8 @@ class GpuDevice(Device):
         self.cfg = config
         self.events_read = 0
         self.acked = 0
+        # (memory generation and ring addresses, the rings' guest-physical ranges): see _ring_ranges.
+        self._rings: tuple[tuple[object, ...], list[tuple[int, int]]] | None = None
         self.resources = ResourceTable(config.limits)
         self.blobs = BlobEngine(self.resources, config.context_types, config.host_visible_size, allocator, resolver,
                                 config.limits.max_contexts, config.map_timeout, lambda: self.transport)
@@ -195,6 +197,7 @@ class GpuDevice(Device):
         self.resources.clear()
         self.scanouts = [Scanout(i) for i in range(self.cfg.num_scanouts)]
         self.events_read = 0
+        self._rings = None
         self._reported = self.output.default_modes()
 
     def status(self) -> dict[str, object]:
@@ -352,9 +355,15 @@ class GpuDevice(Device):
         self.resources.remove(res)
 
     def _ring_ranges(self) -> list[tuple[int, int]]:
-        """Guest-physical ranges of every ring: backing there would let the host scribble over them."""
-        out = []
+        """Guest-physical ranges of every ring: backing there would let the host scribble over them.  Worked out
+        again only when the memory table or a ring moves (every attach asks)."""
         mem = self.transport.memory
+        queues = self.transport.queues
+        key = (id(mem), mem.generation,
+               *((q.desc_addr, q.avail_addr, q.used_addr, q.size) for q in queues if q.has_addr and q.size))
+        if self._rings is not None and self._rings[0] == key:
+            return self._rings[1]
+        out = []
         for q in self.transport.queues:
             if not (q.has_addr and q.size):
                 continue
@@ -364,6 +373,7 @@ class GpuDevice(Device):
                 except Exception:
                     continue
                 out.append((gpa, gpa + size))
+        self._rings = (key, out)
         return out
 
     def _new_backing(self, entries: MemEntries) -> Backing:
