@@ -47,6 +47,11 @@ def supported(fmt: int) -> bool:
     return fmt in _CHANNELS
 
 
+def bgr_order(fmt: int) -> bool:
+    """Bytes B, G, R, then X or A: the display socket's x8r8g8b8 as it is."""
+    return _CHANNELS[fmt][:3] == (2, 1, 0)
+
+
 def to_bgra(pixels: npt.NDArray[np.uint8], fmt: int, opaque: bool) -> npt.NDArray[np.uint8]:
     """(h, w, 4) pixels in `fmt` as bytes B, G, R, A (x8r8g8b8 / a8r8g8b8); alpha 255 when `opaque` or absent."""
     r, g, b, a = _CHANNELS[fmt]

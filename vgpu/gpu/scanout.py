@@ -19,7 +19,7 @@ from ..blob.types import HostBuffer
 from ..protocol import Rect
 from ..vhost_user.memory import GuestMemory
 from .backing import BackingError
-from .formats import BPP, to_bgra, to_rgb
+from .formats import BPP, bgr_order, to_bgra, to_rgb
 from .png import encode, write_atomically
 from .resources import Resource
 
@@ -143,5 +143,10 @@ class PictureWriter:
 
 
 def bgrx(s: Scanout, memory: GuestMemory, r: Rect) -> memoryview:
-    """Pixels of `r` as the display socket wants them (x8r8g8b8), as a buffer to send without another copy."""
-    return to_bgra(s.pixels(memory, r), s.format, opaque=True).data
+    """Pixels of `r` as the display socket takes them: x8r8g8b8, whose X byte the display ignores (QEMU composites
+    the update as PIXMAN_x8r8g8b8).  So a resource already in that byte order goes out as it is — without any copy
+    when `r` spans whole rows — and only other orders are converted."""
+    pixels = s.pixels(memory, r)
+    if bgr_order(s.format):
+        return np.ascontiguousarray(pixels).data
+    return to_bgra(pixels, s.format, opaque=True).data
