@@ -266,6 +266,14 @@ def _install_qemu(root: Path) -> None:
     log.info("qemu11: apt-get install %s took %.1f s", " ".join(SID_PACKAGES), time.monotonic() - started)
 
 
+def install_packages(root: Path, packages: Sequence[str], *, what: str) -> None:
+    """Install more of sid's packages into the provisioned chroot: programs a guest runs from it (the guest sees
+    the host's root, this chroot included, over 9p)."""
+    _in_chroot(root, ["apt-get", *APT_OPTIONS, "install", "-y", "--no-install-recommends", *packages], what=what,
+               timeout=CHROOT_APT_TIMEOUT)
+    _in_chroot(root, ["apt-get", "clean"], what=f"{what} (apt-get clean)", timeout=CHROOT_QUERY_TIMEOUT)
+
+
 def _check_qemu(root: Path) -> SidQemu:
     """Version ≥ 11.1 and the generic vhost-user device present, asked of the installed binary itself."""
     text = _in_chroot(root, [str(QEMU_IN_CHROOT), "--version"], what="qemu11 (--version)",
@@ -330,6 +338,7 @@ __all__ = [
     "SID_PACKAGES",
     "SidQemu",
     "default_root",
+    "install_packages",
     "mounts_under",
     "namespace_prefix",
     "parse_qemu_version",
