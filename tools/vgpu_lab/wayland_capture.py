@@ -150,11 +150,18 @@ class Capture:
 
 
 def find(frame: npt.NDArray[np.uint8], image: npt.NDArray[np.uint8]) -> tuple[int, int] | None:
-    """Where `image` (h, w, 3) appears whole in `frame`, located by its first pixel and then compared in full;
-    None if nowhere (the shell places windows where it likes)."""
+    """Where `image` (h, w, 3) appears whole in `frame`, or None (the shell places windows where it likes).
+    Candidates are the places of its first pixel whose other three corners also match (a console's black
+    background has thousands of the first), then compared in full."""
     h, w = image.shape[:2]
-    ys, xs = np.nonzero(np.all(frame == image[0, 0], axis=2))
+    fh, fw = frame.shape[:2]
+    if h > fh or w > fw:
+        return None
+    ys, xs = np.nonzero(np.all(frame[:fh - h + 1, :fw - w + 1] == image[0, 0], axis=2))
+    for dy, dx in ((0, w - 1), (h - 1, 0), (h - 1, w - 1)):
+        keep = np.all(frame[ys + dy, xs + dx] == image[dy, dx], axis=1)
+        ys, xs = ys[keep], xs[keep]
     for y, x in zip(ys.tolist(), xs.tolist(), strict=True):
-        if y + h <= frame.shape[0] and x + w <= frame.shape[1] and np.array_equal(frame[y:y + h, x:x + w], image):
+        if np.array_equal(frame[y:y + h, x:x + w], image):
             return x, y
     return None
