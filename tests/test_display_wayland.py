@@ -9,6 +9,7 @@ Start-up without a compositor (none there, or one that never answers) must end t
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -245,3 +246,15 @@ def test_a_hung_compositor_is_a_clear_error_at_start_not_a_hang(weston: Headless
     assert proc.returncode == 1, proc.stderr
     assert "did not answer the registry in time" in proc.stderr, proc.stderr
     print(f"a stopped compositor: the back end gave up after {took:.1f} s")
+
+
+def test_fps_benchmark_quick_runs_both_sides(tmp_path: Path) -> None:
+    """`python -m benchmarks.wayland_fps` in short: both sides present frames through weston (the full run's
+    figures are committed in benchmarks/results/wayland_fps.json)."""
+    require(str(WESTON), "weston (Debian bookworm), the compositor the benchmark presents to")
+    r = subprocess.run([sys.executable, "-m", "benchmarks.wayland_fps", "--quick"], capture_output=True, text=True,
+                       timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"ours ([\d.]+) frames/s presented .* plain wl_shm client ([\d.]+) frames/s", r.stdout)
+    assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, r.stdout + r.stderr
+    assert "wrote " not in r.stdout
