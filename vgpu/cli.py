@@ -14,13 +14,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .blob.allocators import AllocationError, open_allocator
 from .blob.resolve import Resolver
 from .blob.rules import load_rules
 from .blob.types import Allocator
+from .display.sink import Sink
 from .gpu import status as gpu_status
 from .gpu.blobs import CONTEXT_TYPES
 from .gpu.config import GpuConfig
@@ -30,6 +31,9 @@ from .vhost_user.control import ControlError, ControlServer
 from .vhost_user.device import Device
 from .vhost_user.server import Serving, StopSignal, serve, serve_connection
 from .vhost_user.services import LoopService
+
+if TYPE_CHECKING:
+    from .display.wayland import WaylandDisplay as WaylandSink
 
 log = logging.getLogger("vgpu")
 
@@ -65,6 +69,11 @@ def parser() -> argparse.ArgumentParser:
                    help="write what each scanout shows to DIR/scanout-N.png on flush")
     p.add_argument("--png-rate", type=float, default=5.0, metavar="N", help="at most N pictures a second per scanout")
     p.add_argument("--png-history", action="store_true", help="also keep every picture, numbered")
+    p.add_argument("--display", type=_displays, default=("vmm",), metavar="LIST",
+                   help="where scanouts are shown, comma-separated: vmm (the VMM's display socket, when it hands "
+                        "one over; the default), wayland (a window per scanout on the host's Wayland compositor)")
+    p.add_argument("--wayland-display", metavar="NAME",
+                   help="the compositor's socket (default $WAYLAND_DISPLAY, else wayland-0, in $XDG_RUNTIME_DIR)")
     blobs = p.add_argument_group("blobs and host-visible memory")
     blobs.add_argument("--context-types", default="", metavar="LIST",
                        help="context types to offer, comma-separated: cross-domain (offering any also offers "
@@ -89,6 +98,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+DISPLAYS = ("vmm", "wayland")
+
+
+def _displays(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in DISPLAYS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown display {', '.join(unknown) or text!r} (known: vmm, wayland)")
+    return names
+
+
 def _bytes(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     t = text.strip().lower()
@@ -111,8 +131,8 @@ def _context_type(name: str) -> int:
 STATUS_FORMAT = 1
 
 
-def _status_answer(serving: Serving, config: GpuConfig, allocator: Allocator, args: argparse.Namespace
-                   ) -> Callable[[Mapping[str, Any]], Mapping[str, object]]:
+def _status_answer(serving: Serving, config: GpuConfig, allocator: Allocator, args: argparse.Namespace,
+                   sinks: Sequence[Sink] = ()) -> Callable[[Mapping[str, Any]], Mapping[str, object]]:
     """The answer to {"query": "status"}: the program's own facts, then the transport's and the device's."""
     started = time.monotonic()
     names: dict[int, str] = {int(capset): name for name, capset in CONTEXT_TYPES.items()}
@@ -133,7 +153,7 @@ def _status_answer(serving: Serving, config: GpuConfig, allocator: Allocator, ar
             "allocator": allocator.name, "cache_rules": str(args.cache_rules) if args.cache_rules else None,
             "legacy_cache_heuristic": args.legacy_cache_heuristic,
             "context_types": [names.get(c, str(c)) for c in config.context_types],
-            "quotas": quotas, **live,
+            "quotas": quotas, "displays": [dict(sink.status()) for sink in sinks], **live,
         }
     return answer
 
@@ -161,18 +181,31 @@ def _listening(path: str, mode: int | None = None) -> Iterator[socket.socket]:
 
 
 @contextmanager
-def _status_service(args: argparse.Namespace, serving: Serving, config: GpuConfig, allocator: Allocator
-                    ) -> Iterator[list[LoopService]]:
+def _status_service(args: argparse.Namespace, serving: Serving, config: GpuConfig, allocator: Allocator,
+                    sinks: Sequence[Sink]) -> Iterator[list[LoopService]]:
     if args.status_socket is None:
         yield []
         return
     with _listening(args.status_socket, 0o600) as sock:
-        server = ControlServer(sock, _status_answer(serving, config, allocator, args))
+        server = ControlServer(sock, _status_answer(serving, config, allocator, args, sinks))
         log.info("status queries on %s", args.status_socket)
         try:
             yield [server]
         finally:
             server.close()
+
+
+def _open_wayland(name: str | None) -> WaylandSink:
+    """The compositor's connection (RuntimeError saying why there is none).  pywayland is imported only here:
+    a back end without --display wayland does not need it installed."""
+    try:
+        from .display.wayland import WaylandDisplay, WaylandError
+    except ImportError as e:
+        raise RuntimeError(f"needs pywayland (pip install 'vgpu[wayland]'): {e}") from None
+    try:
+        return WaylandDisplay(name)
+    except WaylandError as e:
+        raise RuntimeError(str(e)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -192,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            edid=not args.no_edid, resource_uuid=not args.no_resource_uuid, blob=not args.no_blob,
                            limits=limits, png_dir=args.scanout_png, png_rate=args.png_rate,
                            png_history=args.png_history, context_types=context_types,
-                           host_visible_size=args.host_visible_size, map_timeout=args.map_timeout)
+                           host_visible_size=args.host_visible_size, map_timeout=args.map_timeout,
+                           vmm_display="vmm" in args.display)
     except ValueError as e:
         parser().error(str(e))
 
@@ -210,17 +244,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("allocator %s; cache rules %s; legacy heuristic %s", allocator.name, args.cache_rules or "none",
              "on" if args.legacy_cache_heuristic else "off")
 
-    def factory() -> Device:
-        return GpuDevice(config, allocator, resolver)
-
     serving = Serving()
     stack = ExitStack()
     try:
+        sinks: list[Sink] = []
+        services: list[LoopService] = []
+        if "wayland" in args.display:
+            try:
+                wayland = _open_wayland(args.wayland_display)
+            except RuntimeError as e:
+                # Backend program conventions again: no compositor is an error now, not a window never shown.
+                log.error("--display wayland: %s", e)
+                return 1
+            stack.callback(wayland.close)
+            sinks.append(wayland)
+            services.append(wayland)
         try:
-            services = stack.enter_context(_status_service(args, serving, config, allocator))
+            services += stack.enter_context(_status_service(args, serving, config, allocator, sinks))
         except OSError as e:
             log.error("--status-socket %s: %s", args.status_socket, e)
             return 1
+
+        def factory() -> Device:
+            return GpuDevice(config, allocator, resolver, sinks)
+
         stop = StopSignal()
         stack.callback(stop.close)
         return _run(args, factory, stop, services, serving)

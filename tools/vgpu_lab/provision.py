@@ -36,6 +36,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from vgpu_lab import guest, paths, sid
+from vgpu_lab import weston as weston_lab
 from vgpu_lab.apt_sources import debian_mirror, debian_mirror_uri, os_codename, read_apt_sources, source_files
 from vgpu_lab.guest_kernel import GuestKernel, cached_kernel, fetch_kernel, select_kernel_package
 from vgpu_lab.shell import (
@@ -358,6 +359,10 @@ class Provisioner:
             except guest.GuestBuildError as exc:
                 raise ProvisionError(f"guest programs: {exc}") from exc
 
+    def weston(self) -> weston_lab.Weston:
+        """Debian's weston 10: the real Wayland compositor the display tests present to (headless, pixman)."""
+        return weston_lab.provision_weston(self)
+
     def qemu11(self, root: Path | None = None) -> sid.SidQemu:
         """QEMU ≥ 11.1 in a sid chroot under the cache (``<cache>/sid``), for the generic vhost-user device."""
         return sid.provision_sid_qemu(self, root)
@@ -405,7 +410,7 @@ def provision_all(cache: Path | None = None) -> Lab:
 # --------------------------------------------------------------------------------------------------------------
 # command line
 
-COMPONENTS = ("apt", "qemu", "busybox", "toolchain", "kernel", "guest", "dbus")
+COMPONENTS = ("apt", "qemu", "busybox", "toolchain", "kernel", "guest", "dbus", "weston")
 #: Components only provisioned when named (not part of ``all``).
 EXTRA_COMPONENTS = ("qemu11",)
 
@@ -428,6 +433,9 @@ def _summary(p: Provisioner, components: Sequence[str]) -> dict[str, object]:
         elif component == "dbus":
             daemon, send = p.dbus()
             out["dbus"] = {"daemon": str(daemon), "send": str(send)}
+        elif component == "weston":
+            w = p.weston()
+            out["weston"] = {"path": str(w.path), "version": w.version}
         elif component == "toolchain":
             out["gcc"] = str(p.toolchain())
         elif component == "kernel":

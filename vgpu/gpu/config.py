@@ -33,6 +33,8 @@ class GpuConfig:
     host_visible_size: int = 1 << 30
     # How long to wait for the front end to ack SHMEM_MAP/UNMAP before answering the guest with an error.
     map_timeout: float = 5.0
+    # Show scanouts on the VMM's display socket when it hands one over (--display vmm, the default).
+    vmm_display: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_scanouts <= VIRTIO_GPU_MAX_SCANOUTS:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import uuid
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 import numpy as np
@@ -19,6 +20,7 @@ import numpy as np
 from ..blob.allocators import AllocationError
 from ..blob.guestmem import guest_dmabuf
 from ..blob.types import Allocator, CacheResolver, HostBuffer
+from ..display.sink import Sink
 from ..protocol import (
     CURSORQ,
     BlobFlag,
@@ -99,7 +101,7 @@ class GpuDevice(Device):
     max_queue_size = 1024
 
     def __init__(self, config: GpuConfig, allocator: Allocator | None = None,
-                 resolver: CacheResolver | None = None) -> None:
+                 resolver: CacheResolver | None = None, sinks: Sequence[Sink] = ()) -> None:
         self.cfg = config
         self.events_read = 0
         self.acked = 0
@@ -109,7 +111,7 @@ class GpuDevice(Device):
         self.blobs = BlobEngine(self.resources, config.context_types, config.host_visible_size, allocator, resolver,
                                 config.limits.max_contexts, config.map_timeout, lambda: self.transport)
         self.scanouts = [Scanout(i) for i in range(config.num_scanouts)]
-        self.output = Output(config, lambda: self.transport)
+        self.output = Output(config, lambda: self.transport, sinks)
         # What the driver was last told by GET_DISPLAY_INFO: a different layout later is a display change.
         self._reported = self.output.default_modes()
 
@@ -192,7 +194,7 @@ class GpuDevice(Device):
         self.reset()
 
     def reset(self) -> None:
-        self.output.close()
+        self.output.reset()
         self.blobs.reset()
         self.resources.clear()
         self.scanouts = [Scanout(i) for i in range(self.cfg.num_scanouts)]
@@ -501,7 +503,7 @@ class GpuDevice(Device):
         """A dma-buf the display can show this blob from without copies, when there is a display, the blob's
         image starts at offset 0 (DMABUF_SCANOUT has no offset) and a dma-buf exists or can be made over the
         guest's pages; None means the copy path."""
-        if self.output.live is None or layout.offset:
+        if not self.output.takes_dmabuf or layout.offset:
             return None
         if res.host_buffer is not None:
             return res.host_buffer if res.host_buffer.is_dmabuf else None
@@ -547,14 +549,11 @@ class GpuDevice(Device):
         self._scanout(cmd.pos.scanout_id)
         pos = cmd.pos
         if cmd.resource_id == 0:
-            self.output.send(lambda d: d.cursor_pos(pos.scanout_id, pos.x, pos.y, hide=True))
+            self.output.cursor(pos.scanout_id, None, 0, 0, pos.x, pos.y)
             return
         res = self.resources.get(cmd.resource_id)
         argb = to_bgra(self._cursor_pixels(res), res.format or _CURSOR_BLOB_FORMAT, opaque=False)
-        hot_x, hot_y, image = cmd.hot_x, cmd.hot_y, argb.tobytes()
-        self.output.send(lambda d: d.cursor_update(pos.scanout_id, pos.x, pos.y, hot_x, hot_y, image))
-        if self.output.pictures is not None:
-            self.output.pictures.cursor(pos.scanout_id, argb)
+        self.output.cursor(pos.scanout_id, argb, cmd.hot_x, cmd.hot_y, pos.x, pos.y)
 
     def _cursor_pixels(self, res: Resource) -> npt.NDArray[np.uint8]:
         """The 64x64 image of a cursor resource: a 2D image of that size, or a guest blob holding at least one
@@ -570,5 +569,4 @@ class GpuDevice(Device):
     def _move_cursor(self, cmd: MoveCursor) -> None:
         pos = cmd.pos
         self._scanout(pos.scanout_id)
-        self.output.send(lambda d: d.cursor_pos(pos.scanout_id, pos.x, pos.y))
-        return None
+        self.output.move_cursor(pos.scanout_id, pos.x, pos.y)

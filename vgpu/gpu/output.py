@@ -1,7 +1,10 @@
-"""Where scanouts go: the VMM's display over the vhost-user-gpu socket, and PNG pictures.
+"""Where scanouts go: the VMM's display over the vhost-user-gpu socket, displays of our own (`vgpu.display`: a
+Wayland window per scanout), and PNG pictures.
 
 The device decides what each scanout shows; this class tells the sinks. Display output is best effort: a VMM
-without a display, or one that went away, costs the guest nothing.
+without a display, or one that went away, costs the guest nothing.  The operator chooses the displays: with
+`vmm_display` off, a socket the VMM hands over is kept open (so the VMM sees no error) but neither shown to nor
+asked for the layout, which then is ours (`--resolution`).
 
 The display's layout (what GET_DISPLAY_INFO answers) is kept between queries instead of asked of the front end
 every time. That is safe because every way a layout reaches a Linux guest passes through something we see:
@@ -15,15 +18,21 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
+from ..display.sink import DmabufImage, Sink
 from ..protocol import DisplayOne, Rect, responses
 from ..vhost_user.device import Transport
 from ..vhost_user.gpu_display import DisplayClient, DisplayError
 from ..vhost_user.wire import GpuProtocolFeature
 from .config import GpuConfig
 from .formats import DRM_FOURCC
-from .scanout import PictureWriter, Scanout, bgrx
+from .scanout import PictureWriter, Scanout, bgrx, bgrx_array
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 log = logging.getLogger("vgpu.gpu")
 
@@ -35,18 +44,25 @@ def describe_layout(modes: list[DisplayOne]) -> str:
 
 
 class Output:
-    def __init__(self, cfg: GpuConfig, transport: Callable[[], Transport]) -> None:
+    def __init__(self, cfg: GpuConfig, transport: Callable[[], Transport], sinks: Sequence[Sink] = ()) -> None:
         self.cfg = cfg
         self._transport = transport
+        self.sinks = tuple(sinks)
         self.display: DisplayClient | None = None
+        # The VMM's socket when the operator did not choose its display (see the module docstring).
+        self._unused: socket.socket | None = None
         self.pictures = PictureWriter(cfg.png_dir, cfg.png_rate, cfg.png_history) if cfg.png_dir else None
         self._layout: list[DisplayOne] | None = None
 
     # --- the display socket -----------------------------------------------------------------------------------
 
     def attach_display(self, sock: socket.socket, on_ready: Callable[[], None]) -> bool:
-        """Start talking to a new display; False when it is unusable from the start."""
+        """Start talking to a new display; False when it is unusable from the start (or not chosen)."""
         self.close()
+        if not self.cfg.vmm_display:
+            log.info("the VMM's display socket is not used (--display without vmm)")
+            self._unused = sock
+            return False
         self.display = DisplayClient(self._transport(), sock, on_ready=on_ready)
         try:
             self.display.start_negotiation()
@@ -60,7 +76,21 @@ class Output:
         if self.display is not None:
             self.display.close()
             self.display = None
+        if self._unused is not None:
+            self._unused.close()
+            self._unused = None
         self._layout = None
+
+    def reset(self) -> None:
+        """The device is reset or its front end gone: no display shows anything of it any more."""
+        self.close()
+        for sink in self.sinks:
+            sink.reset()
+
+    @property
+    def takes_dmabuf(self) -> bool:
+        """Whether some display could show a dma-buf without copies."""
+        return self.live is not None or any(sink.takes_dmabuf for sink in self.sinks)
 
     @property
     def live(self) -> DisplayClient | None:
@@ -115,14 +145,38 @@ class Output:
             log.warning("display: %s", e)
 
     def show(self, s: Scanout) -> None:
-        """Tell the display what scanout `s` now shows: its dma-buf when it has one, else its size (0x0: off)."""
+        """Tell the displays what scanout `s` now shows: its dma-buf when it has one, else its size (0x0: off)."""
+        w, h = (s.rect.width, s.rect.height) if s.enabled else (0, 0)
+        image = None
         if s.enabled and s.dmabuf is not None and s.blob is not None:
             buf, b, r = s.dmabuf, s.blob, s.rect
             self.send(lambda d: d.dmabuf_scanout(s.id, (r.x, r.y, r.width, r.height), buf.fd, b.width, b.height,
                                                  b.stride, 0, DRM_FOURCC[b.format], 0))
-            return
-        w, h = (s.rect.width, s.rect.height) if s.enabled else (0, 0)
-        self.send(lambda d: d.scanout(s.id, w, h))
+            if (r.x, r.y, r.width, r.height) == (0, 0, b.width, b.height):
+                # Our displays take whole images only (a window is as large as its buffer).
+                image = DmabufImage(buf.fd, b.width, b.height, b.stride, b.offset, DRM_FOURCC[b.format], 0)
+        else:
+            self.send(lambda d: d.scanout(s.id, w, h))
+        for sink in self.sinks:
+            sink.show(s.id, w, h, image)
+
+    def cursor(self, scanout: int, image: npt.NDArray[np.uint8] | None, hot_x: int, hot_y: int, x: int,
+               y: int) -> None:
+        """A new cursor image (B, G, R, A, 64x64) at (x, y), or None: hidden."""
+        if image is None:
+            self.send(lambda d: d.cursor_pos(scanout, x, y, hide=True))
+        else:
+            data = image.tobytes()
+            self.send(lambda d: d.cursor_update(scanout, x, y, hot_x, hot_y, data))
+            if self.pictures is not None:
+                self.pictures.cursor(scanout, image)
+        for sink in self.sinks:
+            sink.cursor(scanout, image, hot_x, hot_y, x, y)
+
+    def move_cursor(self, scanout: int, x: int, y: int) -> None:
+        self.send(lambda d: d.cursor_pos(scanout, x, y))
+        for sink in self.sinks:
+            sink.move_cursor(scanout, x, y)
 
     def update(self, s: Scanout, r: Rect, still_shown: Callable[[Scanout], bool]) -> None:
         """Send the pixels of resource rectangle `r` (already clipped to the scanout) and maybe a picture."""
@@ -134,6 +188,17 @@ class Output:
         elif self.live is not None:
             pixels = bgrx(s, memory, r)
             self.send(lambda d: d.update(s.id, x, y, r.width, r.height, pixels))
+        if self.sinks:
+            got: list[npt.NDArray[np.uint8]] = []
+
+            def pixels_of_r() -> npt.NDArray[np.uint8]:
+                # Read once however many sinks ask, and only if one does (a dma-buf shown as is needs none).
+                if not got:
+                    got.append(bgrx_array(s, memory, r))
+                return got[0]
+
+            for sink in self.sinks:
+                sink.update(s.id, x, y, r.width, r.height, pixels_of_r)
         pics = self.pictures
         if pics is not None and not s.png_owed and not pics.maybe_write(s, memory):
             # Skipped by the rate limit: write the then-current picture once the interval has passed, so the

@@ -142,11 +142,17 @@ class PictureWriter:
         return True
 
 
-def bgrx(s: Scanout, memory: GuestMemory, r: Rect) -> memoryview:
-    """Pixels of `r` as the display socket takes them: x8r8g8b8, whose X byte the display ignores (QEMU composites
-    the update as PIXMAN_x8r8g8b8).  So a resource already in that byte order goes out as it is — without any copy
-    when `r` spans whole rows — and only other orders are converted."""
+def bgrx_array(s: Scanout, memory: GuestMemory, r: Rect) -> npt.NDArray[np.uint8]:
+    """(h, w, 4) pixels of `r` as displays take them: x8r8g8b8, whose X byte a display ignores (QEMU composites
+    the update as PIXMAN_x8r8g8b8, a Wayland compositor a wl_shm XRGB8888 buffer alike).  So a resource already in
+    that byte order is handed over as it is (a view: the caller copies it out) and only other orders are
+    converted."""
     pixels = s.pixels(memory, r)
     if bgr_order(s.format):
-        return np.ascontiguousarray(pixels).data
-    return to_bgra(pixels, s.format, opaque=True).data
+        return pixels
+    return to_bgra(pixels, s.format, opaque=True)
+
+
+def bgrx(s: Scanout, memory: GuestMemory, r: Rect) -> memoryview:
+    """`bgrx_array` as one contiguous buffer for the display socket: without any copy when `r` spans whole rows."""
+    return np.ascontiguousarray(bgrx_array(s, memory, r)).data
