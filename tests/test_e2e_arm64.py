@@ -22,7 +22,7 @@ import pytest
 
 from tests.test_lab_qemu_peer import _component
 from vgpu_lab import provision
-from vgpu_lab.arm64.boot import MEMORY_TYPE, Arm64BlobRun, BlobDevice, DeviceRun, run_blob_devices
+from vgpu_lab.arm64.boot import MEMORY_TYPE, Arm64BlobRun, DeviceRun, map_info_devices, run_blob_devices
 from vgpu_lab.arm64.lab import Arm64Lab
 
 pytestmark = pytest.mark.e2e
@@ -35,23 +35,6 @@ NAMES = {1: "CACHED", 2: "UNCACHED", 3: "WC"}
 def lab() -> Arm64Lab:
     p = _component("cache", provision.Provisioner)
     return _component("arm64 (qemu-system-aarch64 in the sid chroot, Debian's arm64 6.12, cross gcc)", p.arm64)
-
-
-def _devices(tmp_path: Path) -> list[tuple[BlobDevice, int, str]]:
-    """(device, map_info it must send, provenance its log line starts with)."""
-    rules = {}
-    for attr in ("wc", "uncached"):
-        rules[attr] = tmp_path / f"{attr}.toml"
-        rules[attr].write_text(f'[allocator_overrides]\nmemfd = "{attr}"\n')
-    memfd = "--allocator=memfd"
-    return [
-        (BlobDevice("cached", (memfd,)), 1, "allocator: memfd"),
-        (BlobDevice("wc", (memfd, f"--cache-rules={rules['wc']}")), 3, "operator rule"),
-        (BlobDevice("uncached, guest declared x86_64", (memfd, f"--cache-rules={rules['uncached']}",
-                                                        "--guest-arch=x86_64")), 2, "operator rule"),
-        (BlobDevice("uncached, --guest-arch=aarch64", (memfd, f"--cache-rules={rules['uncached']}",
-                                                       "--guest-arch=aarch64")), 3, "operator rule"),
-    ]
 
 
 def check_device(run: Arm64BlobRun, d: DeviceRun, map_info: int, provenance: str) -> None:
@@ -80,7 +63,7 @@ def check_device(run: Arm64BlobRun, d: DeviceRun, map_info: int, provenance: str
 
 
 def test_arm64_memory_types_follow_map_info(lab: Arm64Lab, tmp_path: Path) -> None:
-    devices = _devices(tmp_path)
+    devices = map_info_devices(tmp_path)
     run = run_blob_devices(lab, tmp_path, [d for d, _, _ in devices])
     print(f"arm64 boot with {len(devices)} GPUs: {run.wall:.2f} s wall (QEMU {run.guest.elapsed:.2f} s)")
     for d in run.devices:

@@ -54,6 +54,26 @@ class BlobDevice:
     backend_args: tuple[str, ...]
 
 
+def map_info_devices(rules_dir: Path) -> list[tuple[BlobDevice, int, str]]:
+    """The four GPUs that make our back end send every map_info to an arm64 guest, with the map_info each must
+    send and the provenance its MAP_BLOB log line starts with: CACHED (the memfd allocator's knowledge), WC (an
+    operator override), UNCACHED (an override, the guest declared x86_64: what a back end that does not know its
+    guest sends) and UNCACHED again with ``--guest-arch=aarch64``, which sends WC.  Rules files go to ``rules_dir``.
+    """
+    rules = {}
+    for attr in ("wc", "uncached"):
+        rules[attr] = rules_dir / f"{attr}.toml"
+        rules[attr].write_text(f'[allocator_overrides]\nmemfd = "{attr}"\n')
+    memfd = "--allocator=memfd"
+    uncached = (memfd, f"--cache-rules={rules['uncached']}")
+    return [
+        (BlobDevice("cached", (memfd,)), 1, "allocator: memfd"),
+        (BlobDevice("wc", (memfd, f"--cache-rules={rules['wc']}")), 3, "operator rule"),
+        (BlobDevice("uncached, guest declared x86_64", (*uncached, "--guest-arch=x86_64")), 2, "operator rule"),
+        (BlobDevice("uncached, --guest-arch=aarch64", (*uncached, "--guest-arch=aarch64")), 3, "operator rule"),
+    ]
+
+
 @dataclass(frozen=True)
 class Pte:
     """What ``vgpu_pte.ko`` read from the guest's page table for the first page of a mapping."""
