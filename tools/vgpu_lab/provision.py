@@ -15,7 +15,7 @@ Use as a library (``provision_qemu()``, ``provision_guest_kernel()``, ... return
 
 ``qemu11`` (QEMU 11.1 in a sid chroot, see :mod:`vgpu_lab.sid`) is not part of ``all``: it costs about 50 s and
 about 1 GB, and only the tests of the host-visible window need it; nor is ``arm64`` (the arm64 guest, see
-:mod:`vgpu_lab.arm64`: the cross compiler, Debian's arm64 kernel and headers, about 20 s cold).
+:mod:`vgpu_lab.arm64`: the cross compiler, Debian's arm64 kernel and headers, about 40 s cold).
 """
 
 from __future__ import annotations
