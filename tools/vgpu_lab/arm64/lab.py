@@ -41,6 +41,8 @@ class Provisioner(Protocol):
 
     def ensure_apt(self) -> None: ...
 
+    def apt_update(self, *, force: bool = False) -> bool: ...
+
     def installed_versions(self, packages: Sequence[str]) -> dict[str, str]: ...
 
     def busybox(self) -> Path: ...
@@ -84,8 +86,10 @@ def arm64_kernel(provisioner: Provisioner) -> Arm64Kernel:
         try:
             return fetch_arm64_kernel(provisioner.cache, apt, *select_abi(apt))
         except ProvisionError:
-            # A stale list names versions the mirror no longer has: refresh once, then decide again.
-            if not apt.update(force=True):
+            # A stale list names versions the mirror no longer has, or the host's lists lag the arm64 ones (the
+            # kbuild package comes from the host's): refresh both once, then decide again.
+            refreshed = apt.update(force=True)
+            if not provisioner.apt_update(force=True) and not refreshed:
                 raise
             return fetch_arm64_kernel(provisioner.cache, apt, *select_abi(apt))
 
