@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks import arm64_column
 from benchmarks.common import RESULTS, write_result
 from benchmarks.exporter_facts import DESCRIBED, KERNEL_SOURCE, REAL_SOURCES
 from benchmarks.figure import GREEN, GREY, ORANGE, RED, Bar, hbar_chart
@@ -370,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     ours = counts["ours"]
     print(f"\nours: {ours['dangerous']} dangerous, {ours['slow']} slow, {ours['refused']} refused, "
           f"{ours['right']} right of {len(rows)}")
+    arm64 = arm64_column.load()
+    arm64_rows = arm64_column.column(rows, arm64_column.guest_types(arm64)) if arm64 is not None else []
+    if arm64 is not None:
+        arm64_column.print_column(arm64_rows, STRATEGIES, arm64)
+    else:
+        print("\narm64 guests not judged: no measurement (python -m benchmarks.arm64_column)")
 
     hc = with_ratios(host_costs(host_runs))
     gc = with_ratios(guest.costs) if isinstance(guest, GuestResult) else []
@@ -415,9 +422,17 @@ def main(argv: list[str] | None = None) -> int:
             "bandwidth_note": tcg_note,
             "guest": "measured" if isinstance(guest, GuestResult) else guest,
             "guest_notes": guest.notes if isinstance(guest, GuestResult) else [], "seconds": elapsed,
+            "arm64": {"measured": arm64, "rows": arm64_rows,
+                      "counts": arm64_column.tally(arm64_rows, list(STRATEGIES))} if arm64 is not None else None,
         }
         print(f"wrote {write_result('cache_matrix', result)}")
-        print(f"wrote {matrix_figure(counts, len(rows), RESULTS / 'cache_matrix.png')}")
+        figure = RESULTS / "cache_matrix.png"
+        if arm64 is not None:
+            arm64_counts = arm64_column.tally(arm64_rows, list(STRATEGIES))
+            figure = arm64_column.figure_by_arch(counts, arm64_counts, STRATEGIES, len(rows), arm64, figure)
+        else:
+            figure = matrix_figure(counts, len(rows), figure)
+        print(f"wrote {figure}")
         print(f"wrote {cost_figure(hc, gc, RESULTS / 'cache_matrix_costs.png')}")
     return 0
 

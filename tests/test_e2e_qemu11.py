@@ -106,13 +106,19 @@ def test_incomplete_root_is_not_trusted(tmp_path: Path) -> None:
     root = tmp_path / "sid"
     (root / "usr" / "bin").mkdir(parents=True)
     assert sid._read_record(root) is None  # no record at all
-    record = {"format": 1, "root": str(root), "version": "11.1.3", "package_version": "x"}
+    record = {"format": 1, "root": str(root), "version": "11.1.3", "package_version": "x",
+              "packages": list(sid.SID_PACKAGES)}
     (tmp_path / "sid.json").write_text(json.dumps(record))
     assert sid._read_record(root) is None  # record, but no QEMU in the tree
     (root / "usr" / "bin" / "qemu-system-x86_64").write_text("")
     (root / "usr" / "bin" / "apt-get").write_text("")
+    assert sid._read_record(root) is None  # the x86 emulator alone: the arm64 guest's is missing
+    (root / "usr" / "bin" / "qemu-system-aarch64").write_text("")
     cached = sid._read_record(root)
     assert cached is not None and cached.version == "11.1.3"
+    # A record written before qemu-system-arm joined the packages is redone (apt adds only what is missing).
+    (tmp_path / "sid.json").write_text(json.dumps({**record, "packages": ["qemu-system-x86", "qemu-system-gui"]}))
+    assert sid._read_record(root) is None
 
 
 # -- the boot --------------------------------------------------------------------------------------------------

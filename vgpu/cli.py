@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .blob.allocators import AllocationError, open_allocator
+from .blob.guest_arch import GuestArch, GuestResolver, host_guest_arch, parse_guest_arch
 from .blob.resolve import Resolver
 from .blob.rules import load_rules
 from .blob.types import Allocator
@@ -86,6 +87,10 @@ def parser() -> argparse.ArgumentParser:
                        help="TOML rules mapping exporter names to cached/wc/uncached")
     blobs.add_argument("--legacy-cache-heuristic", action="store_true",
                        help="allow virglrenderer's guess (exporter i915 cached, anything else WC) as a last resort")
+    blobs.add_argument("--guest-arch", type=_guest_arch, default=None, metavar="ARCH",
+                       help="the guest's CPU architecture, which decides what it makes of map_info: x86_64, aarch64 "
+                            "(an UNCACHED buffer is sent as WC, since aarch64's uncached is Device memory) or other "
+                            "(default: the host's, as under KVM)")
     blobs.add_argument("--map-timeout", type=float, default=GpuConfig.map_timeout, metavar="SECONDS",
                        help="how long to wait for the VMM to ack a blob mapping")
     lim = p.add_argument_group("limits a guest cannot exceed")
@@ -120,6 +125,13 @@ def _bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a size like 512M, got {text!r}") from None
 
 
+def _guest_arch(text: str) -> GuestArch:
+    try:
+        return parse_guest_arch(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _context_type(name: str) -> int:
     try:
         return CONTEXT_TYPES[name.strip()]
@@ -152,6 +164,7 @@ def _status_answer(serving: Serving, config: GpuConfig, allocator: Allocator, ar
             "state": "connected" if live["vmm_connected"] else "idle",
             "allocator": allocator.name, "cache_rules": str(args.cache_rules) if args.cache_rules else None,
             "legacy_cache_heuristic": args.legacy_cache_heuristic,
+            "guest_arch": _guest_arch_of(args).value,
             "context_types": [names.get(c, str(c)) for c in config.context_types],
             "quotas": quotas, "displays": [dict(sink.status()) for sink in sinks], **live,
         }
@@ -208,6 +221,10 @@ def _open_wayland(name: str | None) -> WaylandSink:
         raise RuntimeError(str(e)) from None
 
 
+def _guest_arch_of(args: argparse.Namespace) -> GuestArch:
+    return args.guest_arch if args.guest_arch is not None else host_guest_arch()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.print_capabilities:
@@ -235,14 +252,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         state = type(allocator).available()
         if not state:
             raise AllocationError(f"allocator {allocator.name} is unavailable: {state.reason}")
-        resolver = Resolver(rules=load_rules(args.cache_rules) if args.cache_rules else None,
-                            legacy_heuristic=args.legacy_cache_heuristic)
+        resolver = GuestResolver(Resolver(rules=load_rules(args.cache_rules) if args.cache_rules else None,
+                                          legacy_heuristic=args.legacy_cache_heuristic), _guest_arch_of(args))
     except (ValueError, OSError, AllocationError) as e:
         # Backend program conventions: a requested feature that cannot be had fails at startup, not later.
         log.error("%s", e)
         return 1
-    log.info("allocator %s; cache rules %s; legacy heuristic %s", allocator.name, args.cache_rules or "none",
-             "on" if args.legacy_cache_heuristic else "off")
+    log.info("allocator %s; cache rules %s; legacy heuristic %s; guest architecture %s (%s)", allocator.name,
+             args.cache_rules or "none", "on" if args.legacy_cache_heuristic else "off", resolver.arch.value,
+             "--guest-arch" if args.guest_arch is not None else "the host's")
 
     serving = Serving()
     stack = ExitStack()

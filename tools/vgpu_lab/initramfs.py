@@ -347,13 +347,15 @@ def build_initramfs(
     wait_for: str | None = "/dev/dri/card0",
     wait_timeout: float = 20.0,
     dump_dmesg: bool = True,
+    applets: Sequence[str] | None = None,
 ) -> Path:
     """Write a gzip-compressed newc initramfs to ``output`` and return it.
 
     ``command`` is a shell command line run by /init (e.g. ``/bin/kms_pattern 500``); ``files`` maps guest paths
     to host files (mode kept) or bytes (mode 0644), e.g. ``{"/bin/kms_pattern": built_program}``;
     ``modules`` are module names resolved with their dependencies from ``modules_dir`` (required when any
-    module is asked for).
+    module is asked for). ``applets`` are busybox's install paths when ``busybox`` cannot run on this host (another
+    architecture's binary); by default the binary lists its own.
     """
     archive = CpioWriter()
     for directory in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "lib/modules", "root"):
@@ -361,7 +363,7 @@ def build_initramfs(
     archive.add_char_device("dev/console", 5, 1)
     archive.add_char_device("dev/null", 1, 3, 0o666)
     archive.add_file("bin/busybox", busybox.read_bytes(), 0o755)
-    for applet in busybox_applets(busybox):
+    for applet in busybox_applets(busybox) if applets is None else applets:
         depth = applet.count("/")
         archive.add_symlink(applet, "../" * depth + "bin/busybox")
 

@@ -14,7 +14,8 @@ Use as a library (``provision_qemu()``, ``provision_guest_kernel()``, ... return
     python -m vgpu_lab.provision [all|apt|qemu|busybox|toolchain|kernel|guest|qemu11 ...] [--cache DIR] [--json]
 
 ``qemu11`` (QEMU 11.1 in a sid chroot, see :mod:`vgpu_lab.sid`) is not part of ``all``: it costs about 50 s and
-about 1 GB, and only the tests of the host-visible window need it.
+about 1 GB, and only the tests of the host-visible window need it; nor is ``arm64`` (the arm64 guest, see
+:mod:`vgpu_lab.arm64`: the cross compiler, Debian's arm64 kernel and headers, about 40 s cold).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pathlib import Path
 from vgpu_lab import guest, paths, sid
 from vgpu_lab import weston as weston_lab
 from vgpu_lab.apt_sources import debian_mirror, debian_mirror_uri, os_codename, read_apt_sources, source_files
+from vgpu_lab.arm64.lab import Arm64Lab, provision_arm64
 from vgpu_lab.guest_kernel import GuestKernel, cached_kernel, fetch_kernel, select_kernel_package
 from vgpu_lab.shell import (
     APT_INSTALL_TIMEOUT,
@@ -367,6 +369,10 @@ class Provisioner:
         """QEMU ≥ 11.1 in a sid chroot under the cache (``<cache>/sid``), for the generic vhost-user device."""
         return sid.provision_sid_qemu(self, root)
 
+    def arm64(self) -> Arm64Lab:
+        """The arm64 guest: QEMU 11.1's aarch64 emulator, Debian's arm64 6.12 kernel, its programs and module."""
+        return provision_arm64(self)
+
     def all(self) -> Lab:
         """Everything the e2e tests need now."""
         with self.locked():
@@ -412,7 +418,7 @@ def provision_all(cache: Path | None = None) -> Lab:
 
 COMPONENTS = ("apt", "qemu", "busybox", "toolchain", "kernel", "guest", "dbus", "weston")
 #: Components only provisioned when named (not part of ``all``).
-EXTRA_COMPONENTS = ("qemu11",)
+EXTRA_COMPONENTS = ("qemu11", "arm64")
 
 
 def _summary(p: Provisioner, components: Sequence[str]) -> dict[str, object]:
@@ -457,6 +463,16 @@ def _summary(p: Provisioner, components: Sequence[str]) -> dict[str, object]:
                 "system": str(s.system),
                 "version": s.version,
                 "package_version": s.package_version,
+                "seconds": round(time.monotonic() - started, 3),
+            }
+        elif component == "arm64":
+            started = time.monotonic()
+            a = p.arm64()
+            out["arm64"] = {
+                "qemu": str(a.qemu.system_aarch64),
+                "kernel": {"abi": a.kernel.abi, "version": a.kernel.version, "image": str(a.kernel.image)},
+                "programs": {name: str(path) for name, path in a.programs.items()},
+                "pte_module": str(a.pte_module),
                 "seconds": round(time.monotonic() - started, 3),
             }
     return out

@@ -58,15 +58,17 @@ class Provisioner(Protocol):
 log = logging.getLogger("vgpu_lab")
 
 SUITE = "sid"
-#: What QEMU 11.1 needs in the chroot: the x86 system emulator and (for parity with the host lab) the GUI/back-end
-#: package that ships QEMU's own ``vhost-user-gpu``.
-SID_PACKAGES = ("qemu-system-x86", "qemu-system-gui")
+#: What QEMU 11.1 needs in the chroot: the x86 system emulator, (for parity with the host lab) the GUI/back-end
+#: package that ships QEMU's own ``vhost-user-gpu``, and the arm emulators for the arm64 guest
+#: (:mod:`vgpu_lab.arm64`), whose memory types are where map_info matters most.
+SID_PACKAGES = ("qemu-system-x86", "qemu-system-gui", "qemu-system-arm")
 #: The first QEMU with vhost-user shared memory (``VHOST_USER_PROTOCOL_F_SHMEM``).
 QEMU11_MIN_VERSION = (11, 1)
 #: The generic device that sizes a shared-memory BAR from the back end's GET_SHMEM_CONFIG.
 GENERIC_DEVICE = "vhost-user-test-device-pci"
 #: Paths inside the chroot.
 QEMU_IN_CHROOT = Path("/usr/bin/qemu-system-x86_64")
+QEMU_AARCH64_IN_CHROOT = Path("/usr/bin/qemu-system-aarch64")
 VHOST_USER_GPU_IN_CHROOT = Path("/usr/lib/qemu/vhost-user-gpu")
 #: Bump when the record's meaning changes, so older records are redone rather than trusted.
 RECORD_FORMAT = 1
@@ -89,6 +91,7 @@ class SidQemu:
     #: Paths as seen inside the chroot (what a command run through :meth:`command_prefix` names).
     system: Path = QEMU_IN_CHROOT
     vhost_user_gpu: Path = VHOST_USER_GPU_IN_CHROOT
+    system_aarch64: Path = QEMU_AARCH64_IN_CHROOT
 
     def command_prefix(self, binds: Sequence[Path] = ()) -> tuple[str, ...]:
         """argv words that run the words appended after them inside the chroot, in a private mount namespace.
@@ -204,11 +207,15 @@ def _read_record(root: Path) -> SidQemu | None:
     try:
         if data["format"] != RECORD_FORMAT or Path(data["root"]) != root:
             return None
+        # A root made before a package joined SID_PACKAGES is completed (apt installs only what is missing).
+        if not set(SID_PACKAGES) <= set(data.get("packages", ())):
+            return None
         qemu = SidQemu(root=root, version=str(data["version"]), package_version=str(data["package_version"]))
     except (KeyError, TypeError):
         return None
     # Cheap checks that the tree the record describes is still there.
-    if not (root / qemu.system.relative_to("/")).is_file() or not (root / "usr" / "bin" / "apt-get").is_file():
+    wanted = (qemu.system, qemu.system_aarch64, Path("/usr/bin/apt-get"))
+    if not all((root / path.relative_to("/")).is_file() for path in wanted):
         return None
     return qemu
 
@@ -282,10 +289,12 @@ def _check_qemu(root: Path) -> SidQemu:
     if (major, minor) < QEMU11_MIN_VERSION:
         want = ".".join(map(str, QEMU11_MIN_VERSION))
         raise ProvisionError(f"qemu11: sid has QEMU {major}.{minor}.{micro}, need >= {want}")
-    devices = _in_chroot(root, [str(QEMU_IN_CHROOT), "-device", "help"], what="qemu11 (-device help)",
-                         timeout=CHROOT_QUERY_TIMEOUT)
-    if f'"{GENERIC_DEVICE}"' not in devices:
-        raise ProvisionError(f"qemu11: QEMU {major}.{minor}.{micro} in {root} does not list {GENERIC_DEVICE}")
+    for system in (QEMU_IN_CHROOT, QEMU_AARCH64_IN_CHROOT):
+        devices = _in_chroot(root, [str(system), "-device", "help"], what=f"qemu11 ({system.name} -device help)",
+                             timeout=CHROOT_QUERY_TIMEOUT)
+        if f'"{GENERIC_DEVICE}"' not in devices:
+            raise ProvisionError(f"qemu11: {system.name} {major}.{minor}.{micro} in {root} does not list "
+                                 f"{GENERIC_DEVICE}")
     package_version = _in_chroot(
         root, ["dpkg-query", "-W", "-f=${Version}", "qemu-system-x86"], what="qemu11 (dpkg-query)",
         timeout=CHROOT_QUERY_TIMEOUT,

@@ -11,14 +11,20 @@
  *             map_info as the host reported it
  *   blob      RESOURCE_CREATE_BLOB(HOST3D, MAPPABLE|SHAREABLE, blob_id) -- the driver maps it at once
  *   mmap      DRM_IOCTL_VIRTGPU_MAP + mmap of the whole blob
- *   pat       the x86 PAT entries covering this mapping, from /sys/kernel/debug/x86/pat_memtype_list (the
+ *   pat       (x86) the PAT entries covering this mapping, from /sys/kernel/debug/x86/pat_memtype_list (the
  *             cache type the guest kernel really used), printed as "pat <start>-<end> <type>"; every entry
  *             when the mapping's physical address is unknown (pagemap does not walk PFN mappings)
+ *   pte       (arm64) the page-table entry of the mapping's first page and the memory type its AttrIndx selects
+ *             in MAIR_EL1, from the lab's vgpu_pte module (/sys/kernel/debug/vgpu_pte):
+ *             "pte ok va=... level=3 entry=... attrindx=N mair=0xNN type=Normal-NC"
  *   write     the guest pattern written into the first half: word i = GUEST_MAGIC ^ (i * 2654435761)
  *   host      waits (up to HOST_WAIT_S) for the host to write HOST_MAGIC ^ (i * 40503) into the second half
+ *   unaligned a plain memcpy of 64 bytes to offset 1 of the mapping, in a child process: "signal=0" when it
+ *             worked, "signal=7" when the CPU raised an alignment fault (SIGBUS), as arm64 does for Device memory
  *   done      unmapped and closed
  *
- * Usage: blob_map [width height [host_wait_s]]   (defaults 256 256 20; host_wait_s 0 skips the host step)
+ * Usage: blob_map [width height [host_wait_s [device]]]   (defaults 256 256 20 /dev/dri/card0; host_wait_s 0
+ * skips the host step)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -31,6 +37,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -136,13 +143,56 @@ static int print_pat(uint64_t start, uint64_t end)
     return found;
 }
 
+/* The memory type the kernel used for the page at addr, as the vgpu_pte module reads it from our page table. */
+static int print_pte(const volatile void *addr)
+{
+    int fd = open("/sys/kernel/debug/vgpu_pte", O_RDWR);
+    if (fd < 0)
+        return fail("pte");
+    char line[256];
+    int n = snprintf(line, sizeof(line), "%" PRIxPTR, (uintptr_t)addr);
+    if (write(fd, line, (size_t)n) != n || lseek(fd, 0, SEEK_SET) != 0)
+        return fail("pte");
+    ssize_t got = read(fd, line, sizeof(line) - 1);
+    close(fd);
+    if (got <= 0)
+        return fail("pte");
+    line[got] = 0;
+    line[strcspn(line, "\n")] = 0;
+    if (strstr(line, "error="))
+        return fail_msg("pte", line);
+    ok("pte", "%s", line);
+    return 0;
+}
+
+/* What a client's ordinary copy does to this memory: memcpy to an odd address, in a child so a SIGBUS is seen,
+   not suffered. */
+static void probe_unaligned(volatile uint32_t *buf)
+{
+    pid_t child = fork();
+    if (child == 0) {
+        char src[64];
+        for (size_t i = 0; i < sizeof(src); i++)
+            src[i] = (char)i;
+        memcpy((char *)buf + 1, src, sizeof(src));
+        _exit(0);
+    }
+    int status = 0;
+    if (child < 0 || waitpid(child, &status, 0) != child) {
+        fail("unaligned");
+        return;
+    }
+    ok("unaligned", "signal=%d", WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+}
+
 int main(int argc, char **argv)
 {
     uint32_t width = argc > 2 ? (uint32_t)atoi(argv[1]) : 256;
     uint32_t height = argc > 2 ? (uint32_t)atoi(argv[2]) : 256;
     int host_wait_s = argc > 3 ? atoi(argv[3]) : 20;
+    const char *device = argc > 4 ? argv[4] : "/dev/dri/card0";
 
-    int fd = open("/dev/dri/card0", O_RDWR | O_CLOEXEC);
+    int fd = open(device, O_RDWR | O_CLOEXEC);
     if (fd < 0)
         return fail("open");
 
@@ -209,12 +259,19 @@ int main(int argc, char **argv)
     buf[0] = buf[0]; /* fault the first page in so the page tables (and PAT) hold it */
     uint64_t phys = phys_of((const void *)buf);
     ok("mmap", "size=%zu phys=0x%" PRIx64, size, phys);
+#if defined(__aarch64__)
+    (void)print_pat;
+    if (print_pte(buf))
+        return 1;
+#else
+    (void)print_pte;
     /* pagemap skips VM_PFNMAP mappings (phys 0): then list every entry and let the host pick ours out, from the
        window base in dmesg and the offset the device mapped the blob at. */
     int n = phys ? print_pat(phys, phys + size) : print_pat(0, UINT64_MAX);
     if (n < 0)
         return fail_msg("pat", "no /sys/kernel/debug/x86/pat_memtype_list");
     ok("pat", "entries=%d", n);
+#endif
 
     size_t words = size / 4, half = words / 2;
     for (size_t i = 0; i < half; i++)
@@ -242,6 +299,8 @@ int main(int argc, char **argv)
             usleep(20000);
         }
     }
+
+    probe_unaligned(buf);
 
     munmap((void *)buf, size);
     munmap((void *)ring_map, 4096);
