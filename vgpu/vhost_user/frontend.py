@@ -8,9 +8,7 @@ main loop while the vCPUs wait, so a back end that blocks on us never blocks the
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import mmap
 import os
 import select
 import selectors
@@ -22,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from .driver import DriverQueue, GuestRam
-from .memory import PAGE_SIZE
 from .message import Channel, Message, ProtocolError
+from .shm_window import ShmMapping, ShmWindow, WindowError
 from .wire import (
     CONFIG_HEADER_SIZE,
     FLAG_NEED_REPLY,
@@ -70,84 +68,8 @@ DEFAULT_TIMEOUT: Final = 10.0
 # UPDATE carries a whole frame inline: 16384 x 16384 x 4 bytes is the largest a scanout can be.
 DISPLAY_MAX_PAYLOAD: Final = 16384 * 16384 * 4 + 64
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FIXED: Final = 0x10
-_PROT_NONE: Final = 0
-_MAP_FAILED: Final = ctypes.c_void_p(-1).value
-
-
 class FrontendError(Exception):
     pass
-
-
-def _mmap_fixed(addr: int, length: int, prot: int, flags: int, fd: int, offset: int) -> None:
-    res = _libc.mmap(addr, length, prot, flags | _MAP_FIXED, fd, offset)
-    if res == _MAP_FAILED or res != addr:
-        raise OSError(ctypes.get_errno(), f"mmap at {addr:#x} failed")
-
-
-@dataclass
-class ShmMapping:
-    shm_offset: int
-    length: int
-    fd_offset: int
-    flags: int
-
-
-class ShmWindow:
-    """A reserved address range standing in for a shared-memory BAR; SHMEM_MAP places fds inside it."""
-
-    def __init__(self, shmid: int, size: int) -> None:
-        self.shmid, self.size = shmid, size
-        # Reserve the range inaccessible, as a BAR nothing is mapped into yet.
-        res = _libc.mmap(None, size, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-        if res == _MAP_FAILED or res is None:
-            raise OSError(ctypes.get_errno(), "cannot reserve a shared-memory window")
-        self.base: int = res
-        self.mappings: dict[int, ShmMapping] = {}
-        self.log: list[tuple[str, ShmMapping]] = []
-
-    def map(self, fd: int, m: ShmMapping) -> None:
-        if m.length == 0 or m.shm_offset + m.length > self.size or m.shm_offset + m.length < m.shm_offset:
-            raise FrontendError(f"mapping {m.shm_offset:#x}+{m.length:#x} outside a {self.size:#x} window")
-        if m.shm_offset % PAGE_SIZE or m.length % PAGE_SIZE or m.fd_offset % PAGE_SIZE:
-            raise FrontendError("unaligned mapping")
-        for other in self.mappings.values():
-            if m.shm_offset < other.shm_offset + other.length and other.shm_offset < m.shm_offset + m.length:
-                raise FrontendError("mapping overlaps an existing one")
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if m.flags & 1 else 0)
-        _mmap_fixed(self.base + m.shm_offset, m.length, prot, mmap.MAP_SHARED, fd, m.fd_offset)
-        self.mappings[m.shm_offset] = m
-        self.log.append(("map", m))
-
-    def unmap(self, m: ShmMapping) -> None:
-        cur = self.mappings.get(m.shm_offset)
-        if cur is None or cur.length != m.length:
-            raise FrontendError(f"no mapping of exactly {m.shm_offset:#x}+{m.length:#x}")
-        _mmap_fixed(self.base + m.shm_offset, m.length, _PROT_NONE,
-                    mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-        del self.mappings[m.shm_offset]
-        self.log.append(("unmap", m))
-
-    def read(self, offset: int, length: int) -> bytes:
-        """What the back end's buffer holds at `offset` (must be mapped)."""
-        if not any(o <= offset and offset + length <= o + m.length for o, m in self.mappings.items()):
-            raise FrontendError("read outside a mapping")
-        return ctypes.string_at(self.base + offset, length)
-
-    def write(self, offset: int, data: bytes) -> None:
-        if not any(o <= offset and offset + len(data) <= o + m.length for o, m in self.mappings.items()):
-            raise FrontendError("write outside a mapping")
-        ctypes.memmove(self.base + offset, data, len(data))
-
-    def close(self) -> None:
-        self.mappings.clear()
-        if self.base:
-            _libc.munmap(self.base, self.size)
-            self.base = 0
 
 
 @dataclass
@@ -537,7 +459,7 @@ class Frontend:
                 window.map(msg.fds[0], m)
             else:
                 window.unmap(m)
-        except (FrontendError, OSError) as e:
+        except (FrontendError, WindowError, OSError) as e:
             self.service_errors.append(str(e))
             return 1
         return 0
