@@ -30,6 +30,7 @@ from .vhost_user.control import ControlError, ControlServer
 from .vhost_user.device import Device
 from .vhost_user.server import Serving, StopSignal, serve, serve_connection
 from .vhost_user.services import LoopService
+from .vhost_user.shmem_bit import SHMEM_BITS
 
 log = logging.getLogger("vgpu")
 
@@ -77,6 +78,10 @@ def parser() -> argparse.ArgumentParser:
                        help="TOML rules mapping exporter names to cached/wc/uncached")
     blobs.add_argument("--legacy-cache-heuristic", action="store_true",
                        help="allow virglrenderer's guess (exporter i915 cached, anything else WC) as a last resort")
+    blobs.add_argument("--shmem-feature-bit", type=int, choices=SHMEM_BITS, default=GpuConfig.shmem_feature_bit,
+                       help="protocol-feature bit to offer SHMEM on: 22 (the spec; QEMU 11.1, crosvm since "
+                            "2026-08) or 21 for front ends on rust-vmm vhost 0.16 (never QEMU 11.1: bit 21 is its "
+                            "GPA_ADDRESSES)")
     blobs.add_argument("--map-timeout", type=float, default=GpuConfig.map_timeout, metavar="SECONDS",
                        help="how long to wait for the VMM to ack a blob mapping")
     lim = p.add_argument_group("limits a guest cannot exceed")
@@ -192,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            edid=not args.no_edid, resource_uuid=not args.no_resource_uuid, blob=not args.no_blob,
                            limits=limits, png_dir=args.scanout_png, png_rate=args.png_rate,
                            png_history=args.png_history, context_types=context_types,
-                           host_visible_size=args.host_visible_size, map_timeout=args.map_timeout)
+                           host_visible_size=args.host_visible_size, map_timeout=args.map_timeout,
+                           shmem_feature_bit=args.shmem_feature_bit)
     except ValueError as e:
         parser().error(str(e))
 
