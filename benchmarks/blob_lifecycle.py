@@ -33,7 +33,7 @@ from benchmarks.common import percentiles
 from tests.gpu_helpers import Gpu, resp_type
 from tests.test_gpu_host_blob import FEATURES, Client, h
 from vgpu.protocol import CtrlType, ResourceUnmapBlob, ResourceUnref
-from vgpu.vhost_user.frontend import ShmMapping, ShmWindow
+from vgpu.vhost_user.shm_window import ShmMapping, ShmWindow
 
 E = CtrlType
 STEPS = ("requirements (SUBMIT_3D)", "CREATE_BLOB HOST3D", "MAP_BLOB", "UNMAP_BLOB", "UNREF")

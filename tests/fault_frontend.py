@@ -44,8 +44,8 @@ from vgpu.protocol import (
     TransferToHost2D,
     encode_command,
 )
-from vgpu.vhost_user.frontend import ShmMapping
 from vgpu.vhost_user.message import Message
+from vgpu.vhost_user.shm_window import ShmMapping
 from vgpu.vhost_user.wire import GpuRequest
 
 E = CtrlType

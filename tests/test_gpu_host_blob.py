@@ -41,7 +41,7 @@ from vgpu.protocol.cross_domain import (
     CrossDomainImageRequirements,
     CrossDomainInitV1,
 )
-from vgpu.vhost_user.frontend import ShmMapping
+from vgpu.vhost_user.shm_window import ShmMapping
 
 E = CtrlType
 CTX = 1

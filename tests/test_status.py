@@ -24,7 +24,7 @@ from tests.test_gpu_host_blob import FEATURES, WINDOW, Client, backend_args, h
 from vgpu.protocol import CtrlType, Format, GetDisplayInfo, Rect, ResourceUnmapBlob
 from vgpu.status import StatusError, query, render
 from vgpu.vhost_user.control import CLIENT_TIMEOUT, MAX_CLIENTS, MAX_REQUEST, ControlServer
-from vgpu.vhost_user.frontend import ShmMapping
+from vgpu.vhost_user.shm_window import ShmMapping
 
 E = CtrlType
 XR24_SIZE = 256 * 256 * 4

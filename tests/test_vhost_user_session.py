@@ -12,7 +12,8 @@ import pytest
 from tests.conftest import BackendProcess, fd_count, open_fds, wait_until
 from vgpu.vhost_user.driver import GuestRam
 from vgpu.vhost_user.examples.echo import pattern
-from vgpu.vhost_user.frontend import Frontend, FrontendError, ShmMapping, _mem_table
+from vgpu.vhost_user.frontend import Frontend, FrontendError, _mem_table
+from vgpu.vhost_user.shm_window import ShmMapping
 from vgpu.vhost_user.wire import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_F_VERSION_1,

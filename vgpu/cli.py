@@ -32,6 +32,7 @@ from .vhost_user.control import ControlError, ControlServer
 from .vhost_user.device import Device
 from .vhost_user.server import Serving, StopSignal, serve, serve_connection
 from .vhost_user.services import LoopService
+from .vhost_user.shmem_bit import SHMEM_BITS
 
 if TYPE_CHECKING:
     from .display.wayland import WaylandDisplay as WaylandSink
@@ -91,6 +92,10 @@ def parser() -> argparse.ArgumentParser:
                        help="the guest's CPU architecture, which decides what it makes of map_info: x86_64, aarch64 "
                             "(an UNCACHED buffer is sent as WC, since aarch64's uncached is Device memory) or other "
                             "(default: the host's, as under KVM)")
+    blobs.add_argument("--shmem-feature-bit", type=int, choices=SHMEM_BITS, default=GpuConfig.shmem_feature_bit,
+                       help="protocol-feature bit to offer SHMEM on: 22 (the spec; QEMU 11.1, crosvm since "
+                            "2026-08) or 21 for front ends on rust-vmm vhost 0.16 (never QEMU 11.1: bit 21 is its "
+                            "GPA_ADDRESSES)")
     blobs.add_argument("--map-timeout", type=float, default=GpuConfig.map_timeout, metavar="SECONDS",
                        help="how long to wait for the VMM to ack a blob mapping")
     lim = p.add_argument_group("limits a guest cannot exceed")
@@ -243,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            limits=limits, png_dir=args.scanout_png, png_rate=args.png_rate,
                            png_history=args.png_history, context_types=context_types,
                            host_visible_size=args.host_visible_size, map_timeout=args.map_timeout,
-                           vmm_display="vmm" in args.display)
+                           vmm_display="vmm" in args.display,
+                           shmem_feature_bit=args.shmem_feature_bit)
     except ValueError as e:
         parser().error(str(e))
 

@@ -35,7 +35,7 @@ from ..protocol import (
 )
 from ..protocol import structs as s
 from ..protocol.cross_domain import CrossDomainGetImageRequirements, CrossDomainImageRequirements, CrossDomainInitV1
-from ..vhost_user.frontend import ShmWindow
+from ..vhost_user.shm_window import ShmWindow
 from ..vhost_user.wire import ProtocolFeature
 from .checks_gpu import create_context
 from .context import CheckContext

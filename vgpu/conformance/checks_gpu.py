@@ -97,8 +97,7 @@ def mark(display: Display) -> int:
 
 
 def need_display(sess: Session) -> Display:
-    assert sess.display is not None
-    return sess.display
+    return sess.need_display()
 
 
 def show(sess: Session, rid: int, scanout: int, r: Rect) -> None:
@@ -385,6 +384,7 @@ def events_clear(ctx: CheckContext) -> str | None:
 @check("GPU-EVENT-DISPLAY", "display-event")
 def display_event(ctx: CheckContext) -> str | None:
     """A display with a new layout makes the device raise EVENT_DISPLAY and send CONFIG_CHANGE_MSG."""
+    ctx.need_display_socket()
     sess = ctx.session()
     sess.serving("first GET_DISPLAY_INFO")
     try:
@@ -406,6 +406,7 @@ def display_event(ctx: CheckContext) -> str | None:
 def display_info(ctx: CheckContext) -> str | None:
     """OK_DISPLAY_INFO of 408 bytes: the display's connected outputs enabled with their sizes, every other entry
     disabled, entries past num_scanouts zero."""
+    ctx.need_display_socket()  # the outputs and their sizes are the display socket's answer
     sess = ctx.session()
     resp = sess.expect(GetDisplayInfo(hdr(E.CMD_GET_DISPLAY_INFO)), E.RESP_OK_DISPLAY_INFO, "GET_DISPLAY_INFO",
                        DISPLAY_INFO_SIZE)

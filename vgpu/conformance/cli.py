@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..vhost_user.profiles import PROFILES, QEMU
 from .catalogue import DEFAULT_CATALOGUE, load
 from .runner import FAIL, CheckResult, retry_timeouts, run, table
 
@@ -22,6 +23,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="ID", help="run only these requirement ids")
     p.add_argument("--catalogue", type=Path, default=DEFAULT_CATALOGUE, help="requirement catalogue (TOML)")
     p.add_argument("--quiet", action="store_true", help="no per-check progress on stderr")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=QEMU.name,
+                   help="set every session up as this VMM does (vgpu.vhost_user.profiles; crosvm: its sequence, "
+                        "no display socket)")
     p.add_argument("--retry-timeouts", action="store_true",
                    help="run requirements that failed only by timing out once more, on a fresh process")
     return p
@@ -36,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         catalogue = load(args.catalogue)
-        result = run(args.backend, catalogue, args.only, progress=progress)
+        result = run(args.backend, catalogue, args.only, progress=progress, profile=PROFILES[args.profile])
         if args.retry_timeouts:
             result = retry_timeouts(result, catalogue)
     except ValueError as e:

@@ -10,10 +10,11 @@ from typing import Any
 from ..protocol import VIRTIO_GPU_MAX_SCANOUTS, Capset, CtrlType, GetCapsetInfo, GpuFeature, ShmId
 from ..protocol import structs as s
 from ..vhost_user.frontend import Frontend
+from ..vhost_user.profiles import QEMU, Profile
 from ..vhost_user.wire import ProtocolFeature, bit
 from .errors import NotApplicable
 from .process import BackendProcess, without_socket
-from .session import TIMEOUT, Session, hdr, rtype
+from .session import TIMEOUT, Session, hdr, no_display_socket, rtype
 
 
 @dataclass
@@ -73,6 +74,14 @@ class Offer:
         }
 
 
+def unasked(profile: Profile, tokens: tuple[str, ...] | list[str]) -> str | None:
+    """Why a requirement does not apply under `profile` although the back end may offer what it needs: protocol
+    features that profile's VMM never asks for (None when it asks for all of them)."""
+    absent = [t for t in tokens if t.startswith("proto:")
+              and not profile.protocol_features & bit(ProtocolFeature[t.partition(":")[2]])]
+    return ", ".join(f"{t} never asked by the {profile.name} front end" for t in absent) or None
+
+
 def print_capabilities(backend: BackendProcess) -> list[str] | None:
     argv = [*without_socket(backend.argv_template), "--print-capabilities"]
     try:
@@ -84,11 +93,12 @@ def print_capabilities(backend: BackendProcess) -> list[str] | None:
         return None
 
 
-def probe(backend: BackendProcess) -> Offer:
-    """Ask the back end what it offers (features, protocol features, config, shared memory, capsets)."""
+def probe(backend: BackendProcess, profile: Profile = QEMU) -> Offer:
+    """Ask the back end what it offers (features, protocol features, config, shared memory, capsets), set up as
+    `profile`'s VMM sets it up."""
     offer = Offer(capabilities=print_capabilities(backend))
     backend.ensure()
-    sess = Session.open(backend.socket_path)
+    sess = Session.open(backend.socket_path, profile=profile)
     try:
         fe = sess.fe
         offer.features, offer.protocol_features = fe.backend_features, fe.backend_protocol_features
@@ -113,9 +123,10 @@ def probe(backend: BackendProcess) -> Offer:
 
 
 class CheckContext:
-    def __init__(self, backend: BackendProcess, offer: Offer) -> None:
+    def __init__(self, backend: BackendProcess, offer: Offer, profile: Profile = QEMU) -> None:
         self.backend = backend
         self.offer = offer
+        self.profile = profile
         # Set by a check that ends the process on purpose (so its exit is not taken for a crash).
         self.stops_backend = False
         self._sessions: list[Session] = []
@@ -128,9 +139,14 @@ class CheckContext:
 
     def session(self, **kw: Any) -> Session:
         self.backend.ensure()
-        sess = Session.open(self.backend.socket_path, **kw)
+        sess = Session.open(self.backend.socket_path, profile=self.profile, **kw)
         self._sessions.append(sess)
         return sess
+
+    def need_display_socket(self) -> None:
+        """For checks that hand the back end a display socket themselves."""
+        if not self.profile.display_socket:
+            raise no_display_socket(self.profile)
 
     def frontend(self) -> Frontend:
         """A bare connection: nothing negotiated, for checks of the vhost-user conversation itself."""

@@ -1,5 +1,6 @@
 """`python -m vgpu.conformance.report`: run the catalogue against our back end and QEMU's C `vhost-user-gpu` in
-the same run and write both tables side by side to `spec/conformance.md`.
+the same run, and against our back end once more set up as crosvm sets a GPU up (`--profile crosvm`), and write
+the three side by side to `spec/conformance.md`.
 
 The page holds only what does not change from run to run (verdicts, reasons, observed bytes; no timings), so a
 regenerated file differs from the committed one only when a verdict does.
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
+from ..vhost_user.profiles import CROSVM
 from .catalogue import DEFAULT_CATALOGUE, Catalogue, load
 from .runner import FAIL, NA, PASS, RequirementResult, Run, retry_timeouts, run
 
@@ -56,9 +58,10 @@ def _counts(r: Run) -> str:
     return f"{c[PASS]} pass, {c[FAIL]} fail, {c[NA]} n/a"
 
 
-def markdown(catalogue: Catalogue, ours: Run, qemu: Run) -> str:
+def markdown(catalogue: Catalogue, ours: Run, qemu: Run, crosvm: Run) -> str:
     by_id = {r.requirement.id: r for r in ours.results}
     theirs = {r.requirement.id: r for r in qemu.results}
+    as_crosvm = {r.requirement.id: r for r in crosvm.results}
     lines = [
         "# Conformance: vgpu and QEMU's vhost-user-gpu, side by side",
         "",
@@ -72,22 +75,30 @@ def markdown(catalogue: Catalogue, ours: Run, qemu: Run) -> str:
         "|---|---|---|",
         f"| vgpu | `python {OURS_ARGS}` | {_counts(ours)} |",
         f"| QEMU | `{QEMU_BACKEND} --socket-path={{sock}}` | {_counts(qemu)} |",
+        f"| vgpu, crosvm profile | the same vgpu command, `--profile crosvm` | {_counts(crosvm)} |",
+        "",
+        "The crosvm column drives our back end as crosvm drives a vhost-user GPU, as read from crosvm's source at",
+        f"{CROSVM.follows} ([crosvm-profile.md](crosvm-profile.md); no crosvm binary ran).",
+        "Every session is set up in crosvm's order, with its feature choices and ring size and no display socket,",
+        "so checks that see pixels or the cursor only through that socket do not apply, and neither do",
+        "requirements on protocol features crosvm never asks for. Checks that script the vhost-user conversation",
+        "themselves send the same messages in every column.",
         "",
         "Notes on QEMU's C back end: it offers no blobs, no RESOURCE_UUID and no contexts without `--virgl`",
         "(unavailable here), serves one front end per process, asks the display socket for EDIDs, and leaves",
         "`num_scanouts` and `events_read` 0 in its config because QEMU's `vhost-user-gpu` front end overrides",
         "them; the runner then tests scanout ids against the virtio maximum (16).",
         "",
-        "| requirement | kind | refs | vgpu | QEMU vhost-user-gpu |",
-        "|---|---|---|---|---|",
+        "| requirement | kind | refs | vgpu | QEMU vhost-user-gpu | vgpu, crosvm profile |",
+        "|---|---|---|---|---|---|",
     ]
     for req in catalogue.requirements:
-        a, b = by_id.get(req.id), theirs.get(req.id)
-        if a is None or b is None:
-            continue
-        lines.append(f"| {req.id} | {req.kind} | {', '.join(req.refs)} | {_cell(a)} | {_cell(b)} |")
+        cols = [by_id.get(req.id), theirs.get(req.id), as_crosvm.get(req.id)]
+        cells = [_cell(r) for r in cols if r is not None]
+        if len(cells) == len(cols):
+            lines.append(f"| {req.id} | {req.kind} | {', '.join(req.refs)} | {' | '.join(cells)} |")
     lines += ["", "## Findings (full observed bytes)", ""]
-    for name, result in (("vgpu", ours), ("QEMU vhost-user-gpu", qemu)):
+    for name, result in (("vgpu", ours), ("QEMU vhost-user-gpu", qemu), ("vgpu, crosvm profile", crosvm)):
         fails = [r for r in result.results if r.status == FAIL]
         lines.append(f"### {name}: {len(fails)} failing")
         lines.append("")
@@ -106,12 +117,13 @@ def markdown(catalogue: Catalogue, ours: Run, qemu: Run) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def generate(catalogue: Catalogue, ours_cmd: str, qemu_cmd: str) -> tuple[Run, Run, str]:
-    # Ours is judged on one run: a timeout is a failure.  QEMU's C back end exits after each front end and is
-    # restarted per check; a check that times out on its first start is judged on a second.
+def generate(catalogue: Catalogue, ours_cmd: str, qemu_cmd: str) -> tuple[Run, Run, Run, str]:
+    # Ours is judged on one run per profile: a timeout is a failure.  QEMU's C back end exits after each front end
+    # and is restarted per check; a check that times out on its first start is judged on a second.
     ours = run(ours_cmd, catalogue)
     qemu = retry_timeouts(run(qemu_cmd, catalogue), catalogue)
-    return ours, qemu, markdown(catalogue, ours, qemu)
+    crosvm = run(ours_cmd, catalogue, profile=CROSVM)
+    return ours, qemu, crosvm, markdown(catalogue, ours, qemu, crosvm)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,9 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.access(args.qemu, os.X_OK):
         print(f"{args.qemu} is not installed (python -m vgpu_lab.provision qemu)", file=sys.stderr)
         return 2
-    ours, qemu, text = generate(load(args.catalogue), ours_command(), qemu_command(args.qemu))
+    ours, qemu, crosvm, text = generate(load(args.catalogue), ours_command(), qemu_command(args.qemu))
     args.output.write_text(text)
-    for name, r in (("vgpu", ours), ("QEMU", qemu)):
+    for name, r in (("vgpu", ours), ("QEMU", qemu), ("vgpu, crosvm profile", crosvm)):
         print(f"{name}: {_counts(r)} in {r.seconds:.1f} s")
     print(f"wrote {args.output}")
     return 0

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..procfs import wait_until
+from ..vhost_user.profiles import QEMU, Profile
 from .catalogue import Catalogue, Requirement
-from .context import CheckContext, Offer, probe
+from .context import CheckContext, Offer, probe, unasked
 from .errors import CheckFailed, NotApplicable
 from .process import BackendProcess
 from .registry import all_checks
@@ -77,6 +78,8 @@ class Run:
     starts: int
     # Requirements that timed out and were run again on a fresh process (see `retry_timeouts`).
     retried: list[str] = field(default_factory=list)
+    # The VMM whose set-up sequence every session followed.
+    profile: Profile = QEMU
 
     def counts(self) -> dict[str, int]:
         out = {PASS: 0, FAIL: 0, NA: 0}
@@ -87,6 +90,7 @@ class Run:
     def to_json(self) -> dict[str, Any]:
         return {
             "backend": self.backend,
+            "profile": self.profile.name,
             "offer": self.offer.describe(),
             "counts": self.counts(),
             "seconds": round(self.seconds, 2),
@@ -105,10 +109,10 @@ def hexdump(data: bytes | None, limit: int = OBSERVED_SHOWN) -> str:
     return shown + (f" … ({len(data)} bytes)" if len(data) > limit else "")
 
 
-def _run_check(name: str, backend: BackendProcess, offer: Offer, req: Requirement) -> CheckResult:
+def _run_check(name: str, backend: BackendProcess, offer: Offer, req: Requirement, profile: Profile) -> CheckResult:
     chk = all_checks()[name]
     result = CheckResult(name, req.id, PASS)
-    ctx = CheckContext(backend, offer)
+    ctx = CheckContext(backend, offer, profile)
     t0 = time.monotonic()
     pid = -1
     try:
@@ -144,7 +148,9 @@ def _run_check(name: str, backend: BackendProcess, offer: Offer, req: Requiremen
 
 
 def run(template: str, catalogue: Catalogue, only: Iterable[str] | None = None, workdir: Path | None = None,
-        progress: Callable[[CheckResult], None] | None = None) -> Run:
+        progress: Callable[[CheckResult], None] | None = None, profile: Profile = QEMU) -> Run:
+    """Every check (or those of `only`) against the back end `template` starts, each session set up as `profile`'s
+    VMM sets one up."""
     wanted = set(only or [])
     unknown = wanted - {r.id for r in catalogue.requirements}
     if unknown:
@@ -153,24 +159,24 @@ def run(template: str, catalogue: Catalogue, only: Iterable[str] | None = None, 
     with tempfile.TemporaryDirectory(prefix="vgpu-conformance-", dir=workdir) as tmp:
         backend = BackendProcess(template, Path(tmp))
         try:
-            offer = probe(backend)
+            offer = probe(backend, profile)
             backend.stop()
             results: list[RequirementResult] = []
             for req in catalogue.requirements:
                 if wanted and req.id not in wanted:
                     continue
                 rr = RequirementResult(req)
-                missing = offer.missing(req.feature)
+                missing = offer.missing(req.feature) or unasked(profile, req.feature)
                 for name in req.checks:
                     res = CheckResult(name, req.id, NA, missing) if missing else \
-                        _run_check(name, backend, offer, req)
+                        _run_check(name, backend, offer, req, profile)
                     rr.checks.append(res)
                     if progress is not None:
                         progress(res)
                 results.append(rr)
         finally:
             backend.stop()
-        return Run(template, offer, results, time.monotonic() - t0, backend.starts)
+        return Run(template, offer, results, time.monotonic() - t0, backend.starts, profile=profile)
 
 
 def retry_timeouts(result: Run, catalogue: Catalogue) -> Run:
@@ -181,7 +187,7 @@ def retry_timeouts(result: Run, catalogue: Catalogue) -> Run:
                  if r.status == FAIL and all("Timeout" in c.detail for c in r.checks if c.status == FAIL)]
     if not timed_out:
         return result
-    again = {r.requirement.id: r for r in run(result.backend, catalogue, timed_out).results}
+    again = {r.requirement.id: r for r in run(result.backend, catalogue, timed_out, profile=result.profile).results}
     result.results = [again.get(r.requirement.id, r) for r in result.results]
     result.retried = timed_out
     return result

@@ -1,5 +1,6 @@
-"""A guest's-eye session on a back end: our front end negotiated, guest RAM shared, both queues running and a
-display socket that answers like QEMU's, with helpers that send virtio-gpu commands and judge their answers."""
+"""A guest's-eye session on a back end: our front end set up as a VMM's profile says (QEMU's by default: guest RAM
+shared, both queues running and a display socket that answers like QEMU's), with helpers that send virtio-gpu
+commands and judge their answers."""
 
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ from ..protocol import (
     responses,
 )
 from ..vhost_user.driver import GuestRam
-from ..vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES, Display, Frontend
-from ..vhost_user.wire import ProtocolFeature, bit
-from .errors import CheckFailed
+from ..vhost_user.frontend import Display, Frontend
+from ..vhost_user.profiles import QEMU, Profile, bring_up
+from ..vhost_user.wire import ProtocolFeature
+from .errors import CheckFailed, NotApplicable
 
 PAGE: Final = 4096
 RAM_SIZE: Final = 32 << 20
@@ -66,40 +68,48 @@ def make_display(protocol_features: int | None = None, modes: tuple[DisplayOne, 
     return d
 
 
+def no_display_socket(profile: Profile) -> NotApplicable:
+    return NotApplicable(f"the {profile.name} profile opens no display socket, and this check sees the device's "
+                         "output only through one (GPU_SET_SOCKET is QEMU's; under crosvm the display is the back "
+                         "end's own)")
+
+
 class Session:
-    def __init__(self, fe: Frontend, ram: GuestRam, display: Display | None) -> None:
-        self.fe, self.ram, self.display = fe, ram, display
+    def __init__(self, fe: Frontend, ram: GuestRam, display: Display | None, profile: Profile = QEMU) -> None:
+        self.fe, self.ram, self.display, self.profile = fe, ram, display, profile
 
     @classmethod
-    def open(cls, path: str, features: int = ALL_GPU_FEATURES, protocol_features: int = FRONTEND_PROTOCOL_FEATURES,
+    def open(cls, path: str, features: int = ALL_GPU_FEATURES, protocol_features: int | None = None,
              display: Display | bool | None = True, queues: bool = True, ram_size: int = RAM_SIZE,
-             timeout: float = TIMEOUT) -> Session:
+             timeout: float = TIMEOUT, profile: Profile = QEMU) -> Session:
+        """Set a back end up as `profile`'s VMM does; `queues` False stops once the features are set, and the
+        display (if any) is handed over only where the profile has a display socket."""
         fe = Frontend.connect(path, timeout=timeout)
         ram: GuestRam | None = None
         try:
-            fe.negotiate(device_features=features, protocol_features=protocol_features)
             ram = GuestRam(ram_size)
-            shown = make_display() if display is True else (display or None)
-            if queues:
-                fe.share_memory(ram)
-                fe.setup_queue(0, 256)
-                fe.setup_queue(1, 256)
-                if shown is not None:
-                    fe.set_display(shown)
-                if fe.has(ProtocolFeature.SHMEM):
-                    fe.reserve_shm()
-            return cls(fe, ram, shown)
+            wanted = make_display() if display is True else (display or None)
+            shown = wanted if profile.display_socket and queues else None
+            bring_up(fe, ram, profile, features, shown, queues=2 if queues else 0,
+                     protocol_features=protocol_features)
+            return cls(fe, ram, shown, profile)
         except BaseException:
             fe.close()
             if ram is not None:
                 ram.close()
             raise
 
+    def need_display(self) -> Display:
+        """The display socket's recorder; a check that watches it does not apply under a profile without one."""
+        if self.display is None:
+            raise no_display_socket(self.profile)
+        return self.display
+
     def has(self, feature_mask: int) -> bool:
         return bool(self.fe.features & feature_mask)
 
     def has_proto(self, feature: ProtocolFeature) -> bool:
-        return bool(self.fe.protocol_features & bit(feature))
+        return self.fe.has(feature)
 
     # --- commands ---------------------------------------------------------------------------------------------
 

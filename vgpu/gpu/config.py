@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..protocol import VIRTIO_GPU_MAX_SCANOUTS
+from ..vhost_user import shmem_bit
+from ..vhost_user.wire import ProtocolFeature
 from .resources import Limits
 
 
@@ -35,6 +37,10 @@ class GpuConfig:
     map_timeout: float = 5.0
     # Show scanouts on the VMM's display socket when it hands one over (--display vmm, the default).
     vmm_display: bool = True
+    # The protocol-feature bit SHMEM is offered on: 22 (the spec), or 21 for front ends on rust-vmm vhost 0.16 and
+    # crosvm from 2026-03-09 to 2026-08-03 (spec/shmem-bit-21.md: never to QEMU 11.1, which reads it as
+    # GPA_ADDRESSES).
+    shmem_feature_bit: int = ProtocolFeature.SHMEM
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_scanouts <= VIRTIO_GPU_MAX_SCANOUTS:
@@ -45,3 +51,4 @@ class GpuConfig:
             raise ValueError("png_rate must be positive")
         if self.host_visible_size % 4096 or self.host_visible_size < 0:
             raise ValueError("host_visible_size must be a multiple of the page size")
+        shmem_bit.check(self.shmem_feature_bit)

@@ -98,11 +98,11 @@ def _inside(r: Rect, width: int, height: int) -> bool:
 
 class GpuDevice(Device):
     num_queues = 2
-    max_queue_size = 1024
 
     def __init__(self, config: GpuConfig, allocator: Allocator | None = None,
                  resolver: CacheResolver | None = None, sinks: Sequence[Sink] = ()) -> None:
         self.cfg = config
+        self.shmem_feature_bit = config.shmem_feature_bit
         self.events_read = 0
         self.acked = 0
         # (memory generation and ring addresses, the rings' guest-physical ranges): see _ring_ranges.

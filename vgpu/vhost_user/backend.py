@@ -12,6 +12,7 @@ under the device's feet are deferred until the device returns.
 
 from __future__ import annotations
 
+import errno
 import heapq
 import logging
 import selectors
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Final
 
+from . import shmem_bit
 from .device import BackendChannelError, Device, Transport
 from .memory import GuestMemory
 from .message import Channel, Message, PeerClosed, ProtocolError
@@ -76,6 +78,14 @@ _DEFERRED_WHILE_BUSY: Final = frozenset({
 })
 
 
+def _ack_text(status: int) -> str:
+    """A failure ack as its sender meant it: crosvm and QEMU answer -errno as a u64."""
+    if status >= 1 << 63:
+        code = (1 << 64) - status
+        return f"-{errno.errorcode.get(code, code)}"
+    return str(status)
+
+
 class ReplyTimeout(BackendChannelError):
     """The peer did not answer in time; its answer, if it ever comes, is a late one."""
 
@@ -89,8 +99,10 @@ class Session(Transport):
         self.channel = channel
         self.state = ConnectionState(
             offered_features=TRANSPORT_FEATURES | device.device_features(),
-            offered_protocol=TRANSPORT_PROTOCOL_FEATURES | device.protocol_features(),
+            offered_protocol=shmem_bit.to_wire(TRANSPORT_PROTOCOL_FEATURES | device.protocol_features(),
+                                               device.shmem_feature_bit),
             queues=[Virtqueue(i, device.max_queue_size) for i in range(device.num_queues)],
+            shmem_bit=shmem_bit.check(device.shmem_feature_bit),
         )
         self._memory = self.state.memory
         self._queues = self.state.queues
@@ -166,7 +178,7 @@ class Session(Transport):
             raise
         status = parse_u64(reply.payload) if len(reply.payload) == 8 else -1
         if status != 0:
-            raise BackendChannelError(f"front end refused {request.name} (ack {status})")
+            raise BackendChannelError(f"front end refused {request.name} (ack {_ack_text(status)})")
 
     def wait_reply(self, channel: Channel, request: int, timeout: float) -> Message:
         log.debug("waiting for reply %d on fd %d", request, channel.fileno())
@@ -446,7 +458,8 @@ class Session(Transport):
                          "names": [name for b, name in sorted(_TRANSPORT_FEATURE_NAMES.items())
                                    if st.acked_features & bit(b)]},
             "protocol_features": {"offered": st.offered_protocol, "acked": st.protocol_features,
-                                  "names": [f.name for f in ProtocolFeature if st.protocol_features & bit(f)]},
+                                  "names": [f.name for f in ProtocolFeature if st.protocol_features & bit(f)],
+                                  "shmem_bit": st.shmem_bit},
             "device_status": st.status,
             "memory_regions": len(self._memory.regions),
             "backend_channel": st.backend_channel is not None and not st.backend_channel.closed,

@@ -14,7 +14,7 @@ from typing import Protocol
 from .memory import GuestMemory
 from .message import Channel, Message
 from .virtqueue import DescriptorChain, Virtqueue
-from .wire import BackendRequest
+from .wire import MAX_QUEUE_SIZE, BackendRequest, ProtocolFeature
 
 
 class DeviceRefused(Exception):
@@ -73,7 +73,11 @@ class Device:
     """Base class: override what the device offers."""
 
     num_queues: int = 1
-    max_queue_size: int = 1024
+    # vhost-user has no message that tells the front end a ring limit, so a VMM offers the guest its own: crosvm
+    # offers the virtio maximum and Linux takes it.  Anything smaller refuses such a guest its rings.
+    max_queue_size: int = MAX_QUEUE_SIZE
+    # The protocol-feature bit SHMEM is offered on: 22, or 21 for peers that still say so (see shmem_bit.py).
+    shmem_feature_bit: int = ProtocolFeature.SHMEM
 
     def attach(self, transport: Transport) -> None:
         """A front end connected; keep `transport` for the connection's lifetime."""

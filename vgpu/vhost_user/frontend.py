@@ -8,9 +8,8 @@ main loop while the vCPUs wait, so a back end that blocks on us never blocks the
 
 from __future__ import annotations
 
-import ctypes
+import itertools
 import logging
-import mmap
 import os
 import select
 import selectors
@@ -24,6 +23,7 @@ from typing import Any, Final
 from .driver import DriverQueue, GuestRam
 from .memory import PAGE_SIZE
 from .message import Channel, Message, ProtocolError
+from .shm_window import ShmMapping, ShmWindow, WindowError
 from .wire import (
     CONFIG_HEADER_SIZE,
     FLAG_NEED_REPLY,
@@ -66,88 +66,17 @@ FRONTEND_PROTOCOL_FEATURES: Final = (
     | bit(ProtocolFeature.STATUS)
     | bit(ProtocolFeature.SHMEM)
 )
+# The order QEMU starts a ring in; a profile (vgpu.vhost_user.profiles) may name another.
+QEMU_VRING_ORDER: Final = (
+    FrontendRequest.SET_VRING_NUM, FrontendRequest.SET_VRING_BASE, FrontendRequest.SET_VRING_ADDR,
+    FrontendRequest.SET_VRING_CALL, FrontendRequest.SET_VRING_KICK, FrontendRequest.SET_VRING_ENABLE,
+)
 DEFAULT_TIMEOUT: Final = 10.0
 # UPDATE carries a whole frame inline: 16384 x 16384 x 4 bytes is the largest a scanout can be.
 DISPLAY_MAX_PAYLOAD: Final = 16384 * 16384 * 4 + 64
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FIXED: Final = 0x10
-_PROT_NONE: Final = 0
-_MAP_FAILED: Final = ctypes.c_void_p(-1).value
-
-
 class FrontendError(Exception):
     pass
-
-
-def _mmap_fixed(addr: int, length: int, prot: int, flags: int, fd: int, offset: int) -> None:
-    res = _libc.mmap(addr, length, prot, flags | _MAP_FIXED, fd, offset)
-    if res == _MAP_FAILED or res != addr:
-        raise OSError(ctypes.get_errno(), f"mmap at {addr:#x} failed")
-
-
-@dataclass
-class ShmMapping:
-    shm_offset: int
-    length: int
-    fd_offset: int
-    flags: int
-
-
-class ShmWindow:
-    """A reserved address range standing in for a shared-memory BAR; SHMEM_MAP places fds inside it."""
-
-    def __init__(self, shmid: int, size: int) -> None:
-        self.shmid, self.size = shmid, size
-        # Reserve the range inaccessible, as a BAR nothing is mapped into yet.
-        res = _libc.mmap(None, size, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-        if res == _MAP_FAILED or res is None:
-            raise OSError(ctypes.get_errno(), "cannot reserve a shared-memory window")
-        self.base: int = res
-        self.mappings: dict[int, ShmMapping] = {}
-        self.log: list[tuple[str, ShmMapping]] = []
-
-    def map(self, fd: int, m: ShmMapping) -> None:
-        if m.length == 0 or m.shm_offset + m.length > self.size or m.shm_offset + m.length < m.shm_offset:
-            raise FrontendError(f"mapping {m.shm_offset:#x}+{m.length:#x} outside a {self.size:#x} window")
-        if m.shm_offset % PAGE_SIZE or m.length % PAGE_SIZE or m.fd_offset % PAGE_SIZE:
-            raise FrontendError("unaligned mapping")
-        for other in self.mappings.values():
-            if m.shm_offset < other.shm_offset + other.length and other.shm_offset < m.shm_offset + m.length:
-                raise FrontendError("mapping overlaps an existing one")
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if m.flags & 1 else 0)
-        _mmap_fixed(self.base + m.shm_offset, m.length, prot, mmap.MAP_SHARED, fd, m.fd_offset)
-        self.mappings[m.shm_offset] = m
-        self.log.append(("map", m))
-
-    def unmap(self, m: ShmMapping) -> None:
-        cur = self.mappings.get(m.shm_offset)
-        if cur is None or cur.length != m.length:
-            raise FrontendError(f"no mapping of exactly {m.shm_offset:#x}+{m.length:#x}")
-        _mmap_fixed(self.base + m.shm_offset, m.length, _PROT_NONE,
-                    mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-        del self.mappings[m.shm_offset]
-        self.log.append(("unmap", m))
-
-    def read(self, offset: int, length: int) -> bytes:
-        """What the back end's buffer holds at `offset` (must be mapped)."""
-        if not any(o <= offset and offset + length <= o + m.length for o, m in self.mappings.items()):
-            raise FrontendError("read outside a mapping")
-        return ctypes.string_at(self.base + offset, length)
-
-    def write(self, offset: int, data: bytes) -> None:
-        if not any(o <= offset and offset + len(data) <= o + m.length for o, m in self.mappings.items()):
-            raise FrontendError("write outside a mapping")
-        ctypes.memmove(self.base + offset, data, len(data))
-
-    def close(self) -> None:
-        self.mappings.clear()
-        if self.base:
-            _libc.munmap(self.base, self.size)
-            self.base = 0
 
 
 @dataclass
@@ -244,6 +173,14 @@ class Frontend:
         # Called (on the service thread) before a SHMEM_MAP is acked, with the mapping and its fd: QEMU adds the
         # new range to the memory table at that point, which is what tests use this for.
         self.on_shmem_map: Callable[[ShmMapping, int], object] | None = None
+        # How this front end behaves where VMMs differ (a profile sets these): whether its own requests ask for
+        # REPLY_ACK, the u64 it answers a failed back-end request with, and handlers of back-end requests beyond
+        # the standard ones (each returns the status, which is always sent back).
+        self.acks_requests = True
+        self.failure_status = 1
+        self.extra_backend_requests: dict[int, Callable[[Message], int]] = {}
+        # The protocol-feature bit that means SHMEM to this front end (21 for peers on rust-vmm vhost 0.16).
+        self.shmem_bit: int = ProtocolFeature.SHMEM
         self._backend_chan: Channel | None = None
         self._display_chan: Channel | None = None
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -295,7 +232,7 @@ class Frontend:
     def request(self, req: int, payload: bytes = b"", fds: list[int] | None = None, reply: bool = False,
                 need_reply: bool | None = None) -> Message | None:
         """Send `req`; return its reply if it has one (`reply`), or the REPLY_ACK ack when asked for."""
-        ack = self.has(ProtocolFeature.REPLY_ACK) if need_reply is None else need_reply
+        ack = self.acks_requests and self.has(ProtocolFeature.REPLY_ACK) if need_reply is None else need_reply
         ack = ack and not reply
         flags = VHOST_USER_VERSION | (FLAG_NEED_REPLY if ack else 0)
         with self._lock:
@@ -319,7 +256,8 @@ class Frontend:
         return parse_u64(msg.payload)
 
     def has(self, feature: ProtocolFeature) -> bool:
-        return bool(self.protocol_features & bit(feature))
+        wire = self.shmem_bit if feature == ProtocolFeature.SHMEM else feature
+        return bool(self.protocol_features & bit(wire))
 
     # --- set-up, in QEMU's order ------------------------------------------------------------------------------
 
@@ -334,17 +272,21 @@ class Frontend:
                          need_reply=False)
         self.request(FrontendRequest.SET_OWNER)
         if self.has(ProtocolFeature.BACKEND_REQ):
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            try:
-                self.request(FrontendRequest.SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
-            finally:
-                theirs.close()
-            self._backend_chan = Channel(ours)
-            self._watch(self._backend_chan)
+            self.open_backend_channel()
         wanted = (bit(VIRTIO_F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES) | ring_features
                   | device_features)
         self.features = self.backend_features & wanted
         self.request(FrontendRequest.SET_FEATURES, build_u64(self.features))
+
+    def open_backend_channel(self) -> None:
+        """SET_BACKEND_REQ_FD with one end of a new socket pair; requests on the other end are served from now."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self.request(FrontendRequest.SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
+        finally:
+            theirs.close()
+        self._backend_chan = Channel(ours)
+        self._watch(self._backend_chan)
 
     def set_display(self, display: Display) -> None:
         """Hand the back end a display socket (GPU_SET_SOCKET) served by `display`."""
@@ -367,14 +309,15 @@ class Frontend:
             raise FrontendError(f"GET_SHMEM_CONFIG says {cfg.nregions} regions and lists {len(sizes)}")
         return sizes
 
-    def reserve_shm(self) -> None:
-        """Ask for the back end's shared-memory regions and reserve a window for each (as QEMU sizes BARs)."""
-        for shmid, size in self.shmem_config().items():
+    def reserve_shm(self, sizes: dict[int, int] | None = None) -> None:
+        """Reserve a window for each of the back end's shared-memory regions (as QEMU sizes BARs): those of
+        `sizes`, a GET_SHMEM_CONFIG answer already in hand, else of a new one."""
+        for shmid, size in (self.shmem_config() if sizes is None else sizes).items():
             self.shm[shmid] = ShmWindow(shmid, size)
 
-    def get_config(self, offset: int, size: int) -> bytes:
+    def get_config(self, offset: int, size: int, flags: int = 0) -> bytes:
         msg = self.request(FrontendRequest.GET_CONFIG,
-                           build(ConfigHeader, offset=offset, size=size, flags=0) + bytes(size), reply=True)
+                           build(ConfigHeader, offset=offset, size=size, flags=flags) + bytes(size), reply=True)
         assert msg is not None
         hdr = ConfigHeader.parse(msg.payload[:CONFIG_HEADER_SIZE])
         if hdr.size == 0:
@@ -385,15 +328,22 @@ class Frontend:
         self.request(FrontendRequest.SET_CONFIG,
                      build(ConfigHeader, offset=offset, size=len(data), flags=0) + data)
 
-    def share_memory(self, ram: GuestRam, use_add_mem_reg: bool | None = None) -> None:
-        """Give the back end the guest RAM: ADD_MEM_REG with CONFIGURE_MEM_SLOTS, else SET_MEM_TABLE."""
+    def share_memory(self, ram: GuestRam, use_add_mem_reg: bool | None = None, regions: int = 1) -> None:
+        """Give the back end the guest RAM: ADD_MEM_REG with CONFIGURE_MEM_SLOTS, else SET_MEM_TABLE; `regions`
+        splits the RAM into that many table entries of the same memfd at page-aligned offsets (as crosvm lays
+        out RAM below and above the PCI hole), each entry with its own copy of the fd."""
         self.ram = ram
-        region = dict(guest_phys_addr=ram.gpa_base, memory_size=ram.size, userspace_addr=ram.uva, mmap_offset=0)
         add = self.has(ProtocolFeature.CONFIGURE_MEM_SLOTS) if use_add_mem_reg is None else use_add_mem_reg
         if add:
+            region = dict(guest_phys_addr=ram.gpa_base, memory_size=ram.size, userspace_addr=ram.uva,
+                          mmap_offset=0)
             self.request(FrontendRequest.ADD_MEM_REG, _single_region(region), fds=[ram.fd])
-        else:
-            self.request(FrontendRequest.SET_MEM_TABLE, _mem_table([region]), fds=[ram.fd])
+            return
+        pages = ram.size // PAGE_SIZE
+        cuts = [pages * i // regions * PAGE_SIZE for i in range(regions + 1)]
+        table = [dict(guest_phys_addr=ram.gpa_base + a, memory_size=b - a, userspace_addr=ram.uva + a,
+                      mmap_offset=a) for a, b in itertools.pairwise(cuts)]
+        self.request(FrontendRequest.SET_MEM_TABLE, _mem_table(table), fds=[ram.fd] * regions)
 
     def add_mem_reg(self, gpa: int, size: int, uva: int, mmap_offset: int, fd: int) -> None:
         region = dict(guest_phys_addr=gpa, memory_size=size, userspace_addr=uva, mmap_offset=mmap_offset)
@@ -403,20 +353,27 @@ class Frontend:
         region = dict(guest_phys_addr=gpa, memory_size=size, userspace_addr=uva, mmap_offset=0)
         self.request(FrontendRequest.REM_MEM_REG, _single_region(region), need_reply=True)
 
-    def setup_queue(self, index: int, size: int = 256, enable: bool = True) -> DriverQueue:
-        """SET_VRING_NUM/BASE/ADDR/CALL/KICK (+ENABLE), as QEMU starts a ring."""
+    def setup_queue(self, index: int, size: int = 256, enable: bool = True,
+                    order: tuple[FrontendRequest, ...] = QEMU_VRING_ORDER) -> DriverQueue:
+        """SET_VRING_NUM/BASE/ADDR/CALL/KICK (+ENABLE), in QEMU's order unless told another."""
         assert self.ram is not None, "share_memory first"
         event_idx = bool(self.features & bit(VIRTIO_RING_F_EVENT_IDX))
         q = DriverQueue(self.ram, index, size, event_idx)
         self.queues[index] = q
-        self.request(FrontendRequest.SET_VRING_NUM, _state(index, size))
-        self.request(FrontendRequest.SET_VRING_BASE, _state(index, 0))
         desc, used, avail = q.addresses
-        self.request(FrontendRequest.SET_VRING_ADDR, build_vring_addr(index, desc, used, avail))
-        self.request(FrontendRequest.SET_VRING_CALL, build_u64(index), fds=[q.call_fd])
-        self.request(FrontendRequest.SET_VRING_KICK, build_u64(index), fds=[q.kick_fd])
+        steps: dict[FrontendRequest, tuple[bytes, list[int] | None]] = {
+            FrontendRequest.SET_VRING_NUM: (_state(index, size), None),
+            FrontendRequest.SET_VRING_BASE: (_state(index, 0), None),
+            FrontendRequest.SET_VRING_ADDR: (build_vring_addr(index, desc, used, avail), None),
+            FrontendRequest.SET_VRING_CALL: (build_u64(index), [q.call_fd]),
+            FrontendRequest.SET_VRING_KICK: (build_u64(index), [q.kick_fd]),
+        }
         if enable and self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
-            self.request(FrontendRequest.SET_VRING_ENABLE, _state(index, 1))
+            steps[FrontendRequest.SET_VRING_ENABLE] = (_state(index, 1), None)
+        for req in order:
+            if req in steps:
+                payload, fds = steps[req]
+                self.request(req, payload, fds=fds)
         return q
 
     def get_vring_base(self, index: int) -> int:
@@ -505,28 +462,30 @@ class Frontend:
         self.backend_requests.append((msg.request, msg.payload))
         status = 0
         try:
-            if msg.request == BackendRequest.SHMEM_MAP:
-                status = self._shmem(msg, True)
-            elif msg.request == BackendRequest.SHMEM_UNMAP:
-                status = self._shmem(msg, False)
+            if msg.request in (BackendRequest.SHMEM_MAP, BackendRequest.SHMEM_UNMAP):
+                ok = self._shmem(msg, msg.request == BackendRequest.SHMEM_MAP)
+                status = 0 if ok else self.failure_status
             elif msg.request == BackendRequest.CONFIG_CHANGE_MSG:
                 self.config_changes += 1
+            elif msg.request in self.extra_backend_requests:
+                status = self.extra_backend_requests[msg.request](msg)
             else:
-                status = 1
+                status = self.failure_status
         finally:
             msg.close_fds()
-        if msg.flags & FLAG_NEED_REPLY:
+        if msg.flags & FLAG_NEED_REPLY or msg.request in self.extra_backend_requests:
             ch.send_reply(msg.request, build_u64(status))
 
-    def _shmem(self, msg: Message, is_map: bool) -> int:
+    def _shmem(self, msg: Message, is_map: bool) -> bool:
+        """Map or unmap as asked; False (with the reason in service_errors) when the window cannot."""
         if len(msg.payload) != MMapRequest.sizeof():
             self.service_errors.append(f"SHMEM request of {len(msg.payload)} bytes")
-            return 1
+            return False
         r = MMapRequest.parse(msg.payload)
         window = self.shm.get(r.shmid)
         if window is None:
             self.service_errors.append(f"SHMEM request for unknown shmid {r.shmid}")
-            return 1
+            return False
         m = ShmMapping(r.shm_offset, r.len, r.fd_offset, r.flags)
         try:
             if is_map:
@@ -537,10 +496,10 @@ class Frontend:
                 window.map(msg.fds[0], m)
             else:
                 window.unmap(m)
-        except (FrontendError, OSError) as e:
+        except (FrontendError, WindowError, OSError) as e:
             self.service_errors.append(str(e))
-            return 1
-        return 0
+            return False
+        return True
 
     # --- teardown ---------------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import socket
 import stat
 from typing import Any, Final, Protocol
 
+from . import shmem_bit
 from .device import Device, DeviceRefused
 from .memory import GuestMemoryError, RegionDesc
 from .message import Channel, Message, MissingFd, PeerClosed, ProtocolError
@@ -195,7 +196,7 @@ class Requests:
         features = self._u64(msg)
         if features & ~self.state.offered_protocol:
             raise Refused(f"protocol features {features & ~self.state.offered_protocol:#x} were never offered")
-        self.state.protocol_features = features
+        self.state.protocol_features = shmem_bit.from_wire(features, self.state.shmem_bit)
 
     def _on_set_owner(self, msg: Message) -> None:
         self._no_payload(msg)

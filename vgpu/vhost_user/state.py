@@ -15,6 +15,7 @@ from .wire import MAX_MEM_SLOTS, ProtocolFeature, bit
 @dataclass
 class ConnectionState:
     offered_features: int
+    # As offered on the wire; `protocol_features` is what the acked ones mean (SHMEM on its own bit, shmem_bit.py).
     offered_protocol: int
     queues: list[Virtqueue]
     memory: GuestMemory = field(default_factory=lambda: GuestMemory(MAX_MEM_SLOTS))
@@ -24,6 +25,7 @@ class ConnectionState:
     owner: bool = False
     status: int = 0
     backend_channel: Channel | None = None
+    shmem_bit: int = ProtocolFeature.SHMEM
 
     def has_protocol(self, feature: ProtocolFeature) -> bool:
         return bool(self.protocol_features & bit(feature))

@@ -122,6 +122,14 @@ class BackendRequest(enum.IntEnum):
     SHMEM_UNMAP = 10
 
 
+class CrosvmBackendRequest(enum.IntEnum):
+    """crosvm's own back-end requests beside the standard ones (its third_party/vmm_vhost/src/message.rs): a
+    crosvm front end always answers them with a u64 status, REPLY_ACK or not."""
+
+    GPU_MAP = 1006
+    EXTERNAL_MAP = 1007
+
+
 class ProtocolFeature(enum.IntEnum):
     """Bit numbers of the vhost-user protocol features."""
 
@@ -149,6 +157,11 @@ class ProtocolFeature(enum.IntEnum):
     GPA_ADDRESSES = 21
     # Bit 22 in QEMU 11.1 (588acb45c29f); drafts used 20 and rust-vmm vhost 0.16 used 21.
     SHMEM = 22
+
+
+# Where rust-vmm vhost 0.16 and crosvm from 2026-03-09 to 2026-08-03 put SHMEM; the spec's GPA_ADDRESSES
+# (spec/shmem-bit-21.md says when a back end may offer it and why only when asked).
+LEGACY_SHMEM_BIT: Final = ProtocolFeature.GPA_ADDRESSES
 
 
 def bit(n: int) -> int:
@@ -250,6 +263,20 @@ MMapRequest = Struct(
 )
 MMAP_FLAG_READ_ONLY: Final = 0
 MMAP_FLAG_READ_WRITE: Final = 1
+
+# crosvm's GPU_MAP (1006): Vulkan memory for the front end to import (the fd is an opaque memory handle).
+GpuMapRequest = Struct(
+    "shmid" / Int8un,
+    Padding(7),
+    "shm_offset" / Int64un,
+    "len" / Int64un,
+    "memory_idx" / Int32un,
+    "handle_type" / Int32un,
+    "device_uuid" / Bytes(16),
+    "driver_uuid" / Bytes(16),
+)
+# crosvm's EXTERNAL_MAP (1007): a pointer in the front end's own address space (in-process back ends only).
+ExternalMapRequest = Struct("shmid" / Int8un, Padding(7), "shm_offset" / Int64un, "len" / Int64un, "ptr" / Int64un)
 
 SHMEM_MAX_REGIONS: Final = 256
 ShmemConfig = Struct(

@@ -31,7 +31,6 @@ def pattern(length: int) -> bytes:
 
 class EchoDevice(Device):
     num_queues = 2
-    max_queue_size = 32768
 
     def __init__(self, noop: bool = False, shm_size: int = 0, map_timeout: float = 5.0) -> None:
         self.noop = noop
