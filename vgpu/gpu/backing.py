@@ -159,8 +159,11 @@ class Backing:
         """Whether any entry overlaps guest-physical [start, start + size)."""
         if self.hi <= start or start + size <= self.lo:
             return False
-        starts = self.addr.astype(np.int64)
-        return bool(np.any((starts < start + size) & (starts + self.length.astype(np.int64) > start)))
+        # Unsigned throughout (guest addresses may use all 64 bits): an entry ends after `start` if it begins at or
+        # after it, or begins less than its length before it.
+        a, n, lo = self.addr, self.length.astype(np.uint64), np.uint64(start)
+        ends_after = (a >= lo) | ((lo - a) < n)
+        return bool(np.any((a < np.uint64(min(start + size, (1 << 64) - 1))) & ends_after))
 
     def resolves(self, memory: GuestMemory) -> bool:
         """Whether every entry lies in the current memory table (the plan is kept for the next copy)."""
