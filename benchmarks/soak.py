@@ -1,6 +1,6 @@
 """Soak: one back-end process serves many real guests in a row; its fds and RSS after each, as a curve.
 
-    python -m benchmarks.soak [--guests N] [--kinds qemu11 qemu10] [--json DIR]
+    python -m benchmarks.soak [--guests N] [--kinds qemu11 qemu10] [--json DIR] [--replot SOAK_JSON ...]
 
 For each kind (``vgpu_lab.soak``): QEMU 11.1's guests map two host-visible blobs and draw a KMS frame on guest
 blobs; QEMU 10's draw fbcon and a KMS frame through vhost-user-gpu-pci. One back end per kind, started once,
@@ -56,15 +56,25 @@ def figures(out: Path, runs: list[soak.SoakRun]) -> list[Path]:
         after = [g.rss_after_kib for g in r.records]
         ok = sum(g.guest_ok and g.frame_ok for g in r.records)
         notes.append(f"{r.kind}: {ok}/{len(r.records)} guests ok; idle before any guest {r.idle_fds_cold} fds, "
-                     f"{r.idle_rss_cold_kib / 1024:.1f} MB")
+                     f"{r.idle_rss_cold_kib / 1024:.1f} MiB")
         notes.append(f"  after each guest: at most {max(g.fds_after for g in r.records)} fds, "
-                     f"RSS at most {max(after) / 1024:.1f} MB, trend {r.rss_slope_kib():+.1f} KB/guest")
+                     f"RSS at most {max(after) / 1024:.1f} MiB, trend {r.rss_slope_kib():+.1f} KiB/guest")
     return [
         line_chart(out / "soak.png", "Soak: one back end, consecutive guests - RSS", rss, x_label="guest",
-                   y_label="MB resident", y_min=0, notes=notes),
+                   y_label="MiB resident", y_min=0, notes=notes),
         line_chart(out / "soak_fds.png", "Soak: one back end, consecutive guests - open fds", fds, x_label="guest",
                    y_label="open fds", y_min=0, notes=notes),
     ]
+
+
+def read_runs(path: Path) -> list[soak.SoakRun]:
+    """The runs a soak.json recorded (complete or not), to merge runs made apart or redraw their figures."""
+    out = []
+    for r in json.loads(path.read_text())["runs"]:
+        run = soak.SoakRun(r["kind"], r["vmm"], r["idle_fds_cold"], r["idle_rss_cold_kib"],
+                           [soak.GuestRecord(**g) for g in r["guests_detail"]], r["backend_alive"])
+        out.append(run)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,8 +86,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep the work directory here (initrds, each failed guest's serial and our log)")
     ap.add_argument("--json", type=Path, metavar="DIR", default=RESULTS,
                     help="where soak.json and the figures go (default benchmarks/results)")
+    ap.add_argument("--replot", type=Path, nargs="+", metavar="SOAK_JSON",
+                    help="run no guests: merge these soak.json files (one run per kind, the last file's wins) and "
+                         "write soak.json and the figures from them (e.g. kinds soaked by separate invocations)")
     args = ap.parse_args(argv)
     started = time.monotonic()
+    if args.replot:
+        by_kind = {r.kind: r for path in args.replot for r in read_runs(path)}
+        merged = [by_kind[k] for k in soak.KINDS if k in by_kind]
+        # Complete when every kind has the guests asked for (--guests): a partial run's file says false forever.
+        write(args.json, merged, all(len(r.records) >= args.guests for r in merged), started)
+        for path in figures(args.json, merged):
+            print(f"wrote {path}")
+        return 0 if all(not r.failures for r in merged) else 1
     try:
         p = provision.Provisioner()
     except (ProvisionError, OSError) as e:

@@ -52,3 +52,14 @@ def test_the_command_writes_json_and_figures(tmp_path: Path) -> None:
     assert len(data["runs"][0]["guests_detail"]) == 3
     for p in command.figures(tmp_path, runs):
         assert png.decode(p.read_bytes()).shape[2] == 3
+
+
+def test_replot_merges_runs_recorded_apart(tmp_path: Path) -> None:
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    command.write(a, [soak.SoakRun("qemu11", "QEMU 11.1", 7, 39_000, [record(i) for i in range(3)])], False, 0.0)
+    command.write(b, [soak.SoakRun("qemu10", "QEMU 10", 7, 39_000, [record(i) for i in range(2)])], True, 0.0)
+    assert command.main(["--replot", str(a / "soak.json"), str(b / "soak.json"), "--guests", "2",
+                         "--json", str(out)]) == 0
+    data = json.loads((out / "soak.json").read_text())
+    assert data["complete"] and [r["kind"] for r in data["runs"]] == ["qemu11", "qemu10"]
+    assert (out / "soak.png").is_file() and (out / "soak_fds.png").is_file()
