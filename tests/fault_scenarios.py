@@ -28,7 +28,7 @@ from tests.conftest import REPO, BackendProcess, fd_count, start_backend, stop_b
 from tests.gpu_helpers import ALL_FEATURES, Gpu, resp_type
 from tests.test_gpu_2d import display
 from tests.test_gpu_host_blob import FEATURES, Client, backend_args, h
-from vgpu.procfs import settled_fd_count, wait_until
+from vgpu.procfs import rss_kib, settled_fd_count, wait_until
 from vgpu.protocol import CtrlType, ResourceUnmapBlob
 from vgpu.vhost_user.driver import GuestRam
 from vgpu.vhost_user.frontend import Frontend
@@ -70,14 +70,6 @@ class Fault:
 
     def row(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def held(pid: int) -> list[str]:

@@ -1,4 +1,4 @@
-"""A process's open fds, as end-to-end runs, tests and the conformance runner watch a back end's.
+"""A process's open fds and resident memory, as end-to-end runs, tests and the conformance runner watch a back end's.
 
 One place for "how many fds does it hold once it stops changing": a back end's socket appears before its set-up
 ends, and it releases a connection's fds just after the peer leaves, so a count taken at once is a race.
@@ -17,6 +17,18 @@ def fd_count(pid: int) -> int:
         return len(os.listdir(f"/proc/{pid}/fd"))
     except FileNotFoundError:
         return 0
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of `pid` in KiB (VmRSS of /proc/PID/status; 0 once the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return 0
 
 
 def wait_until(pred: Callable[[], object], timeout: float, step: float = 0.01) -> bool:

@@ -124,8 +124,15 @@ class Backing:
     _alias: Alias | None = field(default=None, init=False, repr=False)
     _moved: int = field(default=0, init=False, repr=False)  # runs copied the slow way since the last alias attempt
 
+    #: The guest-physical span [lo, hi) of all entries: a cheap first test of whether removed memory touches it.
+    lo: int = field(default=0, init=False)
+    hi: int = field(default=0, init=False)
+
     def __post_init__(self) -> None:
         self.ends = np.cumsum(self.length, dtype=np.int64)
+        if len(self.addr):
+            self.lo = int(self.addr.min())
+            self.hi = int((self.addr + self.length.astype(np.uint64)).max())
 
     @classmethod
     def from_entries(cls, entries: MemEntries) -> Backing:
@@ -143,6 +150,28 @@ class Backing:
         """Unmap the alias now (the resource is losing this backing).  Dropping the last reference does the same,
         later; the backing stays usable either way."""
         self._drop_alias()
+
+    def describe(self) -> str:
+        """For the log: where in guest memory this backing lies (memory hot-plug is checked against these)."""
+        return f"{len(self.addr)} entries, {self.size} bytes, gpa [{self.lo:#x}, {self.hi:#x})"
+
+    def touches(self, start: int, size: int) -> bool:
+        """Whether any entry overlaps guest-physical [start, start + size)."""
+        if self.hi <= start or start + size <= self.lo:
+            return False
+        # Unsigned throughout (guest addresses may use all 64 bits): an entry ends after `start` if it begins at or
+        # after it, or begins less than its length before it.
+        a, n, lo = self.addr, self.length.astype(np.uint64), np.uint64(start)
+        ends_after = (a >= lo) | ((lo - a) < n)
+        return bool(np.any((a < np.uint64(min(start + size, (1 << 64) - 1))) & ends_after))
+
+    def resolves(self, memory: GuestMemory) -> bool:
+        """Whether every entry lies in the current memory table (the plan is kept for the next copy)."""
+        try:
+            self._resolve(memory)
+        except BackingError:
+            return False
+        return True
 
     def validate(self, memory: GuestMemory, forbidden: list[tuple[int, int]]) -> None:
         """Every entry non-empty, inside one region, and clear of `forbidden` guest-physical ranges (rings)."""

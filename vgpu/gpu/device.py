@@ -73,6 +73,7 @@ from .backing import Backing, BackingError
 from .blobs import BlobEngine
 from .config import GpuConfig
 from .formats import BPP, supported, to_bgra
+from .memwatch import MemoryWatch
 from .output import Output, describe_layout
 from .resources import Resource, ResourceTable
 from .scanout import NO_RECT, BlobLayout, Scanout, intersect
@@ -114,6 +115,7 @@ class GpuDevice(Device):
         self.output = Output(config, lambda: self.transport, sinks)
         # What the driver was last told by GET_DISPLAY_INFO: a different layout later is a display change.
         self._reported = self.output.default_modes()
+        self.memwatch = MemoryWatch()
 
     # --- transport interface ----------------------------------------------------------------------------------
 
@@ -142,6 +144,9 @@ class GpuDevice(Device):
 
     def set_features(self, features: int) -> None:
         self.acked = features
+
+    def memory_changed(self) -> None:
+        self.memwatch.changed(self.transport.memory, self.resources)
 
     def has(self, feature: GpuFeature) -> bool:
         return bool(self.acked & feature.mask)
@@ -395,6 +400,7 @@ class GpuDevice(Device):
         if not len(cmd.entries):
             raise CommandError(_INVALID, "ATTACH_BACKING with no entries")
         res.backing = self._new_backing(cmd.entries)
+        log.debug("resource %d backing: %s", res.id, res.backing.describe())
 
     def _detach_backing(self, cmd: ResourceDetachBacking) -> None:
         res = self.resources.get(cmd.resource_id)
@@ -461,6 +467,8 @@ class GpuDevice(Device):
             if backing.size < cmd.size:
                 raise CommandError(_INVALID, f"entries cover {backing.size} bytes of a {cmd.size}-byte blob")
         self.resources.create_guest_blob(cmd.resource_id, cmd.blob_mem, cmd.blob_flags, cmd.size, backing)
+        if backing is not None:
+            log.debug("resource %d backing: %s", cmd.resource_id, backing.describe())
 
     # --- scanouts ---------------------------------------------------------------------------------------------
 

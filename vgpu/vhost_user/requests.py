@@ -257,20 +257,24 @@ class Requests:
         descs = [RegionDesc(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
                  for r in table.regions]
         self.state.memory.set_table(descs, fds)
+        log.info("memory table set: %s", ", ".join(_region(d) for d in descs) or "no regions")
         self._memory_changed()
 
     def _on_add_mem_reg(self, msg: Message) -> None:
         region = self._payload(msg, SingleMemoryRegion).region  # exact: 40 bytes unless XEN_MMAP (never offered)
         fd = msg.take_fd()
-        self.state.memory.add(RegionDesc(region.guest_phys_addr, region.memory_size, region.userspace_addr,
-                                    region.mmap_offset), fd)
+        desc = RegionDesc(region.guest_phys_addr, region.memory_size, region.userspace_addr, region.mmap_offset)
+        self.state.memory.add(desc, fd)
+        log.info("memory region added: %s (%d regions)", _region(desc), len(self.state.memory.regions))
         self._memory_changed()
 
     def _on_rem_mem_reg(self, msg: Message) -> None:
         region = self._payload(msg, SingleMemoryRegion).region
         if msg.fds:
             log.warning("REM_MEM_REG carried %d fds; closing them unused", len(msg.fds))
-        self.state.memory.remove(RegionDesc(region.guest_phys_addr, region.memory_size, region.userspace_addr, 0))
+        desc = RegionDesc(region.guest_phys_addr, region.memory_size, region.userspace_addr, 0)
+        self.state.memory.remove(desc)
+        log.info("memory region removed: %s (%d regions)", _region(desc), len(self.state.memory.regions))
         self._memory_changed()
 
     def _memory_changed(self) -> None:
@@ -414,6 +418,11 @@ class Requests:
 
     def _on_set_inflight_fd(self, msg: Message) -> None:
         raise Refused("inflight tracking is not supported")
+
+
+def _region(d: RegionDesc) -> str:
+    """A region as an operator reads it in the log (memory hot-plug shows up as these lines)."""
+    return f"gpa {d.guest_phys_addr:#x} +{d.memory_size:#x} (uva {d.userspace_addr:#x})"
 
 
 def _stream_socket(fd: int) -> socket.socket:

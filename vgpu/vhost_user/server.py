@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 from .backend import Session
 from .device import Device
+from .heap import release_freed_memory
 from .message import Channel
 from .services import LoopService, run_service, service_due, sleep_limit
 
@@ -68,6 +69,7 @@ def serve_connection(device: Device, sock: socket.socket, stop_fd: int | None = 
         if serving is not None:
             serving.session = None
         session.close()
+        release_freed_memory()
     return not session.stopping
 
 
