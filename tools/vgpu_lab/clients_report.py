@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from vgpu_lab import provision
 from vgpu_lab.guest_clients import (
@@ -30,6 +31,7 @@ from vgpu_lab.guest_clients import (
     provision_clients,
     provision_sid_clients,
     run_clients,
+    weston_script,
 )
 from vgpu_lab.qemu import Backend, socket_dir
 
@@ -40,6 +42,7 @@ BACKENDS = ("vgpu", "QEMU C")
 class Side:
     modetest: ModetestReport
     igt: dict[str, dict[str, str]]
+    weston_same: bool  # weston's own screenshot is what the console showed
     guest_ok: bool
 
 
@@ -57,8 +60,16 @@ def run_side(which: str, lab: provision.Lab, sid_root: Path, work: Path, tests: 
             mt = run_clients(lab, sock, modetest_script(), work / "modetest")
         with Backend(backend_command(which, lab), sock):
             igt = run_clients(lab, sock, igt_script(sid_root, tests), work / "igt", timeout=1800)
-    ok = all(r.guest.returncode == 0 and not r.guest.timed_out for r in (mt, igt))
-    return Side(modetest_report(mt), igt_results(igt), ok)
+        with Backend(backend_command(which, lab), sock):
+            weston = run_clients(lab, sock, weston_script(sid_root), work / "weston", outbox=work / "outbox")
+    ok = all(r.guest.returncode == 0 and not r.guest.timed_out for r in (mt, igt, weston))
+    shot = work / "outbox" / "weston-screenshot.png"
+    console = weston.dumps.get("weston")
+    same = False
+    if shot.is_file() and console is not None:
+        with Image.open(shot) as image:
+            same = bool(np.array_equal(np.asarray(image.convert("RGB")), console))
+    return Side(modetest_report(mt), igt_results(igt), same, ok)
 
 
 def markdown(sides: dict[str, Side]) -> str:
@@ -82,6 +93,9 @@ def markdown(sides: dict[str, Side]) -> str:
         out.append(f"| console picture `{name}` ({size}) identical | {'yes' if same else 'NO'} | (reference) |")
     out.append(f"| page flips seen (`-v`) | {'yes' if ours.modetest.flip_hz else 'no'} | "
                f"{'yes' if qemu.modetest.flip_hz else 'no'} |")
+    out += ["", "## weston", "", "| check | vgpu | QEMU C |", "|---|---|---|",
+            f"| weston 16 (DRM, pixman, kiosk) + weston-flower: its screenshot is the console's picture | "
+            f"{'yes' if ours.weston_same else 'NO'} | {'yes' if qemu.weston_same else 'NO'} |"]
     out += ["", "## IGT", "", "| program | subtest | vgpu | QEMU C |", "|---|---|---|---|"]
     counts = {k: {"SUCCESS": 0, "SKIP": 0, "FAIL": 0, "other": 0} for k in sides}
     differ = 0
@@ -120,9 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                  for which in BACKENDS}
     args.output.write_text(markdown(sides))
     if args.json:
-        args.json.write_text(json.dumps({k: {"guest_ok": s.guest_ok, "igt": s.igt, "modetest": {
-            "connectors": s.modetest.connectors, "modes": s.modetest.modes, "exits": s.modetest.exits,
-            "flip_hz": s.modetest.flip_hz}} for k, s in sides.items()}, indent=1) + "\n")
+        raw = {k: {"guest_ok": side.guest_ok, "weston_same": side.weston_same, "igt": side.igt,
+                   "modetest": {"connectors": side.modetest.connectors, "modes": side.modetest.modes,
+                                "exits": side.modetest.exits, "flip_hz": side.modetest.flip_hz}}
+               for k, side in sides.items()}
+        args.json.write_text(json.dumps(raw, indent=1) + "\n")
     print(f"wrote {args.output}")
     return 0 if all(s.guest_ok for s in sides.values()) else 1
 
