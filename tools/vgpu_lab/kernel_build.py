@@ -300,9 +300,10 @@ def patched_kernel(cache: Path | None = None, *, jobs: int | None = None) -> Pat
         (staging / "build.json").write_text(json.dumps(record, indent=2) + "\n")
         staging.replace(final)
         shutil.rmtree(work)
-        # Older keys and debris of other interrupted builds: nobody else builds while we hold the lock.
+        # Debris of other interrupted builds (nobody else builds while we hold the lock). Finished images of other
+        # keys stay: checkouts with other patches share this cache, and each would otherwise rebuild the other's.
         for stale in root.iterdir():
-            if stale.is_dir() and stale != final:
+            if stale.is_dir() and stale.name.startswith((".work-", ".staging-")):
                 shutil.rmtree(stale)
         log.info("patched kernel: built %s in %.0f s", final / "bzImage", seconds)
         return PatchedKernel(
