@@ -40,7 +40,7 @@ from benchmarks.exporter_facts import DESCRIBED, KERNEL_SOURCE, REAL_SOURCES
 from benchmarks.figure import GREEN, GREY, ORANGE, RED, Bar, hbar_chart
 from vgpu.blob import uapi
 from vgpu.blob.allocators import MemfdAllocator
-from vgpu.blob.dmabuf import KernelAnswerKind, VmProtAnswer, query_vm_prot, read_fdinfo
+from vgpu.blob.dmabuf import KernelAnswer, KernelAnswerKind, query_map_attr, read_fdinfo
 from vgpu.blob.resolve import Resolver, legacy_heuristic
 from vgpu.blob.types import CacheAttr, HostBuffer, Unresolved
 from vgpu_lab import paths
@@ -58,7 +58,7 @@ STRATEGIES = {
 VERDICTS = ("right", "dangerous", "slow", "other", "refused")
 PTE_ATTR = {"WB": "CACHED", "WC": "WC", "UC-": "UNCACHED", "UC": "UNCACHED"}
 ANSWERS = {a.name for a in CacheAttr}
-ENOTTY = VmProtAnswer(KernelAnswerKind.ENOTTY, errno=errno.ENOTTY)
+ENOTTY = KernelAnswer(KernelAnswerKind.ENOTTY, errno=errno.ENOTTY)
 GUEST_PROBE = "vgpu_lab.cache_matrix_probe"
 
 
@@ -107,7 +107,7 @@ def host_memfd_row() -> Row:
     with MemfdAllocator() as alloc:
         buffer = alloc.allocate(1 << 20)
         try:
-            answer = query_vm_prot(buffer.fd)
+            answer = query_map_attr(buffer.fd)
             ours, prov = _resolve(Resolver(), buffer)
         finally:
             buffer.close()
@@ -243,7 +243,7 @@ def host_costs(runs: int) -> list[dict[str, object]]:
     try:
         os.ftruncate(fd, 1 << 20)
         arg = bytearray(16)
-        arg[0] = uapi.DMA_BUF_INFO_VM_PROT
+        arg[0] = uapi.DMA_BUF_INFO_MAP_ATTR
 
         def bare() -> object:
             try:
@@ -256,8 +256,8 @@ def host_costs(runs: int) -> list[dict[str, object]]:
                 return f.read()
 
         out.append({"kind": "cost", "case": "DMA_BUF_IOCTL_INFO, bare ioctl (memfd: ENOTTY)", **timed(bare, runs)})
-        out.append({"kind": "cost", "case": "DMA_BUF_IOCTL_INFO, vgpu query_vm_prot (memfd: ENOTTY)",
-                    **timed(lambda: query_vm_prot(fd), runs)})
+        out.append({"kind": "cost", "case": "DMA_BUF_IOCTL_INFO, vgpu query_map_attr (memfd: ENOTTY)",
+                    **timed(lambda: query_map_attr(fd), runs)})
         out.append({"kind": "cost", "case": "fdinfo, bare read (memfd)", **timed(fdinfo, runs)})
         out.append({"kind": "cost", "case": "fdinfo, vgpu read_fdinfo (memfd)",
                     **timed(lambda: read_fdinfo(fd), runs)})

@@ -1,8 +1,8 @@
 """The dma-buf layer on this host: real memfds, real ENOTTY; fakes only for kernel answers that cannot exist here.
 
-This host kernel has no dma-buf exporter at all, so the answers a patched kernel would give (a VM_PROT value,
-ENOSYS, EINVAL, an unknown value) are played by a fake ``ioctl`` in the tests whose names say "fake". The real
-exporters are exercised inside a guest by tests/test_e2e_dmabuf_guest.py.
+This host kernel has no dma-buf exporter at all, so the answers a patched kernel would give are played in
+tests/test_blob_uapi_revisions.py. The real exporters are exercised inside a guest by
+tests/test_e2e_dmabuf_guest.py and tests/test_e2e_kernel_ioctl.py.
 """
 
 from __future__ import annotations
@@ -12,14 +12,12 @@ import fcntl
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
 from vgpu.blob import dmabuf, uapi
-from vgpu.blob.dmabuf import DmaBuf, KernelAnswerKind, VmProtAnswer
-from vgpu.blob.types import CacheAttr
+from vgpu.blob.dmabuf import DmaBuf, KernelAnswer, KernelAnswerKind
 
 
 def fd_count() -> int:
@@ -62,88 +60,22 @@ def test_parse_fdinfo_of_a_dmabuf_text() -> None:
 # --- DMA_BUF_IOCTL_INFO, real ------------------------------------------------------------------------------------
 
 
-def test_query_vm_prot_on_memfd_is_real_enotty(memfd: int) -> None:
-    answer = dmabuf.query_vm_prot(memfd)
-    assert answer == VmProtAnswer(KernelAnswerKind.ENOTTY, errno=errno.ENOTTY)
+def test_query_map_attr_on_memfd_is_real_enotty(memfd: int) -> None:
+    answer = dmabuf.query_map_attr(memfd)
+    assert answer == KernelAnswer(KernelAnswerKind.ENOTTY, errno=errno.ENOTTY)
     assert answer.attr is None and answer.code == "ENOTTY"
     assert answer.describe().startswith("DMA_BUF_IOCTL_INFO: ENOTTY, no such ioctl")
 
 
-def test_query_vm_prot_on_closed_fd_raises(memfd: int) -> None:
+def test_query_map_attr_on_closed_fd_raises(memfd: int) -> None:
     os.close(memfd)
     with pytest.raises(OSError) as exc:
-        dmabuf.query_vm_prot(memfd)
+        dmabuf.query_map_attr(memfd)
     assert exc.value.errno == errno.EBADF
 
 
-# --- DMA_BUF_IOCTL_INFO, fake kernels ------------------------------------------------------------------------------
-
-
-def fake_ioctl(*, value: int | None = None, err: int | None = None) -> Callable[..., Any]:
-    """A kernel with DMA_BUF_IOCTL_INFO: checks the request exactly as posted, then answers."""
-    seen: list[bytes] = []
-
-    def ioctl(fd: int, request: int, arg: bytearray, mutate: bool = True) -> int:
-        assert request == 0xC0106202 and mutate and len(arg) == 16
-        seen.append(bytes(arg))
-        if err is not None:
-            raise OSError(err, os.strerror(err))
-        parsed = uapi.dma_buf_info.parse(bytes(arg))
-        arg[:] = uapi.dma_buf_info.build({"param": parsed.param, "pad": 0, "value": value})
-        return 0
-
-    ioctl.seen = seen  # type: ignore[attr-defined]
-    return ioctl
-
-
-@pytest.mark.parametrize(
-    ("value", "attr", "code"),
-    [(0, CacheAttr.WC, "DMA_BUF_VM_PROT_WC"), (1, CacheAttr.CACHED, "DMA_BUF_VM_PROT_CACHED")],
-)
-def test_fake_kernel_known_values(
-    monkeypatch: pytest.MonkeyPatch, memfd: int, value: int, attr: CacheAttr, code: str
-) -> None:
-    fake = fake_ioctl(value=value)
-    monkeypatch.setattr(fcntl, "ioctl", fake)
-    answer = dmabuf.query_vm_prot(memfd)
-    assert answer.kind is KernelAnswerKind.VALUE and answer.attr is attr and answer.code == code
-    assert answer.describe() == f"DMA_BUF_IOCTL_INFO: {code}"
-    # param 1, pad 0, value 0 on the way in.
-    assert fake.seen == [(1).to_bytes(4, "little") + bytes(12)]  # type: ignore[attr-defined]
-
-
-@pytest.mark.parametrize("value", [2, 3, 0xFFFF_FFFF_FFFF_FFFF])
-def test_fake_kernel_unknown_value_is_never_an_attribute(
-    monkeypatch: pytest.MonkeyPatch, memfd: int, value: int
-) -> None:
-    monkeypatch.setattr(fcntl, "ioctl", fake_ioctl(value=value))
-    answer = dmabuf.query_vm_prot(memfd)
-    assert answer.kind is KernelAnswerKind.UNKNOWN_VALUE and answer.value == value and answer.attr is None
-    assert answer.code == f"value={value}" and "not used" in answer.describe()
-
-
-@pytest.mark.parametrize(
-    ("err", "kind"),
-    [
-        (errno.ENOSYS, KernelAnswerKind.ENOSYS),
-        (errno.EINVAL, KernelAnswerKind.EINVAL),
-        (errno.ENOTTY, KernelAnswerKind.ENOTTY),
-        (errno.EFAULT, KernelAnswerKind.ERROR),
-    ],
-)
-def test_fake_kernel_errnos_are_told_apart(
-    monkeypatch: pytest.MonkeyPatch, memfd: int, err: int, kind: KernelAnswerKind
-) -> None:
-    monkeypatch.setattr(fcntl, "ioctl", fake_ioctl(err=err))
-    answer = dmabuf.query_vm_prot(memfd)
-    assert answer.kind is kind and answer.errno == err and answer.attr is None
-    assert answer.code == errno.errorcode[err]
-
-
-def test_fake_kernel_value_for_another_param_is_not_vm_prot(monkeypatch: pytest.MonkeyPatch, memfd: int) -> None:
-    monkeypatch.setattr(fcntl, "ioctl", fake_ioctl(value=1))
-    answer = dmabuf.query_info(memfd, 99)
-    assert answer.kind is KernelAnswerKind.UNKNOWN_VALUE and answer.attr is None
+# Answers of kernels that have DMA_BUF_IOCTL_INFO (every revision, values, errnos) are played in
+# tests/test_blob_uapi_revisions.py.
 
 
 # --- DMA_BUF_IOCTL_SYNC ------------------------------------------------------------------------------------------
@@ -181,7 +113,7 @@ def test_dmabuf_open_proc_self_dup_and_close(memfd: int) -> None:
     with DmaBuf.open(f"/proc/self/fd/{memfd}") as buf:
         assert buf.fd != memfd and buf.size == 3 * 4096 and buf.exporter is None
         assert fcntl.fcntl(buf.fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
-        assert buf.query_vm_prot().kind is KernelAnswerKind.ENOTTY
+        assert buf.query_map_attr().kind is KernelAnswerKind.ENOTTY
         assert fd_count() == before + 1
     assert buf.closed and fd_count() == before
     buf.close()  # idempotent

@@ -1,8 +1,9 @@
 """Every branch of the resolver: kernel → allocator → operator rule → legacy heuristic → Unresolved.
 
 The host's own kernel answers ENOTTY (real, on real memfds). Kernel answers that cannot exist on this machine
-(a VM_PROT value, ENOSYS, EINVAL, an unknown value) and buffers with an exporter name (there is no dma-buf
-exporter here) are played by fakes, in tests whose names say "fake".
+(a revision-3 value, ENOSYS, EINVAL, an unknown value; every revision in tests/test_blob_uapi_revisions.py) and
+buffers with an exporter name (there is no dma-buf exporter here) are played by fakes, in tests whose names say
+"fake".
 """
 
 from __future__ import annotations
@@ -14,26 +15,27 @@ from pathlib import Path
 
 import pytest
 
-from vgpu.blob import allocators
-from vgpu.blob.dmabuf import KernelAnswerKind, VmProtAnswer
+from vgpu.blob import allocators, uapi
+from vgpu.blob.dmabuf import KernelAnswer, KernelAnswerKind, decode_map_attr
 from vgpu.blob.resolve import Resolver, legacy_heuristic, map_info
 from vgpu.blob.rules import parse_rules
 from vgpu.blob.types import CacheAttr, HostBuffer, Provenance, Resolution, Unresolved
 
-ENOTTY = VmProtAnswer(KernelAnswerKind.ENOTTY, errno=errno.ENOTTY)
-ENOSYS = VmProtAnswer(KernelAnswerKind.ENOSYS, errno=errno.ENOSYS)
-EINVAL = VmProtAnswer(KernelAnswerKind.EINVAL, errno=errno.EINVAL)
-WC = VmProtAnswer(KernelAnswerKind.VALUE, value=0)
-CACHED = VmProtAnswer(KernelAnswerKind.VALUE, value=1)
-UNKNOWN = VmProtAnswer(KernelAnswerKind.UNKNOWN_VALUE, value=7)
+ENOTTY = KernelAnswer(KernelAnswerKind.ENOTTY, errno=errno.ENOTTY)
+ENOSYS = KernelAnswer(KernelAnswerKind.ENOSYS, errno=errno.ENOSYS)
+EINVAL = KernelAnswer(KernelAnswerKind.EINVAL, errno=errno.EINVAL)
+TAG = uapi.DMA_BUF_MAP_REVISION << uapi.DMA_BUF_MAP_REVISION_SHIFT
+WC = decode_map_attr(TAG | uapi.DMA_BUF_MAP_FIXED | uapi.DMA_BUF_MAP_WC)
+CACHED = decode_map_attr(TAG | uapi.DMA_BUF_MAP_FIXED | uapi.DMA_BUF_MAP_CACHED)
+UNKNOWN = KernelAnswer(KernelAnswerKind.UNKNOWN_VALUE, value=7)
 
 RULES = parse_rules('[exporters]\ndrm = "uncached"\nsystem = "cached"\n[drm_drivers]\nvgem = "wc"\n', "cache.toml")
 
 
-def fake_kernel(answer: VmProtAnswer) -> tuple[Resolver, list[int]]:
+def fake_kernel(answer: KernelAnswer) -> tuple[Resolver, list[int]]:
     asked: list[int] = []
 
-    def query(fd: int) -> VmProtAnswer:
+    def query(fd: int) -> KernelAnswer:
         asked.append(fd)
         return answer
 
@@ -69,7 +71,7 @@ def fake_dmabuf(bare: HostBuffer, exporter: str, driver: str | None = None) -> H
 
 @pytest.mark.parametrize(("answer", "attr"), [(WC, CacheAttr.WC), (CACHED, CacheAttr.CACHED)])
 def test_fake_kernel_answer_wins_over_allocator(
-    memfd_buffer: HostBuffer, answer: VmProtAnswer, attr: CacheAttr
+    memfd_buffer: HostBuffer, answer: KernelAnswer, attr: CacheAttr
 ) -> None:
     resolver, asked = fake_kernel(answer)
     resolver.rules = RULES
@@ -97,9 +99,9 @@ def test_real_enotty_falls_through_to_allocator(memfd_buffer: HostBuffer) -> Non
     assert map_info(res) == 1
 
 
-@pytest.mark.parametrize(("answer", "said"), [(ENOSYS, "ENOSYS"), (EINVAL, "EINVAL"), (UNKNOWN, "value=7")])
+@pytest.mark.parametrize(("answer", "said"), [(ENOSYS, "ENOSYS"), (EINVAL, "EINVAL"), (UNKNOWN, "value=0x7")])
 def test_fake_kernel_non_answers_fall_through_and_are_reported(
-    memfd_buffer: HostBuffer, answer: VmProtAnswer, said: str
+    memfd_buffer: HostBuffer, answer: KernelAnswer, said: str
 ) -> None:
     resolver, _ = fake_kernel(answer)
     res = resolver.resolve(memfd_buffer)
@@ -201,7 +203,7 @@ def test_fake_dmabuf_unresolved_names_the_unmatched_exporter_and_driver(bare: Ho
 
 def test_fake_kernel_unknown_value_without_fallback_is_unresolved(bare: HostBuffer) -> None:
     resolver, _ = fake_kernel(UNKNOWN)
-    with pytest.raises(Unresolved, match="value=7"):
+    with pytest.raises(Unresolved, match="value=0x7"):
         resolver.resolve(fake_dmabuf(bare, "future"))
 
 

@@ -65,7 +65,7 @@ def test_load_missing_and_binary_files(tmp_path: Path) -> None:
 
 def test_allocator_override_outranks_the_allocator_but_not_the_kernel() -> None:
     from vgpu.blob.allocators import MemfdAllocator
-    from vgpu.blob.dmabuf import KernelAnswerKind, VmProtAnswer
+    from vgpu.blob.dmabuf import KernelAnswer, decode_map_attr
     from vgpu.blob.resolve import Resolver
     from vgpu.blob.types import CacheAttr, Provenance
 
@@ -77,8 +77,8 @@ def test_allocator_override_outranks_the_allocator_but_not_the_kernel() -> None:
             assert (r.attr, r.provenance) == (CacheAttr.WC, Provenance.OPERATOR)
             assert "allocator_overrides.memfd = wc" in r.detail and "overriding the allocator's CACHED" in r.detail
 
-            def fake_kernel_says_cached(fd: int) -> VmProtAnswer:
-                return VmProtAnswer(KernelAnswerKind.VALUE, 1, None)
+            def fake_kernel_says_cached(fd: int) -> KernelAnswer:
+                return decode_map_attr((3 << 56) | 0x100 | 1)  # revision 3: CACHED, fixed
 
             buf.resolution = None
             k = Resolver(rules=rules, kernel_query=fake_kernel_says_cached).resolve(buf)

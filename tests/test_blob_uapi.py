@@ -101,8 +101,8 @@ def test_ioctl_numbers_pinned() -> None:
 
 
 def test_dma_buf_info_pad_defaults_to_zero() -> None:
-    raw = uapi.dma_buf_info.build({"param": uapi.DMA_BUF_INFO_VM_PROT, "value": 0})
-    assert raw == (1).to_bytes(4, "little") + bytes(12)
+    raw = uapi.dma_buf_info.build({"param": uapi.DMA_BUF_INFO_MAP_ATTR, "value": 0})
+    assert raw == (2).to_bytes(4, "little") + bytes(12)
 
 
 @pytest.mark.parametrize("size", [-1, 1 << 14])

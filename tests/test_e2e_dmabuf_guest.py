@@ -70,7 +70,7 @@ def _guest_buffer(name: str, rules_path: str) -> None:
         buf = allocator.allocate(SIZE - 1)
     try:
         info = dmabuf.read_fdinfo(buf.fd)
-        answer = dmabuf.query_vm_prot(buf.fd)
+        answer = dmabuf.query_map_attr(buf.fd)
         res = Resolver().resolve(buf)
         record.update(
             exporter=buf.exporter,

@@ -96,6 +96,9 @@ def parser() -> argparse.ArgumentParser:
                        help="protocol-feature bit to offer SHMEM on: 22 (the spec; QEMU 11.1, crosvm since "
                             "2026-08) or 21 for front ends on rust-vmm vhost 0.16 (never QEMU 11.1: bit 21 is its "
                             "GPA_ADDRESSES)")
+    blobs.add_argument("--map-changing-placement", action="store_true",
+                       help="map buffers whose exporter says their attribute may change (a buffer it may move) WC, "
+                            "non-cacheable in the guest whatever the placement, instead of refusing them")
     blobs.add_argument("--map-timeout", type=float, default=GpuConfig.map_timeout, metavar="SECONDS",
                        help="how long to wait for the VMM to ack a blob mapping")
     lim = p.add_argument_group("limits a guest cannot exceed")
@@ -170,6 +173,7 @@ def _status_answer(serving: Serving, config: GpuConfig, allocator: Allocator, ar
             "allocator": allocator.name, "cache_rules": str(args.cache_rules) if args.cache_rules else None,
             "legacy_cache_heuristic": args.legacy_cache_heuristic,
             "guest_arch": _guest_arch_of(args).value,
+            "map_changing_placement": args.map_changing_placement,
             "context_types": [names.get(c, str(c)) for c in config.context_types],
             "quotas": quotas, "displays": [dict(sink.status()) for sink in sinks], **live,
         }
@@ -259,13 +263,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not state:
             raise AllocationError(f"allocator {allocator.name} is unavailable: {state.reason}")
         resolver = GuestResolver(Resolver(rules=load_rules(args.cache_rules) if args.cache_rules else None,
-                                          legacy_heuristic=args.legacy_cache_heuristic), _guest_arch_of(args))
+                                          legacy_heuristic=args.legacy_cache_heuristic,
+                                          map_changing=args.map_changing_placement), _guest_arch_of(args))
     except (ValueError, OSError, AllocationError) as e:
         # Backend program conventions: a requested feature that cannot be had fails at startup, not later.
         log.error("%s", e)
         return 1
-    log.info("allocator %s; cache rules %s; legacy heuristic %s; guest architecture %s (%s)", allocator.name,
-             args.cache_rules or "none", "on" if args.legacy_cache_heuristic else "off", resolver.arch.value,
+    log.info("allocator %s; cache rules %s; legacy heuristic %s; buffers that may move %s; guest architecture %s "
+             "(%s)", allocator.name, args.cache_rules or "none", "on" if args.legacy_cache_heuristic else "off",
+             "mapped WC" if args.map_changing_placement else "refused", resolver.arch.value,
              "--guest-arch" if args.guest_arch is not None else "the host's")
 
     serving = Serving()

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vgpu.blob import allocators
-from vgpu.blob.dmabuf import DmaBuf, query_vm_prot, read_fdinfo
+from vgpu.blob.dmabuf import DmaBuf, query_map_attr, read_fdinfo
 from vgpu.blob.resolve import Resolver, map_info
 from vgpu.blob.rules import RulesError, load_rules
 from vgpu.blob.types import HostBuffer, Unresolved
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def describe(buffer: HostBuffer, source: str, resolver: Resolver) -> tuple[dict[str, Any], int]:
     """Everything the tool reports about one buffer, and the exit status it implies."""
     info = read_fdinfo(buffer.fd)
-    answer = query_vm_prot(buffer.fd)
+    answer = query_map_attr(buffer.fd)
     report: dict[str, Any] = {
         "source": source,
         "allocator": buffer.allocator,

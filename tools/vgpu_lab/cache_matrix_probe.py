@@ -36,7 +36,7 @@ from vgpu.blob.allocators import (
     VgemAllocator,
     find_drm_node,
 )
-from vgpu.blob.dmabuf import KernelAnswerKind, VmProtAnswer, drm_version, query_vm_prot, read_fdinfo
+from vgpu.blob.dmabuf import KernelAnswer, KernelAnswerKind, drm_version, query_map_attr, read_fdinfo
 from vgpu.blob.resolve import Resolver, legacy_heuristic
 from vgpu.blob.types import HostBuffer, Unresolved
 from vgpu_lab.dmabuf_probe import ENV_FDS, parse_fds
@@ -53,7 +53,7 @@ ALLOCATOR_OF: dict[str, type[BaseAllocator]] = {
 }
 #: The DRM driver behind each PRIME export (the C program found the node by DRM_IOCTL_VERSION name).
 DRM_DRIVER_OF = {"vgem": "vgem", "virtio-gpu": "virtio_gpu"}
-ENOTTY_ANSWER = VmProtAnswer(KernelAnswerKind.ENOTTY, errno=errno.ENOTTY)
+ENOTTY_ANSWER = KernelAnswer(KernelAnswerKind.ENOTTY, errno=errno.ENOTTY)
 PAT_TABLE = ("WB", "WC", "UC-", "UC", "WB", "WP", "UC-", "WT")
 _RANGE = re.compile(r"^0x([0-9a-f]+)-0x([0-9a-f]+)\s")
 
@@ -73,7 +73,7 @@ def _resolve(resolver: Resolver, buffer: HostBuffer) -> tuple[str, str]:
 def strategies(name: str, fd: int) -> dict[str, object]:
     """Every strategy's answer for one borrowed fd (never closed here: the C program owns it)."""
     exporter = read_fdinfo(fd).exporter
-    answer = query_vm_prot(fd)
+    answer = query_map_attr(fd)
     alloc = ALLOCATOR_OF.get(name)
     drm_driver = DRM_DRIVER_OF.get(name)
     buffer = HostBuffer(
@@ -109,7 +109,7 @@ def timed(fn: Callable[[], object], runs: int) -> dict[str, float]:
 def raw_ioctl(fd: int) -> Callable[[], object]:
     """The bare DMA_BUF_IOCTL_INFO call, the errno swallowed: what the kernel itself costs from Python."""
     arg = bytearray(16)
-    arg[0] = uapi.DMA_BUF_INFO_VM_PROT
+    arg[0] = uapi.DMA_BUF_INFO_MAP_ATTR
 
     def call() -> object:
         try:
@@ -149,8 +149,8 @@ def costs(fds: dict[str, int], runs: int) -> None:
             continue
         fd = fds[name]
         emit("cost", case=f"DMA_BUF_IOCTL_INFO, bare ioctl ({name})", **timed(raw_ioctl(fd), runs))
-        emit("cost", case=f"DMA_BUF_IOCTL_INFO, vgpu query_vm_prot ({name})",
-             **timed(functools.partial(query_vm_prot, fd), runs))
+        emit("cost", case=f"DMA_BUF_IOCTL_INFO, vgpu query_map_attr ({name})",
+             **timed(functools.partial(query_map_attr, fd), runs))
     if "vgem" in fds:
         fd = fds["vgem"]
         emit("cost", case="fdinfo, bare read (vgem)", **timed(raw_fdinfo(fd), runs))

@@ -3,7 +3,7 @@
 Why a separate program: the static ``dmabuf_info`` guest program creates the buffers (udmabuf, system heap, vgem
 and virtio-gpu PRIME exports, a memfd), reads the page-table truth, and then ``exec``s this module inside a chroot
 of the host's root (shared read-only over virtio-9p), handing over the very same fds in ``VGPU_DMABUF_FDS``
-(``name=fd,...``). So the answers printed here come from :func:`vgpu.blob.dmabuf.query_vm_prot` and the
+(``name=fd,...``). So the answers printed here come from :func:`vgpu.blob.dmabuf.query_map_attr` and the
 :class:`~vgpu.blob.resolve.Resolver` running on the real kernel, about buffers whose truth is already known.
 
 One line per buffer, for the test to parse::
@@ -31,7 +31,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from vgpu.blob.dmabuf import query_info, query_vm_prot, read_fdinfo
+from vgpu.blob.dmabuf import query_info, query_map_attr, read_fdinfo
 from vgpu.blob.resolve import Resolver
 from vgpu.blob.rules import parse_rules
 from vgpu.blob.types import HostBuffer, Unresolved
@@ -58,7 +58,7 @@ def parse_fds(text: str) -> list[tuple[str, int]]:
 def probe(name: str, fd: int) -> str:
     """The report line for one borrowed fd (it is never closed here: the C program owns it)."""
     exporter = read_fdinfo(fd).exporter
-    answer = query_vm_prot(fd)
+    answer = query_map_attr(fd)
     unknown = query_info(fd, UNKNOWN_PARAM)
     buffer = HostBuffer(fd=fd, size=os.fstat(fd).st_size, allocator="external", exporter=exporter)
     try:
@@ -79,7 +79,7 @@ def fallbacks(name: str, fd: int) -> list[str]:
     must decide from nothing but the fd (allocator ``external``: no allocator knowledge to fall back on).
     """
     exporter = read_fdinfo(fd).exporter
-    answer = query_vm_prot(fd)
+    answer = query_map_attr(fd)
     modes = (
         ("rule", Resolver(rules=parse_rules(FALLBACK_RULES, FALLBACK_RULES_SOURCE))),
         ("heuristic", Resolver(legacy_heuristic=True)),

@@ -3,8 +3,9 @@
 Why a layer of its own: the question "how is a host mapping of this buffer cached?" is asked of the kernel, and
 only the kernel's answers decide what the rest of vgpu may do with a buffer. This module turns each kernel answer
 into a typed value and never invents one: a stock kernel has no ``DMA_BUF_IOCTL_INFO`` (ENOTTY), an exporter may
-lack the hook (ENOSYS), a param may be unknown (EINVAL), or a future kernel may return a value we do not know —
-all of these are told apart and none of them is ever passed on as a cache attribute.
+lack the hook (ENOSYS), a kernel of another revision does not know our param (EINVAL), or a kernel may return a
+value of another revision or one we do not know — all of these are told apart and none of them is ever passed on
+as a cache attribute.
 
 The free functions *borrow* an fd (the caller keeps owning it, e.g. a :class:`~vgpu.blob.types.HostBuffer`);
 :class:`DmaBuf` *owns* one and closes it deterministically.
@@ -19,7 +20,7 @@ import errno
 import fcntl
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from . import uapi
@@ -118,31 +119,38 @@ def cpu_access(fd: int, *, read: bool = True, write: bool = False) -> Iterator[N
 class KernelAnswerKind(enum.Enum):
     """The distinguishable outcomes of ``DMA_BUF_IOCTL_INFO``."""
 
-    VALUE = "value"  # a DMA_BUF_VM_PROT_* value we know
-    UNKNOWN_VALUE = "unknown value"  # the kernel answered, but with a value this code does not know
+    VALUE = "value"  # a revision-3 answer every bit of which this code knows
+    OTHER_REVISION = "other revision"  # a value without our revision's tag: v1/v2 numbering, or a later revision
+    UNKNOWN_VALUE = "unknown value"  # our revision (or another param) with an attribute or flag we do not know
     ENOTTY = "ENOTTY"  # no such ioctl: every stock kernel (the proposal was never merged), or not a dma-buf
     ENOSYS = "ENOSYS"  # the kernel has the ioctl but this exporter has no mmap_info hook
-    EINVAL = "EINVAL"  # the kernel does not know the param
+    EINVAL = "EINVAL"  # the kernel does not know the param: also what a v1 or v2 kernel says to ours
     ERROR = "error"  # any other errno: reported, never interpreted
 
 
 _EXPLAIN = {
     KernelAnswerKind.ENOTTY: "no such ioctl: a kernel without DMA_BUF_IOCTL_INFO, or not a dma-buf",
     KernelAnswerKind.ENOSYS: "the exporter does not say: it has no mmap_info hook",
-    KernelAnswerKind.EINVAL: "the kernel does not know this param",
+    KernelAnswerKind.EINVAL: "the kernel does not know this param (a kernel of another revision)",
 }
 
-_VM_PROT_ATTR = {
-    uapi.DMA_BUF_VM_PROT_WC: (CacheAttr.WC, "DMA_BUF_VM_PROT_WC"),
-    uapi.DMA_BUF_VM_PROT_CACHED: (CacheAttr.CACHED, "DMA_BUF_VM_PROT_CACHED"),
+_MAP_ATTR = {
+    uapi.DMA_BUF_MAP_CACHED: CacheAttr.CACHED,
+    uapi.DMA_BUF_MAP_UNCACHED: CacheAttr.UNCACHED,
+    uapi.DMA_BUF_MAP_WC: CacheAttr.WC,
 }
+#: Bits 55:16 are not defined by revision 3: a value with any of them set is not one we can read.
+_REVISION_BITS = ((1 << 64) - 1) & ~((1 << uapi.DMA_BUF_MAP_REVISION_SHIFT) - 1)
+_DEFINED_BITS = _REVISION_BITS | uapi.DMA_BUF_MAP_ATTR_MASK | uapi.DMA_BUF_MAP_FLAGS
 
 
 @dataclass(frozen=True)
-class VmProtAnswer:
-    """The kernel's answer to ``DMA_BUF_IOCTL_INFO(DMA_BUF_INFO_VM_PROT)``, one of :class:`KernelAnswerKind`.
+class KernelAnswer:
+    """The kernel's answer to ``DMA_BUF_IOCTL_INFO(DMA_BUF_INFO_MAP_ATTR)``, one of :class:`KernelAnswerKind`.
 
-    Only ``VALUE`` carries a cache attribute (:attr:`attr`); every other kind is "the kernel did not say".
+    Only ``VALUE`` carries a cache attribute (:attr:`attr`) and flags (:attr:`fixed`, :attr:`needs_sync`); every
+    other kind is "the kernel did not say". Whether an attribute that may change or that needs cache maintenance
+    can be mapped is the resolver's decision, not this layer's.
     """
 
     kind: KernelAnswerKind
@@ -151,31 +159,68 @@ class VmProtAnswer:
 
     @property
     def attr(self) -> CacheAttr | None:
-        if self.kind is KernelAnswerKind.VALUE and self.value in _VM_PROT_ATTR:
-            return _VM_PROT_ATTR[self.value][0]
+        """The attribute the exporter's mmap installs now; None unless the kernel said it in our revision."""
+        if self.kind is KernelAnswerKind.VALUE and self.value is not None:
+            return _MAP_ATTR[self.value & uapi.DMA_BUF_MAP_ATTR_MASK]
         return None
+
+    def _flag(self, flag: int) -> bool:
+        return self.kind is KernelAnswerKind.VALUE and bool((self.value or 0) & flag)
+
+    @property
+    def fixed(self) -> bool:
+        """The exporter says the attribute holds for the buffer's life (pinned, or one attribute everywhere)."""
+        return self._flag(uapi.DMA_BUF_MAP_FIXED)
+
+    @property
+    def needs_sync(self) -> bool:
+        """The exporter says CPU access is coherent only inside DMA_BUF_IOCTL_SYNC (cache maintenance)."""
+        return self._flag(uapi.DMA_BUF_MAP_NEEDS_SYNC)
 
     @property
     def code(self) -> str:
-        """A short machine-readable form: the DMA_BUF_VM_PROT_* name, the errno name, or ``value=N``."""
-        if self.kind is KernelAnswerKind.VALUE and self.value in _VM_PROT_ATTR:
-            return _VM_PROT_ATTR[self.value][1]
-        if self.kind is KernelAnswerKind.UNKNOWN_VALUE:
-            return f"value={self.value}"
+        """A short machine-readable form: ``WC+fixed``, ``CACHED`` (may change), ``CACHED+fixed+sync``, the errno
+        name, or ``value=0x...`` for a value we do not read (the guest program prints the same forms)."""
+        if self.kind is KernelAnswerKind.VALUE and self.attr is not None:
+            flags = ("+fixed" if self.fixed else "") + ("+sync" if self.needs_sync else "")
+            return f"{self.attr.name}{flags}"
+        if self.kind in (KernelAnswerKind.OTHER_REVISION, KernelAnswerKind.UNKNOWN_VALUE):
+            return f"value={self.value:#x}" if self.value is not None else "value=?"
         return errno.errorcode.get(self.errno or 0, f"errno {self.errno}")
 
     def describe(self) -> str:
         text = f"DMA_BUF_IOCTL_INFO: {self.code}"
+        if self.kind is KernelAnswerKind.VALUE:
+            said = ["for the buffer's life" if self.fixed else "for now: the exporter may move the buffer"]
+            if self.needs_sync:
+                said.append("CPU access needs cache maintenance (DMA_BUF_IOCTL_SYNC)")
+            return f"{text} ({'; '.join(said)})"
+        if self.kind is KernelAnswerKind.OTHER_REVISION:
+            revision = (self.value or 0) >> uapi.DMA_BUF_MAP_REVISION_SHIFT
+            return (f"{text}, not tagged with revision {uapi.DMA_BUF_MAP_REVISION} (tag {revision}): another "
+                    "revision's numbering, not used")
         if self.kind is KernelAnswerKind.UNKNOWN_VALUE:
-            return text + ", a value this vgpu does not know (not used)"
+            return text + ", an attribute or flag this vgpu does not know (not used)"
         if self.kind in _EXPLAIN:
             return f"{text}, {_EXPLAIN[self.kind]}"
-        if self.kind is KernelAnswerKind.ERROR:
-            return f"{text}, {os.strerror(self.errno or 0)}"
-        return text
+        return f"{text}, {os.strerror(self.errno or 0)}"
 
     def __str__(self) -> str:
         return self.describe()
+
+
+def decode_map_attr(value: int) -> KernelAnswer:
+    """Read a value the kernel wrote for ``DMA_BUF_INFO_MAP_ATTR``: only revision 3, and only bits it defines.
+
+    Why this strict: the dangerous misreading is a value of another numbering taken for ours (v2's COHERENT_WC = 1
+    read as v1's CACHED = 1 maps write-combined memory cached), so a value without our tag, with bits revision 3
+    leaves undefined, or with an attribute or flag we do not know is "the kernel did not say", never a guess.
+    """
+    if value >> uapi.DMA_BUF_MAP_REVISION_SHIFT != uapi.DMA_BUF_MAP_REVISION:
+        return KernelAnswer(KernelAnswerKind.OTHER_REVISION, value=value)
+    if value & ~_DEFINED_BITS or value & uapi.DMA_BUF_MAP_ATTR_MASK not in _MAP_ATTR:
+        return KernelAnswer(KernelAnswerKind.UNKNOWN_VALUE, value=value)
+    return KernelAnswer(KernelAnswerKind.VALUE, value=value)
 
 
 _ERRNO_KIND = {
@@ -184,28 +229,34 @@ _ERRNO_KIND = {
     errno.EINVAL: KernelAnswerKind.EINVAL,
 }
 
+#: ``fcntl.ioctl``'s shape for a mutable buffer argument (the default); tests pass kernels of each revision.
+Ioctl = Callable[[int, int, bytearray, bool], object]
 
-def query_info(fd: int, param: int) -> VmProtAnswer:
-    """Issue ``DMA_BUF_IOCTL_INFO`` for ``param`` exactly as posted (16-byte struct, pad 0).
 
-    EBADF is a bug in the caller (a closed fd), not a kernel answer, so it propagates as OSError.
+def query_info(fd: int, param: int, *, ioctl: Ioctl | None = None) -> KernelAnswer:
+    """Issue ``DMA_BUF_IOCTL_INFO`` for ``param`` (16-byte struct, pad 0) and read the answer.
+
+    Only a ``DMA_BUF_INFO_MAP_ATTR`` answer is interpreted (:func:`decode_map_attr`); a value answered to any
+    other param is reported as unknown. EBADF is a bug in the caller (a closed fd), not a kernel answer, so it
+    propagates as OSError.
     """
     arg = bytearray(uapi.dma_buf_info.build({"param": param, "value": 0}))
     try:
-        fcntl.ioctl(fd, uapi.DMA_BUF_IOCTL_INFO, arg, True)
+        (ioctl or fcntl.ioctl)(fd, uapi.DMA_BUF_IOCTL_INFO, arg, True)
     except OSError as exc:
         if exc.errno == errno.EBADF:
             raise
-        return VmProtAnswer(_ERRNO_KIND.get(exc.errno or 0, KernelAnswerKind.ERROR), errno=exc.errno)
+        return KernelAnswer(_ERRNO_KIND.get(exc.errno or 0, KernelAnswerKind.ERROR), errno=exc.errno)
     value = int(uapi.dma_buf_info.parse(bytes(arg)).value)
-    if param == uapi.DMA_BUF_INFO_VM_PROT and value in _VM_PROT_ATTR:
-        return VmProtAnswer(KernelAnswerKind.VALUE, value=value)
-    return VmProtAnswer(KernelAnswerKind.UNKNOWN_VALUE, value=value)
+    if param == uapi.DMA_BUF_INFO_MAP_ATTR:
+        return decode_map_attr(value)
+    return KernelAnswer(KernelAnswerKind.UNKNOWN_VALUE, value=value)
 
 
-def query_vm_prot(fd: int) -> VmProtAnswer:
-    """Ask the exporter how user-space mappings of the buffer are cached (``DMA_BUF_INFO_VM_PROT``)."""
-    return query_info(fd, uapi.DMA_BUF_INFO_VM_PROT)
+def query_map_attr(fd: int) -> KernelAnswer:
+    """Ask the exporter how user-space mappings of the buffer are cached, and whether that holds
+    (``DMA_BUF_INFO_MAP_ATTR``, revision 3). Never asks v1/v2's param 1: see :func:`decode_map_attr`."""
+    return query_info(fd, uapi.DMA_BUF_INFO_MAP_ATTR)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -356,8 +407,8 @@ class DmaBuf(FdOwner):
     def exporter(self) -> str | None:
         return self.fdinfo().exporter
 
-    def query_vm_prot(self) -> VmProtAnswer:
-        return query_vm_prot(self.fd)
+    def query_map_attr(self) -> KernelAnswer:
+        return query_map_attr(self.fd)
 
     def cpu_access(self, *, read: bool = True, write: bool = False) -> contextlib.AbstractContextManager[None]:
         return cpu_access(self.fd, read=read, write=write)

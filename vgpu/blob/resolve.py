@@ -3,7 +3,12 @@
 Why this order (strongest source first, each a different kind of evidence):
 
 1. **the kernel** — ``DMA_BUF_IOCTL_INFO`` is the exporter itself describing the pgprot of its mmap; when it
-   answers with a value we know, nothing else is consulted;
+   answers with a value we know, nothing else is consulted. An answer that holds for the buffer's life is used
+   as it is. An answer that is only the current one (the exporter may move the buffer, as TTM drivers do between
+   VRAM and system memory) is refused, unless the operator opted in (``map_changing``), and then the buffer is
+   mapped :data:`PLACEMENT_SAFE` whatever it is now. An answer that says CPU access needs cache maintenance
+   (``DMA_BUF_IOCTL_SYNC``, which nothing can issue for a guest's accesses) is always refused. Neither refusal
+   falls through to the sources below: the exporter has spoken, and no rule or allocator table outranks it;
 2. **an operator override** — ``[allocator_overrides]`` in the rules file: the operator may outrank our allocator
    table (never the kernel), e.g. to map memfd buffers WC on a platform we do not know;
 3. **the allocator** — we made the buffer, and each allocator documents the kernel code path that fixes how its
@@ -15,23 +20,35 @@ Why this order (strongest source first, each a different kind of evidence):
 6. otherwise :class:`~vgpu.blob.types.Unresolved`: a buffer nobody can vouch for must not be mapped, since a
    guest mapping with the wrong attribute aliases host memory with a different cache type.
 
-When the kernel does not answer (ENOTTY on every stock kernel, ENOSYS, EINVAL, an unknown value) the source that
-does decide says, in its :attr:`Resolution.detail`, what the kernel said, so an operator can tell "the kernel was
-asked and could not say" from "the kernel said so".
+The resolver asks at every call — a MAP_BLOB never reuses an earlier answer, since the buffer may have moved.
+When the kernel does not answer (ENOTTY on every stock kernel, ENOSYS, EINVAL, a value of another revision or one
+we do not know) the source that does decide says, in its :attr:`Resolution.detail`, what the kernel said, so an
+operator can tell "the kernel was asked and could not say" from "the kernel said so".
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from .dmabuf import VmProtAnswer, query_vm_prot
+from .dmabuf import KernelAnswer, query_map_attr
 from .rules import OperatorRules
 from .types import CacheAttr, HostBuffer, Provenance, Resolution, Unresolved
 
 #: How the resolver asks the kernel; replaceable only so tests can play kernels that do not exist here.
-KernelQuery = Callable[[int], VmProtAnswer]
+KernelQuery = Callable[[int], KernelAnswer]
 
 LEGACY_CACHED_DRIVER = "i915"
+
+#: What a buffer whose attribute may change is mapped as, when the operator opted in: write-combined, i.e.
+#: non-cacheable in the guest on every architecture we know (x86 PAT WC; arm64 Normal-NC). Its placements are
+#: write-back (memory the device snoops) or write-combined (memory it does not). In a WC placement WC is exact.
+#: In a WB one it is a non-cacheable alias of cacheable memory: x86 keeps that coherent (the CPU snoops its caches
+#: on WC accesses; KVM honours a guest's PAT only on CPUs that self-snoop), and on arm64 the guest never holds a
+#: cache line of the buffer, so it cannot write stale lines back over the device's data. CACHED would be the
+#: dangerous alias in every WC placement, and UNCACHED is Device memory on arm64 (unaligned accesses fault).
+#: spec/dma-buf-info.md has the full argument, including what stays open on arm64.
+PLACEMENT_SAFE = CacheAttr.WC
+MAP_CHANGING_OPTION = "--map-changing-placement"
 
 
 def legacy_heuristic(name: str) -> CacheAttr:
@@ -56,7 +73,8 @@ def map_info(resolution: Resolution) -> int:
 class Resolver:
     """The project's :class:`~vgpu.blob.types.CacheResolver`.
 
-    ``rules`` are the operator's (None: no rules); ``legacy_heuristic`` enables the driver-name guess.
+    ``rules`` are the operator's (None: no rules); ``legacy_heuristic`` enables the driver-name guess;
+    ``map_changing`` maps buffers whose exporter says the attribute may change as :data:`PLACEMENT_SAFE`.
     """
 
     def __init__(
@@ -64,10 +82,12 @@ class Resolver:
         *,
         rules: OperatorRules | None = None,
         legacy_heuristic: bool = False,
-        kernel_query: KernelQuery = query_vm_prot,
+        map_changing: bool = False,
+        kernel_query: KernelQuery = query_map_attr,
     ) -> None:
         self.rules = rules
         self.legacy_heuristic = legacy_heuristic
+        self.map_changing = map_changing
         self._kernel_query = kernel_query
 
     def resolve(self, buffer: HostBuffer) -> Resolution:
@@ -81,7 +101,7 @@ class Resolver:
             raise ValueError(f"{describe_buffer(buffer)} is closed")
         answer = self._kernel_query(buffer.fd)
         if answer.attr is not None:
-            return Resolution(answer.attr, Provenance.KERNEL, answer.describe())
+            return self._kernel_said(buffer, answer)
         kernel = f"kernel: {answer.describe()}"
 
         override = self.rules.override(buffer.allocator) if self.rules is not None else None
@@ -106,7 +126,24 @@ class Resolver:
 
         raise Unresolved(f"{describe_buffer(buffer)}: {self._why_not(buffer, answer)}")
 
-    def _why_not(self, buffer: HostBuffer, answer: VmProtAnswer) -> str:
+    def _kernel_said(self, buffer: HostBuffer, answer: KernelAnswer) -> Resolution:
+        """The exporter answered: use it, refuse, or (opted in) map a changing buffer as PLACEMENT_SAFE."""
+        attr = answer.attr
+        assert attr is not None
+        if answer.needs_sync:
+            raise Unresolved(f"{describe_buffer(buffer)}: the exporter says CPU access needs cache maintenance "
+                             f"(DMA_BUF_IOCTL_SYNC), which a guest's mapping cannot do ({answer.describe()})")
+        if answer.fixed:
+            return Resolution(attr, Provenance.KERNEL, answer.describe())
+        if not self.map_changing:
+            raise Unresolved(f"{describe_buffer(buffer)}: the exporter says its attribute may change while the "
+                             f"buffer is mapped, and a guest's mapping cannot follow a move ({answer.describe()}); "
+                             f"{MAP_CHANGING_OPTION} maps such buffers {PLACEMENT_SAFE.name}")
+        return Resolution(PLACEMENT_SAFE, Provenance.OPERATOR,
+                          f"{MAP_CHANGING_OPTION}: mapped {PLACEMENT_SAFE.name}, non-cacheable in the guest whatever "
+                          f"the placement; kernel: {answer.describe()}")
+
+    def _why_not(self, buffer: HostBuffer, answer: KernelAnswer) -> str:
         reasons = [f"the kernel did not say ({answer.describe()})", f"allocator {buffer.allocator!r} knows nothing"]
         if self.rules is None:
             reasons.append("no operator rules are configured")

@@ -35,7 +35,7 @@ class Provenance(enum.Enum):
 class Resolution:
     attr: CacheAttr
     provenance: Provenance
-    detail: str  # e.g. "DMA_BUF_IOCTL_INFO: DMA_BUF_VM_PROT_WC" or "rule drm=wc in /etc/vgpu/cache.toml"
+    detail: str  # e.g. "DMA_BUF_IOCTL_INFO: WC+fixed (for the buffer's life)" or "rule drm=wc in /etc/vgpu/cache.toml"
 
     def __str__(self) -> str:
         return f"{self.attr.name} ({self.provenance.value}: {self.detail})"

@@ -62,16 +62,30 @@ DMA_BUF_SYNC_RW = DMA_BUF_SYNC_READ | DMA_BUF_SYNC_WRITE
 DMA_BUF_SYNC_START = 0 << 2
 DMA_BUF_SYNC_END = 1 << 2
 
-#: Exactly the posted proposal: 16 bytes, ``pad`` must be zero, ``value`` written by the kernel.
+#: The proposal's struct, unchanged through every revision: 16 bytes, ``pad`` must be zero, ``value`` written by the
+#: kernel.
 dma_buf_info = Struct(
     "param" / Int32ul,
     "pad" / Default(Int32ul, 0),
     "value" / Int64ul,
 )
 
+# Revisions of the question (spec/dma-buf-info.h says why they must never be confused). v1 (2022-07-29) and v2
+# (2022-08-15) both asked with param 1 and numbered the answer differently: v1 WC 0, CACHED 1; v2 INCOHERENT 0,
+# COHERENT_WC 1, COHERENT_CACHED 2. vgpu never asks param 1: a value answered to it cannot be told apart.
 DMA_BUF_INFO_VM_PROT = 1
-DMA_BUF_VM_PROT_WC = 0
-DMA_BUF_VM_PROT_CACHED = 1
+# Revision 3 (ours): param 2, the answer tagged with the revision in bits 63:56, the attribute in bits 7:0 (numbered
+# as virtio-gpu's map_info), flags in bits 15:8.
+DMA_BUF_INFO_MAP_ATTR = 2
+DMA_BUF_MAP_REVISION = 3
+DMA_BUF_MAP_REVISION_SHIFT = 56
+DMA_BUF_MAP_ATTR_MASK = 0xFF
+DMA_BUF_MAP_CACHED = 1
+DMA_BUF_MAP_UNCACHED = 2
+DMA_BUF_MAP_WC = 3
+DMA_BUF_MAP_FIXED = 1 << 8
+DMA_BUF_MAP_NEEDS_SYNC = 1 << 9
+DMA_BUF_MAP_FLAGS = DMA_BUF_MAP_FIXED | DMA_BUF_MAP_NEEDS_SYNC
 
 DMA_BUF_IOCTL_SYNC = _IOW(DMA_BUF_BASE, 0, dma_buf_sync)
 #: 0xc0106202; mainline's EXPORT_SYNC_FILE shares nr 2 with an 8-byte struct (0xc0086202), so no clash.

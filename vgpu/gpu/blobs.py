@@ -160,10 +160,11 @@ class BlobEngine:
             raise CommandError(_INVALID, f"resource {rid}: {e}") from e
 
     def _resolve(self, buffer: HostBuffer) -> Resolution:
-        if buffer.resolution is None:
-            if self.resolver is None:
-                raise Unresolved("no cache-attribute resolver is configured")
-            buffer.resolution = self.resolver.resolve(buffer)
+        """Ask afresh every time, never reusing ``buffer.resolution``: an exporter may have moved the buffer since
+        (the image requirements' map_info, an earlier MAP_BLOB), and only the answer of now may be mapped."""
+        if self.resolver is None:
+            raise Unresolved("no cache-attribute resolver is configured")
+        buffer.resolution = self.resolver.resolve(buffer)
         return buffer.resolution
 
     def _map_info_of(self, buffer: HostBuffer) -> int:
