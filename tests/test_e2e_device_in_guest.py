@@ -285,13 +285,16 @@ def _records(lines: list[str]) -> list[dict[str, Any]]:
     return [json.loads(line[len(PREFIX):]) for line in lines if line.startswith(PREFIX)]
 
 
-def _boot_device(rig: Rig, tmp_path: Path, *, patched: bool, rounds: tuple[str, ...] = ALLOCATORS
-                 ) -> tuple[dict[str, dict[str, Any]], str, float]:
-    """Boot one kernel with the given rounds; returns (allocator → round record, failure context, seconds)."""
+def _boot_device(rig: Rig, tmp_path: Path, *, patched: bool, rounds: tuple[str, ...] = ALLOCATORS,
+                 script_file: Path | None = None) -> tuple[dict[str, dict[str, Any]], str, float]:
+    """Boot one kernel with the given rounds; returns (allocator → round record, failure context, seconds).
+
+    ``script_file`` is the module whose ``--guest`` mode runs the rounds (default: this one), so other e2e modules
+    can run rounds of their own in the same guest set-up."""
     from vgpu_lab import dmabuf_guest, initramfs
     from vgpu_lab.qemu import QemuConfig, run_guest
 
-    here = Path(__file__).resolve()
+    here = (script_file or Path(__file__)).resolve()
     hidden = dmabuf_guest.shadowed([REPO, here, Path(sys.executable)])
     assert not hidden, f"the guest's chroot cannot show {hidden} (its own /dev, /proc, /sys cover them)"
     script = tmp_path / "device-guest"
@@ -389,7 +392,7 @@ def test_device_in_the_patched_guest_asks_the_kernel(rig: Rig, tmp_path: Path) -
     """udmabuf → map_info 1, vgem → map_info 3, both decided by the kernel, and the PTE agrees."""
     rounds, context, elapsed = _boot_device(rig, tmp_path, patched=True)
     print(f"patched kernel, device rounds {list(ALLOCATORS)}: {elapsed:.2f} s wall")
-    expect = {"udmabuf": ("CACHED", "DMA_BUF_VM_PROT_CACHED"), "vgem": ("WC", "DMA_BUF_VM_PROT_WC")}
+    expect = {"udmabuf": ("CACHED", "CACHED+fixed"), "vgem": ("WC", "WC+fixed")}
     for allocator, (attr, answer) in expect.items():
         r = rounds[allocator]
         m = _check_round(r, context, attr=attr, provenance="kernel", detail=f"DMA_BUF_IOCTL_INFO: {answer}")

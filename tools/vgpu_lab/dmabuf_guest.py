@@ -25,8 +25,10 @@ from pathlib import Path
 from vgpu_lab import initramfs, paths
 from vgpu_lab.qemu import GuestRun, QemuConfig, run_guest
 
-#: Every buffer the guest program makes, in its order.
+#: Every buffer the guest program makes on any kernel, in its order.
 BUFFERS = ("udmabuf", "system-heap", "vgem", "virtio-gpu", "memfd")
+#: The buffers of our patch's vgem test exporters, made only where vgem has them (the patched kernel).
+TEST_BUFFERS = ("vgem-moving", "vgem-incoherent")
 #: The guest waits for both DRM devices (vgem and virtio-gpu) before it runs.
 WAIT_FOR = "/dev/dri/card1"
 HOST_ROOT_TAG = "hostroot"
@@ -53,6 +55,7 @@ class BufferReport:
     name: str
     exp_name: str
     info: str
+    v1: str  # the answer to param 1, the earlier revisions' question (revision 3 must refuse it)
     param99: str
     pad1: str
     pte: str
@@ -62,7 +65,7 @@ class BufferReport:
 
 @dataclasses.dataclass(frozen=True)
 class PythonReport:
-    """One ``VGPU-GUEST py`` line: what :func:`vgpu.blob.dmabuf.query_vm_prot` and the resolver made of it."""
+    """One ``VGPU-GUEST py`` line: what :func:`vgpu.blob.dmabuf.query_map_attr` and the resolver made of it."""
 
     name: str
     exporter: str
@@ -85,9 +88,29 @@ def parse_report(lines: Iterable[str]) -> dict[str, BufferReport]:
             continue
         f = _fields(line)
         out[f["name"]] = BufferReport(
-            name=f["name"], exp_name=f["exp_name"], info=f["info"], param99=f["param99"], pad1=f["pad1"],
+            name=f["name"], exp_name=f["exp_name"], info=f["info"], v1=f["v1"], param99=f["param99"], pad1=f["pad1"],
             pte=f["pte"], pte_bits=f["pte_bits"], mmap=f["mmap"],
         )
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class MoveReport:
+    """One ``VGPU-GUEST dmabuf-move`` line: the moving test buffer after a move, as the kernel and the PTE see it."""
+
+    step: int
+    info: str
+    pte: str
+    pte_bits: str
+    same: bool
+
+
+def parse_moves(lines: Iterable[str]) -> list[MoveReport]:
+    out = []
+    for line in lines:
+        if line.startswith("VGPU-GUEST dmabuf-move ") and " fail " not in line:
+            f = _fields(line)
+            out.append(MoveReport(int(f["step"]), f["info"], f["pte"], f["pte_bits"], f["same"] == "yes"))
     return out
 
 
@@ -196,14 +219,14 @@ def run_dmabuf_guest(
 
 def table(c_reports: dict[str, BufferReport], py_reports: dict[str, PythonReport] | None = None) -> str:
     """A plain-text table of one boot (for logs and the benchmark note)."""
-    rows = [("buffer", "exp_name", "ioctl", "param 99", "pad 1", "PTE", "PTE bits", "python", "provenance")]
-    for name in BUFFERS:
+    rows = [("buffer", "exp_name", "ioctl", "param 1", "param 99", "pad 1", "PTE", "PTE bits", "python", "provenance")]
+    for name in (*BUFFERS, *(n for n in TEST_BUFFERS if n in c_reports)):
         c = c_reports.get(name)
         p = (py_reports or {}).get(name)
         if c is None:
-            rows.append((name, "(not made)", "", "", "", "", "", "", ""))
+            rows.append((name, "(not made)", "", "", "", "", "", "", "", ""))
             continue
-        rows.append((name, c.exp_name, c.info, c.param99, c.pad1, c.pte, c.pte_bits,
+        rows.append((name, c.exp_name, c.info, c.v1, c.param99, c.pad1, c.pte, c.pte_bits,
                      p.answer if p else "", p.provenance if p else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)

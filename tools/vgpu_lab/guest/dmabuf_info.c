@@ -1,15 +1,26 @@
 /*
- * dmabuf_info: ask real exporters DMA_BUF_IOCTL_INFO(DMA_BUF_INFO_VM_PROT), and read the truth from the page tables.
+ * dmabuf_info: ask real exporters DMA_BUF_IOCTL_INFO(DMA_BUF_INFO_MAP_ATTR), and read the truth from the page tables.
  *
  * For each buffer -- a udmabuf over a sealed memfd, a system dma-heap buffer, a vgem dumb buffer exported with
- * PRIME, a virtio-gpu dumb buffer exported with PRIME, and a plain memfd (not a dma-buf) -- it prints one line:
+ * PRIME, a virtio-gpu dumb buffer exported with PRIME, a plain memfd (not a dma-buf) and, where vgem has our
+ * patch's test exporters (/sys/module/vgem/parameters/test_exporter), a "moving" and an "incoherent" vgem test
+ * buffer -- it prints one line:
  *
- *   VGPU-GUEST dmabuf name=<buffer> fd=<n> exp_name=<exporter|-> info=<answer> param99=<answer> pad1=<answer>
- *       pte=<WB|WC|UC-|UC|WP|WT|-> pte_bits=<PWT,PCD,PAT|none|-> addr=<0x...>
+ *   VGPU-GUEST dmabuf name=<buffer> fd=<n> exp_name=<exporter|-> info=<answer> v1=<answer> param99=<answer>
+ *       pad1=<answer> pte=<WB|WC|UC-|UC|WP|WT|-> pte_bits=<PWT,PCD,PAT|none|-> addr=<0x...> mmap=<ok|errno>
  *
- * where an answer is CACHED, WC, value=<n> (a value the UAPI does not define) or the errno name (ENOTTY, ENOSYS,
- * EINVAL, ...). info asks DMA_BUF_INFO_VM_PROT as specified; param99 asks an unknown param; pad1 asks
- * DMA_BUF_INFO_VM_PROT with a non-zero pad. exp_name comes from /proc/self/fdinfo/<fd> (a dma-buf has one).
+ * where an answer is the attribute with its flags as vgpu's Python layer writes them (WC+fixed, CACHED for an
+ * attribute that may change, CACHED+fixed+sync), value=<0x...> (a value revision 3 does not define, or one without
+ * its tag) or the errno name (ENOTTY, ENOSYS, EINVAL, ...). info asks DMA_BUF_INFO_MAP_ATTR as specified; v1 asks
+ * param 1, the param of the earlier revisions, which ours must refuse; param99 asks an unknown param; pad1 asks
+ * DMA_BUF_INFO_MAP_ATTR with a non-zero pad. exp_name comes from /proc/self/fdinfo/<fd> (a dma-buf has one).
+ *
+ * Then the moving buffer is moved twice (writing /sys/module/vgem/parameters/test_move); after each move every page
+ * is written again (faulting in the new PTEs) and one line says what the kernel answers now and what the PTE is:
+ *
+ *   VGPU-GUEST dmabuf-move step=<1|2> info=<answer> pte=<type> pte_bits=<bits> same=<yes|no>
+ *
+ * (same: the bytes written before the moves are still there).
  *
  * Ground truth: every buffer is mmap()ed MAP_SHARED and each page written, then the program finds its own mapping
  * in /sys/kernel/debug/page_tables/current_kernel (PTDUMP_DEBUGFS; without page-table isolation the kernel's pgd
@@ -59,7 +70,7 @@ _Static_assert(DMA_BUF_IOCTL_INFO == 0xc0106202u, "DMA_BUF_IOCTL_INFO");
 #define DUMB_WIDTH 64
 #define DUMB_HEIGHT 64
 #define PTDUMP "/sys/kernel/debug/page_tables/current_kernel"
-#define MAX_BUFFERS 8
+#define MAX_BUFFERS 10
 
 struct buffer {
     const char *name;
@@ -105,15 +116,20 @@ static void failed(const char *name, const char *step)
 /* One DMA_BUF_IOCTL_INFO call, its outcome written into out as CACHED, WC, value=<n> or an errno name. */
 static void ask(int fd, __u32 param, __u32 pad, char *out, size_t len)
 {
+    static const char *const attrs[4] = {NULL, "CACHED", "UNCACHED", "WC"};
     struct dma_buf_info info = {.param = param, .pad = pad, .value = 0xdeadbeefu};
     if (ioctl(fd, DMA_BUF_IOCTL_INFO, &info) < 0) {
         snprintf(out, len, "%s", errno_name(errno));
-    } else if (param == DMA_BUF_INFO_VM_PROT && info.value == DMA_BUF_VM_PROT_CACHED) {
-        snprintf(out, len, "CACHED");
-    } else if (param == DMA_BUF_INFO_VM_PROT && info.value == DMA_BUF_VM_PROT_WC) {
-        snprintf(out, len, "WC");
+        return;
+    }
+    uint64_t v = info.value, attr = v & DMA_BUF_MAP_ATTR_MASK;
+    uint64_t defined = (0xffULL << DMA_BUF_MAP_REVISION_SHIFT) | DMA_BUF_MAP_ATTR_MASK | DMA_BUF_MAP_FLAGS;
+    if (param == DMA_BUF_INFO_MAP_ATTR && v >> DMA_BUF_MAP_REVISION_SHIFT == DMA_BUF_MAP_REVISION &&
+        !(v & ~defined) && attr >= 1 && attr <= 3) {
+        snprintf(out, len, "%s%s%s", attrs[attr], (v & DMA_BUF_MAP_FIXED) ? "+fixed" : "",
+                 (v & DMA_BUF_MAP_NEEDS_SYNC) ? "+sync" : "");
     } else {
-        snprintf(out, len, "value=%" PRIu64, (uint64_t)info.value);
+        snprintf(out, len, "value=%#" PRIx64, v);
     }
 }
 
@@ -305,6 +321,70 @@ static int pte_type(const char *dump, uintptr_t addr, char *type, size_t tlen, c
     return -1;
 }
 
+#define VGEM_PARAMS "/sys/module/vgem/parameters/"
+
+/* Write a vgem module parameter (our patch's test exporters); 0 or -1 with errno. */
+static int vgem_param(const char *param, const char *value)
+{
+    char path[128];
+    snprintf(path, sizeof(path), VGEM_PARAMS "%s", param);
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = write(fd, value, strlen(value));
+    int err = errno;
+    close(fd);
+    errno = err;
+    return n < 0 ? -1 : 0;
+}
+
+/* A vgem test exporter's buffer: select the kind, make the dumb buffer and export it, select "off" again. */
+static void make_test(const char *name, const char *kind)
+{
+    if (vgem_param("test_exporter", kind) < 0)
+        return failed(name, "test_exporter");
+    make_prime(name, "vgem");
+    if (vgem_param("test_exporter", "off") < 0)
+        failed(name, "test_exporter-off");
+}
+
+static struct buffer *find(const char *name)
+{
+    for (int i = 0; i < n_buffers; i++)
+        if (strcmp(buffers[i].name, name) == 0)
+            return &buffers[i];
+    return NULL;
+}
+
+/* Move the moving test buffer twice; after each move, fault every page in again and report answer and PTE. */
+static void moves(void)
+{
+    struct buffer *b = find("vgem-moving");
+    if (!b || b->map == MAP_FAILED)
+        return;
+    long page = sysconf(_SC_PAGESIZE);
+    volatile unsigned char *m = b->map;
+    for (int step = 1; step <= 2; step++) {
+        if (vgem_param("test_move", "1") < 0) {
+            printf("VGPU-GUEST dmabuf-move step=%d fail errno=%s\n", step, errno_name(errno));
+            return;
+        }
+        int same = 1;
+        for (size_t off = 0; off < b->size; off += (size_t)page) {
+            same &= m[off] == (unsigned char)(off / (size_t)page); /* the read faults the page in */
+            m[off] = (unsigned char)(off / (size_t)page);
+        }
+        char info[32], type[8] = "-", bits[32] = "-";
+        ask(b->fd, DMA_BUF_INFO_MAP_ATTR, 0, info, sizeof(info));
+        char *dump = read_all(PTDUMP);
+        if (dump)
+            pte_type(dump, (uintptr_t)b->map, type, sizeof(type), bits, sizeof(bits));
+        free(dump);
+        printf("VGPU-GUEST dmabuf-move step=%d info=%s pte=%s pte_bits=%s same=%s\n", step, info, type, bits,
+               same ? "yes" : "no");
+    }
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -313,6 +393,10 @@ int main(int argc, char **argv)
     make_prime("vgem", "vgem");
     make_prime("virtio-gpu", "virtio_gpu");
     make_memfd();
+    if (access(VGEM_PARAMS "test_exporter", W_OK) == 0) {
+        make_test("vgem-moving", "moving");
+        make_test("vgem-incoherent", "incoherent");
+    }
 
     for (int i = 0; i < n_buffers; i++)
         map_and_touch(&buffers[i]);
@@ -323,21 +407,23 @@ int main(int argc, char **argv)
     char env[512] = "";
     for (int i = 0; i < n_buffers; i++) {
         struct buffer *b = &buffers[i];
-        char name[64], info[32], param99[32], pad1[32], type[8] = "-", bits[32] = "-";
+        char name[64], info[32], v1[32], param99[32], pad1[32], type[8] = "-", bits[32] = "-";
         exp_name(b->fd, name, sizeof(name));
-        ask(b->fd, DMA_BUF_INFO_VM_PROT, 0, info, sizeof(info));
+        ask(b->fd, DMA_BUF_INFO_MAP_ATTR, 0, info, sizeof(info));
+        ask(b->fd, 1, 0, v1, sizeof(v1));
         ask(b->fd, 99, 0, param99, sizeof(param99));
-        ask(b->fd, DMA_BUF_INFO_VM_PROT, 1, pad1, sizeof(pad1));
+        ask(b->fd, DMA_BUF_INFO_MAP_ATTR, 1, pad1, sizeof(pad1));
         if (b->map != MAP_FAILED && dump)
             pte_type(dump, (uintptr_t)b->map, type, sizeof(type), bits, sizeof(bits));
-        printf("VGPU-GUEST dmabuf name=%s fd=%d exp_name=%s info=%s param99=%s pad1=%s pte=%s pte_bits=%s "
+        printf("VGPU-GUEST dmabuf name=%s fd=%d exp_name=%s info=%s v1=%s param99=%s pad1=%s pte=%s pte_bits=%s "
                "addr=%p mmap=%s\n",
-               b->name, b->fd, name, info, param99, pad1, type, bits, b->map == MAP_FAILED ? NULL : b->map,
+               b->name, b->fd, name, info, v1, param99, pad1, type, bits, b->map == MAP_FAILED ? NULL : b->map,
                b->map == MAP_FAILED ? errno_name(b->map_errno) : "ok");
         size_t used = strlen(env);
         snprintf(env + used, sizeof(env) - used, "%s%s=%d", used ? "," : "", b->name, b->fd);
     }
     free(dump);
+    moves();
     printf("VGPU-GUEST dmabuf-done ok made=%d failed=%d\n", n_buffers, n_failed);
 
     if (argc > 2 && strcmp(argv[1], "--exec") == 0) {
