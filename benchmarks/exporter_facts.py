@@ -28,10 +28,22 @@ class ExporterFact:
     row: str
     driver: str  # DRM driver name, the legacy heuristic's key ("-" for non-DRM exporters)
     exp_name: str  # fdinfo exp_name
-    truth: CacheAttr
+    truth: CacheAttr  # the attribute of the placement the buffer starts in
     fact: str  # what the mmap path does
     source: str  # file:line function
     verified: str  # how far this was checked
+    #: The attribute of the other placement a TTM driver may move the buffer to while it is mapped (None: it does
+    #: not move, or every placement it can take is mapped alike, so the truth is fixed).
+    moves_to: CacheAttr | None = None
+
+    @property
+    def changes(self) -> bool:
+        return self.moves_to is not None and self.moves_to is not self.truth
+
+    @property
+    def truth_name(self) -> str:
+        """``WC``, or ``WC|CACHED`` for a truth that changes over the buffer's life."""
+        return f"{self.truth.name}|{self.moves_to.name}" if self.changes and self.moves_to else self.truth.name
 
 
 #: Exporters that cannot exist here: described by the kernel fact.
@@ -50,10 +62,23 @@ DESCRIBED: tuple[ExporterFact, ...] = (
         "drivers/gpu/drm/i915/gem/i915_gem_ttm.c:657 i915_ttm_io_mem_reserve (l.681); "
         "drivers/gpu/drm/ttm/ttm_module.c:62 ttm_prot_from_caching", READ),
     ExporterFact(
-        "i915 discrete, LMEM-capable object evicted to system memory", "i915", "i915", CacheAttr.WC,
+        "i915 discrete, LMEM+SMEM object in system memory", "i915", "i915", CacheAttr.WC,
         "i915_ttm_select_tt_caching: objects with more than one placement get ttm_write_combined system pages "
-        "('Other objects get WC mapping for now. Even if in system.')",
-        "drivers/gpu/drm/i915/gem/i915_gem_ttm.c:112 i915_ttm_select_tt_caching", READ),
+        "('Other objects get WC mapping for now. Even if in system.'): it moves, but is WC in both places",
+        "drivers/gpu/drm/i915/gem/i915_gem_ttm.c:112 i915_ttm_select_tt_caching (l.119-122)", READ,
+        moves_to=CacheAttr.WC),
+    ExporterFact(
+        "i915 discrete, LMEM-only object evicted to system memory", "i915", "i915", CacheAttr.CACHED,
+        "i915_ttm_select_tt_caching: n_placements <= 1 gets ttm_cached system pages ('Objects only allowed in "
+        "system get cached cpu-mappings, or when evicting lmem-only buffers to system for swapping')",
+        "drivers/gpu/drm/i915/gem/i915_gem_ttm.c:112 i915_ttm_select_tt_caching (l.114-120)", READ),
+    ExporterFact(
+        "i915 discrete, LMEM-only object over its life (LMEM, evicted, back)", "i915", "i915", CacheAttr.WC,
+        "in LMEM: iomem with bus.caching ttm_write_combined (i915_ttm_io_mem_reserve); evicted to system memory: "
+        "ttm_cached pages (i915_ttm_select_tt_caching, n_placements <= 1); TTM tears CPU mappings down on each "
+        "move and the next fault takes the new pgprot (ttm_bo_vm_fault_reserved: ttm_io_prot per fault)",
+        "drivers/gpu/drm/i915/gem/i915_gem_ttm.c:681, :119-120; drivers/gpu/drm/ttm/ttm_bo_vm.c:218",
+        READ, moves_to=CacheAttr.CACHED),
     ExporterFact(
         "amdgpu VRAM (CPU-visible, PCIe-attached)", "amdgpu", "drm", CacheAttr.WC,
         "amdgpu_vram_mgr_new sets bus.caching = ttm_write_combined unless the GPU is XGMI-connected to the CPU "
@@ -64,9 +89,17 @@ DESCRIBED: tuple[ExporterFact, ...] = (
         "amdgpu_vram_mgr_new: adev->gmc.xgmi.connected_to_cpu → bus.caching = ttm_cached",
         "drivers/gpu/drm/amd/amdgpu/amdgpu_vram_mgr.c:614-615", READ),
     ExporterFact(
-        "amdgpu GTT with AMDGPU_GEM_CREATE_CPU_GTT_USWC", "amdgpu", "drm", CacheAttr.WC,
-        "amdgpu_ttm_tt_create: CPU_GTT_USWC → ttm_write_combined system pages",
-        "drivers/gpu/drm/amd/amdgpu/amdgpu_ttm.c:1132 amdgpu_ttm_tt_create (l.1150-1153)", READ),
+        "amdgpu GTT with AMDGPU_GEM_CREATE_CPU_GTT_USWC, where USWC is supported", "amdgpu", "drm", CacheAttr.WC,
+        "amdgpu_ttm_tt_create: CPU_GTT_USWC → ttm_write_combined system pages; the flag survives only where "
+        "amdgpu_bo_support_uswc() is true (x86-64 with PAT, or drm_arch_can_wc_memory())",
+        "drivers/gpu/drm/amd/amdgpu/amdgpu_ttm.c:1132 amdgpu_ttm_tt_create (l.1150-1153); "
+        "amdgpu_object.c:484 amdgpu_bo_support_uswc", READ),
+    ExporterFact(
+        "amdgpu GTT with CPU_GTT_USWC asked where USWC is unsupported", "amdgpu", "drm", CacheAttr.CACHED,
+        "amdgpu_bo_create clears CPU_GTT_USWC when amdgpu_bo_support_uswc() is false (32-bit x86, x86 without "
+        "PAT, architectures where drm_arch_can_wc_memory() is false), so amdgpu_ttm_tt_create picks ttm_cached",
+        "drivers/gpu/drm/amd/amdgpu/amdgpu_object.c:590-591 (amdgpu_bo_support_uswc l.484-515); "
+        "amdgpu_ttm.c:1150-1153", READ),
     ExporterFact(
         "amdgpu GTT without USWC", "amdgpu", "drm", CacheAttr.CACHED,
         "amdgpu_ttm_tt_create: no CPU_GTT_USWC flag → ttm_cached; ttm_prot_from_caching leaves the pgprot alone",
@@ -111,13 +144,38 @@ DESCRIBED: tuple[ExporterFact, ...] = (
         "drivers/gpu/drm/xe/xe_bo.c:341 xe_ttm_tt_create (l.369-374)",
         READ + "; exp_name 'drm' assumed from xe exporting via drm_gem_prime_export (xe_dma_buf.c not read)"),
     ExporterFact(
-        "xe BO in VRAM (discrete)", "xe", "drm", CacheAttr.WC,
-        "xe's io_mem_reserve sets bus.caching = ttm_write_combined for VRAM",
-        "drivers/gpu/drm/xe/xe_bo.c:474", READ + "; exp_name as above"),
+        "xe BO in VRAM (discrete, x86)", "xe", "drm", CacheAttr.WC,
+        "on x86 xe_ttm_io_mem_reserve leaves bus.caching at ttm_cached (ttm_resource_init), so ttm_io_prot keeps "
+        "the cached pgprot (bus.caching = ttm_write_combined is set only #if !defined(CONFIG_X86)); the PTE is WC "
+        "only because x86 PAT substitutes the memtype ioremap_wc reserved for the VRAM BAR: vmf_insert_pfn_prot "
+        "calls track_pfn_insert, which replaces the cache bits with lookup_memtype() of the BAR address",
+        "drivers/gpu/drm/xe/xe_bo.c:445 xe_ttm_io_mem_reserve (l.473-475); drivers/gpu/drm/xe/xe_vram.c:156 "
+        "ioremap_wc; mm/memory.c:2423; arch/x86/mm/pat/memtype.c:1069 track_pfn_insert, :654 lookup_memtype",
+        READ + "; exp_name as above"),
+    ExporterFact(
+        "xe BO with VRAM and system placements over its life (discrete, x86)", "xe", "drm", CacheAttr.WC,
+        "in VRAM: WC by PAT substitution (row above); in system memory on a discrete GPU: always ttm_cached "
+        "('DGFX system memory is always WB'); TTM re-faults CPU mappings after each move",
+        "drivers/gpu/drm/xe/xe_bo.c:362-367 xe_ttm_tt_create; :473-475; drivers/gpu/drm/ttm/ttm_bo_vm.c:218",
+        READ + "; exp_name as above", moves_to=CacheAttr.CACHED),
+    ExporterFact(
+        "amdgpu BO with VRAM and GTT domains, no USWC, over its life", "amdgpu", "drm", CacheAttr.WC,
+        "in VRAM: bus.caching ttm_write_combined (amdgpu_vram_mgr_new, PCIe parts); in GTT without USWC: "
+        "ttm_cached pages; TTM moves it between them under memory pressure and re-faults CPU mappings",
+        "drivers/gpu/drm/amd/amdgpu/amdgpu_vram_mgr.c:614-617; amdgpu_ttm.c:1150-1153; "
+        "drivers/gpu/drm/ttm/ttm_bo_vm.c:218", READ, moves_to=CacheAttr.CACHED),
+    ExporterFact(
+        "amdgpu BO with VRAM and GTT domains, USWC, over its life", "amdgpu", "drm", CacheAttr.WC,
+        "VRAM ttm_write_combined, GTT with USWC ttm_write_combined: it moves, but is WC in both places",
+        "drivers/gpu/drm/amd/amdgpu/amdgpu_vram_mgr.c:617; amdgpu_ttm.c:1150-1151", READ, moves_to=CacheAttr.WC),
 )
 
 #: The kernel facts behind the exporters this project creates for real (their truth is read from page tables).
 REAL_SOURCES: dict[str, str] = {
+    "vgem-moving": "our patch's vgem test exporter (drivers/gpu/drm/vgem/vgem_test.c): moves between WC and WB pages "
+                   "when test_move is written, as a TTM move does",
+    "vgem-incoherent": "our patch's vgem test exporter: WB pages whose CPU access it declares to need "
+                       "DMA_BUF_IOCTL_SYNC (its begin/end_cpu_access flush the CPU caches)",
     "memfd": "mm/shmem.c shmem_mmap/shmem_fault: page-cache pages, the VMA's default pgprot (not re-read here)",
     "udmabuf": "drivers/dma-buf/udmabuf.c:42 udmabuf_vm_fault: vmf_insert_pfn with the VMA's default pgprot",
     "system-heap": "drivers/dma-buf/heaps/system_heap.c:195 system_heap_mmap: remap_pfn_range(vma->vm_page_prot)",
