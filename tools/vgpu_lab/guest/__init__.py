@@ -74,7 +74,6 @@ def build_program(name: str, cache: Path, *, gcc: Path | None = None) -> Path:
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
-    for stale in out_dir.glob(f"{name}-*"):
-        if stale != target and stale.is_file():
-            stale.unlink(missing_ok=True)
+    # Other versions stay: checkouts with other sources share this cache and use theirs at the same time (deleting
+    # them failed another checkout's boot mid-test). Each is about 1 MB.
     return target
