@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from benchmarks import truths
 from benchmarks.common import RESULTS, write_result
 from benchmarks.figure import GREEN, ORANGE, RED, Bar, hbar_chart
 from vgpu.blob.guest_arch import GuestArch, for_guest
@@ -35,7 +36,7 @@ NAME = "arm64_memory_types"
 #: How an arm64 host kernel maps what an exporter asks for.
 HOST_MEMORY_TYPE = {"CACHED": "Normal-WB", "WC": "Normal-NC", "UNCACHED": "Device-nGnRnE"}
 #: The strategies that are our device, and so adapt their answer to the guest.
-ADAPTED = ("ours", "ours_stock")
+ADAPTED = ("ours", "ours_opted_in", "ours_stock")
 VERDICTS = ("right", "dangerous", "slow", "other", "refused")
 
 
@@ -83,11 +84,15 @@ def column(rows: Sequence[MatrixRow], types: Mapping[str, str]) -> list[dict[str
     """Per row: what each strategy sends an arm64 guest, the memory type that gives, and its verdict."""
     out = []
     for row in rows:
-        host = HOST_MEMORY_TYPE[row.truth]
+        host = "|".join(HOST_MEMORY_TYPE[p] for p in truths.placements(row.truth))
         sent = {s: sent_to_arm64(s, a) for s, a in row.answers.items()}
         memory = {s: types.get(a, "-") for s, a in sent.items()}
+
+        def one(guest: object, placement: str) -> str:
+            return verdict(guest if isinstance(guest, str) else None, HOST_MEMORY_TYPE[placement])
+
         out.append({"host": {"memory_type": host}, "sent": sent, "memory_type": memory,
-                    "verdicts": {s: verdict(types.get(a), host) for s, a in sent.items()}})
+                    "verdicts": {s: truths.judge(row.truth, types.get(a), one) for s, a in sent.items()}})
     return out
 
 

@@ -2,14 +2,21 @@
 
 1. **Correctness matrix.** Rows are exporters: the ones this project can create for real — a memfd on the host, and
    udmabuf, the system dma-heap, vgem PRIME and virtio-gpu PRIME exports (plus a memfd) inside our patched 6.12
-   guest kernel, whose truth is the PTE the kernel installed (read from its page-table dump) — and the exporters
-   users meet that cannot exist here (i915, amdgpu, msm, panfrost, …), described by the kernel fact in
-   :mod:`benchmarks.exporter_facts`. Columns are strategies: the kernel query (``DMA_BUF_IOCTL_INFO``; n/a for
-   described rows), our :class:`~vgpu.blob.resolve.Resolver` (allocator knowledge, no rules, no heuristic) on the
-   patched kernel and as if the kernel were silent (ENOTTY, every stock kernel), the legacy driver-name heuristic,
-   "always WC" and "always cached". A wrong answer is *dangerous* when it says CACHED for write-combined or
-   uncached memory (aliased cache types) and *slow* when it says WC/uncached for cached memory; an answer that
-   is not given (an errno, the resolver refusing) is counted as *refused*, never as right or wrong.
+   guest kernel, with our patch's vgem test exporters (a buffer that moves between WC and WB pages, one that needs
+   cache maintenance), whose truth is the PTE the kernel installed (read from its page-table dump; for the moving
+   one, every PTE it had) — and the exporters users meet that cannot exist here (i915, amdgpu, msm, panfrost, …),
+   described by the kernel fact in :mod:`benchmarks.exporter_facts`, some of them buffers TTM moves. A truth can
+   be several attributes (``WC|CACHED``: it changes over the buffer's life) or ``SYNC`` (no attribute is right;
+   :mod:`benchmarks.truths`). Columns are strategies: the kernel's attribute read alone (what the earlier
+   revisions' readers do; for a described buffer that moves, asked in its cached placement), our
+   :class:`~vgpu.blob.resolve.Resolver` hearing the exporter (the patched kernel for real rows; for described
+   rows a played kernel answering as an honest hook would), the same with ``--map-changing-placement``, our
+   resolver with the kernel silent (ENOTTY, every stock kernel; allocator knowledge, no rules, no heuristic), the
+   legacy driver-name heuristic, "always WC" and "always cached". A wrong answer is *dangerous* when it says
+   CACHED for write-combined or uncached memory (aliased cache types) and *slow* when it says WC/uncached for
+   cached memory; an answer that is not given (an errno, the resolver refusing) is counted as *refused*, never
+   as right or wrong. Counts are printed per truth source (page tables, kernel source) and for the changing and
+   the incoherent rows apart, so refusals cannot hide what an answer would have been.
 2. **Cost per query**: the ioctl (ENOTTY on this host, a value in the guest), reading fdinfo, opening a DRM node
    and asking DRM_IOCTL_VERSION (only inside the guest: this host has no DRM) — median and p99, as ratios to the
    cheapest in the same environment. Guest numbers run under TCG, so only their ratios mean anything.
@@ -34,13 +41,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks import arm64_column
+from benchmarks import arm64_column, truths
 from benchmarks.common import RESULTS, write_result
-from benchmarks.exporter_facts import DESCRIBED, KERNEL_SOURCE, REAL_SOURCES
+from benchmarks.exporter_facts import DESCRIBED, KERNEL_SOURCE, REAL_SOURCES, ExporterFact
 from benchmarks.figure import GREEN, GREY, ORANGE, RED, Bar, hbar_chart
 from vgpu.blob import uapi
 from vgpu.blob.allocators import MemfdAllocator
-from vgpu.blob.dmabuf import KernelAnswer, KernelAnswerKind, query_map_attr, read_fdinfo
+from vgpu.blob.dmabuf import KernelAnswer, KernelAnswerKind, decode_map_attr, query_map_attr, read_fdinfo
 from vgpu.blob.resolve import Resolver, legacy_heuristic
 from vgpu.blob.types import CacheAttr, HostBuffer, Unresolved
 from vgpu_lab import paths
@@ -48,9 +55,10 @@ from vgpu_lab.cache_matrix_probe import timed
 from vgpu_lab.shell import ProvisionError
 
 STRATEGIES = {
-    "kernel": "kernel query",
-    "ours": "ours (patched kernel)",
-    "ours_stock": "ours (kernel silent)",
+    "kernel": "kernel query, flags ignored",
+    "ours": "ours, exporter answers",
+    "ours_opted_in": "ours, changing mapped WC",
+    "ours_stock": "ours, kernel silent",
     "legacy": "legacy heuristic",
     "always_wc": "always WC",
     "always_cached": "always cached",
@@ -63,7 +71,10 @@ GUEST_PROBE = "vgpu_lab.cache_matrix_probe"
 
 
 def verdict(answer: str, truth: str) -> str:
-    """right / dangerous (CACHED for WC or UC memory) / slow (WC or UC for cached) / other / refused."""
+    """right / dangerous (CACHED for WC or UC memory) / slow (WC or UC for cached) / other / refused; a truth of
+    several placements or one that needs cache maintenance is judged by :func:`benchmarks.truths.judge`."""
+    if truth not in ANSWERS:
+        return truths.judge(truth, answer, lambda a, t: verdict(str(a), t))
     if answer not in ANSWERS:
         return "refused"
     if answer == truth:
@@ -114,25 +125,48 @@ def host_memfd_row() -> Row:
     kernel = answer.attr.name if answer.attr is not None else answer.code
     return Row("memfd (vgpu MemfdAllocator)", "host", "CACHED",
                "kernel fact (" + REAL_SOURCES["memfd"] + "); the guest memfd row's PTE shows the same",
-               _fixed({"kernel": kernel, "ours": ours, "ours_stock": ours, "legacy": "n/a"}),
-               {"ours": prov, "ours_stock": prov})
+               _fixed({"kernel": kernel, "ours": ours, "ours_opted_in": ours, "ours_stock": ours, "legacy": "n/a"}),
+               {"ours": prov, "ours_opted_in": prov, "ours_stock": prov})
+
+
+def hooked_answer(fact: ExporterFact) -> KernelAnswer:
+    """What the exporter would answer DMA_BUF_IOCTL_INFO (revision 3) if it had our hook and described its mmap
+    path honestly: the attribute of now (asked in its first placement), FIXED unless the attribute changes."""
+    value = (uapi.DMA_BUF_MAP_REVISION << uapi.DMA_BUF_MAP_REVISION_SHIFT) | int(fact.truth)
+    if fact.needs_sync:
+        value |= uapi.DMA_BUF_MAP_NEEDS_SYNC
+    return decode_map_attr(value if fact.changes else value | uapi.DMA_BUF_MAP_FIXED)
 
 
 def described_rows() -> list[Row]:
-    """Exporters that cannot exist here: our Resolver runs for real on a stand-in buffer with their names."""
+    """Exporters that cannot exist here: our Resolver runs for real on a stand-in buffer with their names.
+
+    ``ours`` and ``ours_opted_in`` hear the answer the exporter would give with our hook (:func:`hooked_answer`,
+    a played kernel: no such kernel exists for these drivers); ``ours_stock`` hears what every released kernel says
+    (ENOTTY). ``kernel`` is the attribute alone, read as the earlier revisions would, asked in the placement that
+    makes it worst (for a buffer that moves: the cached one)."""
     rows = []
     placeholder = os.memfd_create("vgpu-described", os.MFD_CLOEXEC)
     try:
         for fact in DESCRIBED:
-            buffer = HostBuffer(fd=placeholder, size=1 << 20, allocator="external", exporter=fact.exp_name,
-                                drm_driver=fact.driver)
-            # The kernel cannot be asked about a buffer that does not exist: the resolver sees what a stock kernel
-            # says (ENOTTY), which is also what every released kernel says about these exporters.
-            ours, prov = _resolve(Resolver(kernel_query=lambda _fd: ENOTTY), buffer)
-            rows.append(Row(fact.row, "described", fact.truth.name, fact.fact,
-                            _fixed({"kernel": "n/a", "ours": ours, "ours_stock": ours,
+            answer = hooked_answer(fact)
+
+            def hooked(_fd: int, answer: KernelAnswer = answer) -> KernelAnswer:
+                return answer
+
+            def resolve(resolver: Resolver, fact: ExporterFact = fact) -> tuple[str, str]:
+                return _resolve(resolver, HostBuffer(fd=placeholder, size=1 << 20, allocator="external",
+                                                     exporter=fact.exp_name, drm_driver=fact.driver))
+
+            ours, prov = resolve(Resolver(kernel_query=hooked))
+            opted, opted_prov = resolve(Resolver(kernel_query=hooked, map_changing=True))
+            stock, stock_prov = resolve(Resolver(kernel_query=lambda _fd: ENOTTY))
+            naive = fact.moves_to if fact.changes and fact.moves_to is CacheAttr.CACHED else fact.truth
+            rows.append(Row(fact.row, "described", fact.truth_name, fact.fact,
+                            _fixed({"kernel": naive.name, "ours": ours, "ours_opted_in": opted, "ours_stock": stock,
                                     "legacy": legacy_heuristic(fact.driver).name}),
-                            {"ours": prov, "ours_stock": prov}, fact.source, fact.verified))
+                            {"kernel": f"played: {answer.code}", "ours": prov, "ours_opted_in": opted_prov,
+                             "ours_stock": stock_prov}, fact.source, fact.verified))
     finally:
         os.close(placeholder)
     return rows
@@ -149,13 +183,6 @@ class GuestResult:
     bandwidth: list[dict[str, object]]
     notes: list[str]
     seconds: float
-
-
-def _cached_patched_kernel(cache: Path) -> Path | None:
-    """The finished patched kernel in the lab cache, without building one (a cold build takes ~6 minutes)."""
-    done = sorted((p for p in (cache / "patched-kernel").glob("*/bzImage") if (p.parent / "build.json").is_file()),
-                  key=lambda p: p.stat().st_mtime)
-    return done[-1] if done else None
 
 
 def guest_command(program: str, env: dict[str, str]) -> str:
@@ -191,7 +218,8 @@ def run_guest(runs: int, bw_size: int, bw_seconds: float, build_kernel: bool) ->
         if build_kernel:
             kernel: Path | None = kernel_build.patched_kernel(provisioner.cache).bzimage
         else:
-            kernel = _cached_patched_kernel(provisioner.cache)
+            found = kernel_build.find_patched_kernel(provisioner.cache)
+            kernel = found.bzimage if found is not None else None
         if kernel is None:
             return ("the patched kernel is not built (python -m vgpu_lab.kernel_build, about 6 minutes, or "
                     "--build-kernel)")
@@ -217,16 +245,26 @@ def run_guest(runs: int, bw_size: int, bw_seconds: float, build_kernel: bool) ->
     facts = [json.loads(line.split(" ", 2)[2]) for line in lines if line.startswith("VGPU-GUEST cm {")]
     rows: list[Row] = []
     notes: list[str] = []
+    moves = dmabuf_guest.parse_moves(lines)
     for f in (f for f in facts if f["kind"] == "row"):
         c = c_reports.get(str(f["name"]))
         if c is None or c.pte not in PTE_ATTR:
             notes.append(f"{f['name']}: no page-table truth ({c})")
             continue
-        source = f"PTE {c.pte} ({c.pte_bits}) in the guest's page-table dump; " + REAL_SOURCES.get(str(f["name"]), "")
-        rows.append(Row(f"{f['name']} (exp_name {f['exporter']})", "guest (patched 6.12, TCG)", PTE_ATTR[c.pte],
-                        source, _fixed({k: str(f[k]) for k in ("kernel", "ours", "ours_stock", "legacy")}),
-                        {"ours": str(f["ours_provenance"]), "ours_stock": str(f["ours_stock_provenance"]),
-                         "legacy": f"name {f['legacy_name']}"}))
+        truth = PTE_ATTR[c.pte]
+        source = f"PTE {c.pte} ({c.pte_bits}) in the guest's page-table dump"
+        if f["name"] == "vgem-moving":
+            seen = [c.pte, *(m.pte for m in moves)]
+            truth = "|".join(dict.fromkeys(PTE_ATTR[p] for p in seen if p in PTE_ATTR))
+            source = f"PTEs {' -> '.join(seen)} across the C program's two moves"
+        elif f["name"] == "vgem-incoherent":
+            truth = truths.SYNC
+        source += "; " + REAL_SOURCES.get(str(f["name"]), "")
+        rows.append(Row(f"{f['name']} (exp_name {f['exporter']})", "guest (patched 6.12, TCG)", truth, source,
+                        _fixed({k: str(f[k]) for k in ("kernel", "ours", "ours_opted_in", "ours_stock", "legacy")}),
+                        {"kernel": str(f["kernel_said"]), "ours": str(f["ours_provenance"]),
+                         "ours_opted_in": str(f["ours_opted_in_provenance"]),
+                         "ours_stock": str(f["ours_stock_provenance"]), "legacy": f"name {f['legacy_name']}"}))
     costs = [f for f in facts if f["kind"] in ("cost", "cost-missing")]
     bandwidth = [f for f in facts if f["kind"] in ("bw", "bw-missing")]
     return GuestResult(rows, costs, bandwidth, notes, time.monotonic() - started)
@@ -307,9 +345,9 @@ def print_matrix(rows: list[Row]) -> None:
 
 def print_counts(counts: dict[str, dict[str, int]], label: str) -> None:
     print(f"\nwrong answers per strategy ({label})")
-    print(f"{'strategy':<24}" + "".join(f" {v:>9}" for v in VERDICTS))
+    print(f"{'strategy':<28}" + "".join(f" {v:>9}" for v in VERDICTS))
     for s, name in STRATEGIES.items():
-        print(f"{name:<24}" + "".join(f" {counts[s][v]:>9}" for v in VERDICTS))
+        print(f"{name:<28}" + "".join(f" {counts[s][v]:>9}" for v in VERDICTS))
 
 
 def matrix_figure(counts: dict[str, dict[str, int]], n_rows: int, path: Path) -> Path:
@@ -368,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     real = [r for r in rows if r.where != "described"]
     print_counts(tally(real), f"{len(real)} real exporters, truth from page tables")
     print_counts(tally(described), f"{len(described)} described exporters, truth from {KERNEL_SOURCE}")
+    changing = [r for r in rows if "|" in r.truth]
+    print_counts(tally(changing), f"{len(changing)} rows whose truth changes over the buffer's life (TTM placement)")
+    incoherent = [r for r in rows if r.truth == truths.SYNC]
+    print_counts(tally(incoherent), f"{len(incoherent)} rows that need cache maintenance (only refusing is right)")
     ours = counts["ours"]
     print(f"\nours: {ours['dangerous']} dangerous, {ours['slow']} slow, {ours['refused']} refused, "
           f"{ours['right']} right of {len(rows)}")
@@ -418,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             "strategies": STRATEGIES, "verdicts": VERDICTS,
             "rows": [{**r.__dict__, "verdicts": r.verdicts()} for r in rows],
             "counts": counts, "counts_real": tally(real), "counts_described": tally(described),
+            "counts_changing": tally(changing), "counts_incoherent": tally(incoherent),
             "costs_host": hc, "costs_guest": gc, "bandwidth_guest": bw, "bandwidth_tcg_wc_over_cached": tcg_ratio,
             "bandwidth_note": tcg_note,
             "guest": "measured" if isinstance(guest, GuestResult) else guest,

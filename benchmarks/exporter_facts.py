@@ -35,6 +35,8 @@ class ExporterFact:
     #: The attribute of the other placement a TTM driver may move the buffer to while it is mapped (None: it does
     #: not move, or every placement it can take is mapped alike, so the truth is fixed).
     moves_to: CacheAttr | None = None
+    #: CPU access through the mapping is coherent with the device only inside DMA_BUF_IOCTL_SYNC.
+    needs_sync: bool = False
 
     @property
     def changes(self) -> bool:
@@ -42,18 +44,28 @@ class ExporterFact:
 
     @property
     def truth_name(self) -> str:
-        """``WC``, or ``WC|CACHED`` for a truth that changes over the buffer's life."""
+        """``WC``, ``WC|CACHED`` for a truth that changes over the buffer's life, ``SYNC`` for one that needs cache
+        maintenance (:mod:`benchmarks.truths`)."""
+        if self.needs_sync:
+            return "SYNC"
         return f"{self.truth.name}|{self.moves_to.name}" if self.changes and self.moves_to else self.truth.name
 
 
 #: Exporters that cannot exist here: described by the kernel fact.
 DESCRIBED: tuple[ExporterFact, ...] = (
     ExporterFact(
-        "i915 system memory (integrated GPU, no LMEM)", "i915", "i915", CacheAttr.CACHED,
+        "i915 system memory (integrated GPU with LLC, no LMEM)", "i915", "i915", CacheAttr.CACHED,
         "i915_gem_dmabuf_mmap: without LMEM the dma-buf mmap is forwarded to the object's shmem file "
-        "(call_mmap(obj->base.filp)): shmem pages with the VMA's default pgprot, write-back; CPU access on "
-        "non-LLC parts is made coherent by clflush in begin_cpu_access, not by the PTE",
+        "(call_mmap(obj->base.filp)): shmem pages with the VMA's default pgprot, write-back; the LLC is shared "
+        "with the GPU, so the cached mapping is coherent",
         "drivers/gpu/drm/i915/gem/i915_gem_dmabuf.c:94 i915_gem_dmabuf_mmap", READ),
+    ExporterFact(
+        "i915 system memory on a non-LLC integrated GPU", "i915", "i915", CacheAttr.CACHED,
+        "the same write-back shmem mapping, but the GPU does not snoop: i915_gem_begin_cpu_access moves the object "
+        "to the CPU domain, which clflushes it (i915_gem_object_set_to_cpu_domain → i915_gem_clflush_object, "
+        "skipped only for cache-coherent objects): coherent only inside DMA_BUF_IOCTL_SYNC",
+        "drivers/gpu/drm/i915/gem/i915_gem_dmabuf.c:118 i915_gem_begin_cpu_access; i915_gem_domain.c:519-522; "
+        "i915_gem_clflush.c:71", READ, needs_sync=True),
     ExporterFact(
         "i915 local memory (discrete GPU, LMEM placement)", "i915", "i915", CacheAttr.WC,
         "with LMEM the dma-buf mmap goes through drm_gem_prime_mmap to the TTM fault path; an object resident in "

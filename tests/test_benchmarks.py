@@ -120,10 +120,18 @@ def test_cache_matrix_runs_and_prints_the_matrix() -> None:
     from benchmarks.exporter_facts import DESCRIBED
 
     for fact in DESCRIBED:
-        assert re.search(rf"^{re.escape(fact.row)}\s+described\s+{fact.truth.name}\s", out, re.M), fact.row
+        truth = re.escape(fact.truth_name)
+        assert re.search(rf"^{re.escape(fact.row)}\s+described\s+{truth}\s", out, re.M), fact.row
     assert re.search(r"^memfd \(vgpu MemfdAllocator\)\s+host\s+CACHED\s+ENOTTY\s+CACHED", out, re.M), out
     tables = out.split("wrong answers per strategy")[1:]
-    assert len(tables) == 3, out
+    # all, real, described, truth that changes, needs cache maintenance
+    assert len(tables) == 5, out
+    # A buffer whose truth changes: the attribute read alone is dangerous (asked while cached), ours refuses by
+    # default and opted in answers the WC that is safe in every placement.
+    changing = tables[3]
+    assert re.search(r"^kernel query, flags ignored\s+0\s+[1-9]\d*\s+0\s+0\s+0$", changing, re.M), changing
+    assert re.search(r"^ours, exporter answers\s+0\s+0\s+0\s+0\s+[1-9]\d*$", changing, re.M), changing
+    assert re.search(r"^ours, changing mapped WC\s+[1-9]\d*\s+0\s+0\s+0\s+0$", changing, re.M), changing
     for table in tables:
         for name in STRATEGIES.values():
             assert re.search(rf"^{re.escape(name)}\s+" + r"\s+".join([r"\d+"] * len(VERDICTS)) + "$", table,

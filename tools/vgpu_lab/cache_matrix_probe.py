@@ -52,7 +52,10 @@ ALLOCATOR_OF: dict[str, type[BaseAllocator]] = {
     "memfd": MemfdAllocator,
 }
 #: The DRM driver behind each PRIME export (the C program found the node by DRM_IOCTL_VERSION name).
-DRM_DRIVER_OF = {"vgem": "vgem", "virtio-gpu": "virtio_gpu"}
+DRM_DRIVER_OF = {"vgem": "vgem", "virtio-gpu": "virtio_gpu", "vgem-moving": "vgem", "vgem-incoherent": "vgem"}
+#: Our patch's vgem test exporters: they exist only on the patched kernel, so "kernel silent" does not apply.
+TEST_EXPORTERS = ("vgem-moving", "vgem-incoherent")
+TEST_MOVE = "/sys/module/vgem/parameters/test_move"
 ENOTTY_ANSWER = KernelAnswer(KernelAnswerKind.ENOTTY, errno=errno.ENOTTY)
 PAT_TABLE = ("WB", "WC", "UC-", "UC", "WB", "WP", "UC-", "WT")
 _RANGE = re.compile(r"^0x([0-9a-f]+)-0x([0-9a-f]+)\s")
@@ -82,13 +85,27 @@ def strategies(name: str, fd: int) -> dict[str, object]:
         drm_driver=drm_driver,
     )
     ours, ours_prov = _resolve(Resolver(), buffer)
+    opted, opted_prov = _resolve(Resolver(map_changing=True), buffer)
     stock, stock_prov = _resolve(Resolver(kernel_query=lambda _fd: ENOTTY_ANSWER), buffer)
+    if name in TEST_EXPORTERS:
+        stock, stock_prov = "n/a", "no such exporter on a stock kernel"
     heuristic_name = drm_driver or exporter
     legacy = legacy_heuristic(heuristic_name).name if exporter is not None and heuristic_name else "n/a"
+    kernel, said = answer, answer.code
+    if name == "vgem-moving":
+        # The attribute alone, as an earlier revision's reader takes it, is worst when asked in the cached
+        # placement: move there, ask, move back (the C program left the buffer write-combined).
+        with open(TEST_MOVE, "w") as f:
+            f.write("1")
+        kernel = query_map_attr(fd)
+        with open(TEST_MOVE, "w") as f:
+            f.write("1")
+        said = f"{answer.code} now, {kernel.code} after a move"
     return {
         "name": name, "exporter": exporter or "-", "drm_driver": drm_driver or "-",
-        "kernel": answer.attr.name if answer.attr is not None else answer.code,
-        "ours": ours, "ours_provenance": ours_prov, "ours_stock": stock, "ours_stock_provenance": stock_prov,
+        "kernel": kernel.attr.name if kernel.attr is not None else kernel.code, "kernel_said": said,
+        "ours": ours, "ours_provenance": ours_prov, "ours_opted_in": opted, "ours_opted_in_provenance": opted_prov,
+        "ours_stock": stock, "ours_stock_provenance": stock_prov,
         "legacy": legacy, "legacy_name": heuristic_name or "-",
     }
 

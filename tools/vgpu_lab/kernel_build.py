@@ -258,6 +258,18 @@ def _build(work: Path, *, patches: Sequence[Path], jobs: int) -> tuple[Path, Pat
     return bzimage, dotconfig
 
 
+def find_patched_kernel(cache: Path | None = None) -> PatchedKernel | None:
+    """The cached patched kernel for the current inputs (this checkout's patches), or None; never builds.
+
+    Keyed like :func:`patched_kernel`, so a cache shared by checkouts with other patches never hands out theirs."""
+    provisioner = provision.Provisioner(cache)
+    version = provisioner.installed_versions((SOURCE_PACKAGE,)).get(SOURCE_PACKAGE)
+    if version is None:
+        return None
+    key = cache_key(version, patch_files(), FRAGMENT, _tool_version(["gcc", "--version"]))
+    return _finished(provisioner.cache / "patched-kernel" / key)
+
+
 def patched_kernel(cache: Path | None = None, *, jobs: int | None = None) -> PatchedKernel:
     """The cached patched kernel, built first when the cache holds none for the current inputs."""
     provisioner = provision.Provisioner(cache)
