@@ -43,9 +43,11 @@ from vgpu_lab.arm64.lab import Arm64Lab, provision_arm64
 from vgpu_lab.guest_kernel import GuestKernel, cached_kernel, fetch_kernel, select_kernel_package
 from vgpu_lab.shell import (
     APT_INSTALL_TIMEOUT,
+    APT_PROGRESS,
     APT_UPDATE_TIMEOUT,
     QUERY_TIMEOUT,
     ProvisionError,
+    apt_meter,
     run,
 )
 
@@ -223,9 +225,11 @@ class Provisioner:
                 return False
             self._require_root("apt-get update")
             run(
-                ["apt-get", "-q", "update", "-o", "DPkg::Lock::Timeout=300"],
+                ["apt-get", "-q", "update", "-o", "DPkg::Lock::Timeout=300", *APT_PROGRESS],
                 timeout=APT_UPDATE_TIMEOUT,
                 what="apt-get update",
+                meter=apt_meter,
+                total=100,
             )
             stamp.write_text(digest + "\n")
             self._updated_this_run = True
@@ -265,18 +269,20 @@ class Provisioner:
         """
         self._require_root(what)
         self.ensure_apt()
-        cmd = ["apt-get", "-q", "install", "-y", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300"]
+        cmd = ["apt-get", "-q", "install", "-y", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300",
+               *APT_PROGRESS]
         if target_release:
             cmd += ["-t", target_release]
         cmd += list(packages)
         env = {"DEBIAN_FRONTEND": "noninteractive"}
+        label = f"{what}: apt-get install {' '.join(packages)}"
         try:
-            run(cmd, timeout=APT_INSTALL_TIMEOUT, what=what, env=env)
+            run(cmd, timeout=APT_INSTALL_TIMEOUT, what=label, env=env, meter=apt_meter, total=100)
         except ProvisionError as first:
             if not self.apt_update(force=True):
                 raise
             log.warning("%s: retrying after apt-get update (%s)", what, str(first).splitlines()[0])
-            run(cmd, timeout=APT_INSTALL_TIMEOUT, what=what, env=env)
+            run(cmd, timeout=APT_INSTALL_TIMEOUT, what=label, env=env, meter=apt_meter, total=100)
 
     # -- components --------------------------------------------------------------------------------------------
 
