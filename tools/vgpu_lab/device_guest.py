@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from vgpu.conformance.process import BackendProcess
-from vgpu_lab import dmabuf_guest, initramfs
-from vgpu_lab.qemu import GuestRun, QemuConfig, run_guest
+from vgpu_lab import dmabuf_guest
+from vgpu_lab.qemu import GuestRun
 
 PREFIX = "VGPU-GUEST device "
 #: The chroot's writable scratch: its /tmp is the host's own, read-only (see GUEST_SCRATCH for why).
@@ -249,15 +249,6 @@ def guest_main(allocators: list[str]) -> int:
 # ================================================================================================================
 # host side: boot the guest and collect the rounds
 
-GUEST_SCRIPT = """#!/bin/sh
-set -e
-{mounts}
-mount -t debugfs debugfs {root}/sys/kernel/debug || echo "VGPU-GUEST device-note no debugfs"
-echo "VGPU-GUEST device-chroot uptime=$(cut -d' ' -f1 /proc/uptime)"
-exec chroot {root} /usr/bin/env PYTHONDONTWRITEBYTECODE=1 TMPDIR={scratch} {python} -B -m vgpu_lab.device_guest \\
-    {rounds}
-"""
-
 
 def records(lines: list[str]) -> list[dict[str, Any]]:
     """The guest's reports, in order, from its serial lines."""
@@ -265,31 +256,13 @@ def records(lines: list[str]) -> list[dict[str, Any]]:
 
 
 def run_device_guest(*, kernel: Path, busybox: Path, qemu: Path, work: Path, rounds: tuple[str, ...] = ALLOCATORS,
-                     modules_dir: Path | None = None,
-                     python: Path | None = None) -> tuple[GuestRun, list[dict[str, Any]]]:
-    """Boot `kernel` once with the given rounds. A kernel with modules (`modules_dir`: Debian's) gets vgem and 9p
-    loaded; the patched kernel has everything built in."""
-    interpreter = python or Path(sys.executable)
-    hidden = dmabuf_guest.shadowed([interpreter])
-    if hidden:
-        raise ValueError(f"the guest's chroot cannot show {hidden} (its own /dev, /proc, /sys cover them)")
-    script = work / "device-guest"
-    script.write_text(GUEST_SCRIPT.format(
-        mounts="\n".join(dmabuf_guest.chroot_mounts()), root=dmabuf_guest.GUEST_HOST_ROOT,
-        scratch=dmabuf_guest.GUEST_SCRATCH, python=interpreter, rounds=" ".join(rounds),
-    ))
-    script.chmod(0o755)
-    modules: tuple[str, ...] = ()
-    if modules_dir is not None:
-        modules = (*initramfs.EXTRA_MODULE_SETS["vgem"], *initramfs.EXTRA_MODULE_SETS["9p"])
-    initrd = initramfs.build_initramfs(
-        work / "initrd.gz", busybox=busybox, command="/bin/device-guest", modules_dir=modules_dir,
-        modules=modules, files={"/bin/device-guest": script},
-        wait_for="/dev/dri/card0",  # vgem's node: no GPU device is attached, the back end under test is in here
-    )
-    config = QemuConfig(qemu=qemu, device=None, extra_args=dmabuf_guest.host_root_args())
-    run = run_guest(kernel=kernel, initrd=initrd, socket_path=None, config=config, timeout=BOOT_TIMEOUT,
-                    serial_log=work / "serial.log")
+                     modules_dir: Path | None = None) -> tuple[GuestRun, list[dict[str, Any]]]:
+    """Boot `kernel` once with the given rounds (Debian's kernel with its `modules_dir`, or the patched one)."""
+    debugfs = (f"mount -t debugfs debugfs {dmabuf_guest.GUEST_HOST_ROOT}/sys/kernel/debug || "
+               'echo "VGPU-GUEST device-note no debugfs"')  # the page tables, on the patched kernel
+    run = dmabuf_guest.run_python_in_chroot("vgpu_lab.device_guest", rounds, kernel=kernel, busybox=busybox,
+                                            qemu=qemu, work=work, modules_dir=modules_dir, setup=[debugfs],
+                                            timeout=BOOT_TIMEOUT)
     return run, records(run.guest_lines())
 
 

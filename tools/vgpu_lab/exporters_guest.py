@@ -33,9 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vgpu_lab import dmabuf_guest, initramfs
+from vgpu_lab import dmabuf_guest
 from vgpu_lab.guest_kernel import GuestKernel
-from vgpu_lab.qemu import GuestRun, QemuConfig, run_guest
+from vgpu_lab.qemu import GuestRun
 
 PREFIX = "VGPU-GUEST dmabuf "
 BOOT_TIMEOUT = 240.0
@@ -141,6 +141,7 @@ def _guest_errors() -> None:
 
     before = _fds()
     result: dict[str, Any] = {}
+    # Two refusals alike in shape, each by a different party: the kernel's own cap, then our allocator's.
     # Debian's udmabuf caps one buffer at size_limit_mb = 64 MiB: 128 MiB is the kernel's EINVAL.
     with allocators.UdmabufAllocator(max_size=1 << 30) as allocator:
         try:
@@ -230,41 +231,17 @@ def guest_main() -> int:
 # ================================================================================================================
 # host side: boot the guest and collect what it found
 
-GUEST_SCRIPT = """#!/bin/sh
-set -e
-{mounts}
-echo "VGPU-GUEST dmabuf-chroot uptime=$(cut -d' ' -f1 /proc/uptime)"
-exec chroot {root} /usr/bin/env TMPDIR={scratch} PYTHONDONTWRITEBYTECODE=1 {python} -B -m vgpu_lab.exporters_guest
-"""
-
-
 def records(lines: list[str]) -> list[dict[str, Any]]:
     """The guest's findings, in order, from its serial lines."""
     return [json.loads(line[len(PREFIX):]) for line in lines if line.startswith(PREFIX)]
 
 
-def run_exporters_guest(*, kernel: GuestKernel, busybox: Path, qemu: Path, work: Path,
-                        python: Path | None = None) -> tuple[GuestRun, list[dict[str, Any]]]:
+def run_exporters_guest(*, kernel: GuestKernel, busybox: Path, qemu: Path,
+                        work: Path) -> tuple[GuestRun, list[dict[str, Any]]]:
     """Boot Debian's kernel with vgem and 9p and run the guest side in a chroot of the host root."""
-    interpreter = python or Path(sys.executable)
-    hidden = dmabuf_guest.shadowed([interpreter])
-    if hidden:
-        raise ValueError(f"the guest's chroot cannot show {hidden} (its own /dev, /proc, /sys cover them)")
-    script = work / "dmabuf-guest"
-    script.write_text(GUEST_SCRIPT.format(
-        mounts="\n".join(dmabuf_guest.chroot_mounts()), root=dmabuf_guest.GUEST_HOST_ROOT,
-        scratch=dmabuf_guest.GUEST_SCRATCH, python=interpreter,
-    ))
-    script.chmod(0o755)
-    initrd = initramfs.build_initramfs(
-        work / "initrd.gz", busybox=busybox, command="/bin/dmabuf-guest", modules_dir=kernel.modules_dir,
-        modules=(*initramfs.EXTRA_MODULE_SETS["vgem"], *initramfs.EXTRA_MODULE_SETS["9p"]),
-        files={"/bin/dmabuf-guest": script},
-        wait_for="/dev/dri/card0",  # vgem's node: the only DRM device (no GPU device is attached)
-    )
-    config = QemuConfig(qemu=qemu, device=None, extra_args=dmabuf_guest.host_root_args())
-    run = run_guest(kernel=kernel.vmlinuz, initrd=initrd, socket_path=None, config=config, timeout=BOOT_TIMEOUT,
-                    serial_log=work / "serial.log")
+    run = dmabuf_guest.run_python_in_chroot("vgpu_lab.exporters_guest", kernel=kernel.vmlinuz, busybox=busybox,
+                                            qemu=qemu, work=work, modules_dir=kernel.modules_dir,
+                                            timeout=BOOT_TIMEOUT)
     return run, records(run.guest_lines())
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from vgpu_lab import provision
 from vgpu_lab.progress import Progress
-from vgpu_lab.shell import Meter, ProvisionError, line_meter, run
+from vgpu_lab.shell import Meter, ProvisionError, line_meter, log_to_stderr, report, run
 
 log = logging.getLogger("vgpu_lab")
 
@@ -393,8 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="vgpu-lab: %(message)s",
-                        stream=sys.stderr)
+    log_to_stderr(args.quiet)
     started = time.monotonic()
     try:
         kernel = patched_kernel(args.cache, jobs=args.jobs)
@@ -410,11 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "build_seconds": round(kernel.build_seconds, 1),
         "seconds": round(time.monotonic() - started, 2),
     }
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        for key, value in summary.items():
-            log.info("%s: %s", key, value)
+    report(summary, args.json)
     return 0
 
 

@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import re
@@ -48,6 +47,8 @@ from vgpu_lab.shell import (
     QUERY_TIMEOUT,
     ProvisionError,
     apt_meter,
+    log_to_stderr,
+    report,
     run,
 )
 
@@ -504,11 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the resulting paths as JSON on stdout")
     parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="vgpu-lab: %(message)s",
-        stream=sys.stderr,
-    )
+    log_to_stderr(args.quiet)
     wanted: list[str] = []
     for component in args.components:
         for c in COMPONENTS if component == "all" else (component,):
@@ -521,11 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ProvisionError as exc:
         print(f"vgpu-lab: cannot provision: {exc}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        for key, value in summary.items():
-            log.info("%s: %s", key, value)
+    report(summary, args.json)
     return 0
 
 

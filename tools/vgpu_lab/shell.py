@@ -4,10 +4,12 @@ that turn a long command's output into progress (:mod:`vgpu_lab.progress`): apt'
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import subprocess
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +36,22 @@ _APT_STATUS = re.compile(r"^(dlstatus|pmstatus):[^:]*:([0-9.]+):(.*)$")
 
 class ProvisionError(RuntimeError):
     """A lab component cannot be provisioned; the message names the component and the reason."""
+
+
+def log_to_stderr(quiet: bool) -> None:
+    """A lab command's log: ``vgpu-lab: ...`` lines on stderr, only warnings and errors when `quiet` (progress is
+    shown either way)."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="vgpu-lab: %(message)s",
+                        stream=sys.stderr)
+
+
+def report(summary: Mapping[str, object], as_json: bool) -> None:
+    """A lab command's result: JSON on stdout for tools, or a log line per item for a person."""
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for key, value in summary.items():
+            log.info("%s: %s", key, value)
 
 
 #: What a meter does with one line of a command's output: advance the progress (or not).
