@@ -282,7 +282,7 @@ def install_packages(root: Path, packages: Sequence[str], *, what: str) -> None:
     """Install more of sid's packages into the provisioned chroot: programs a guest runs from it (the guest sees
     the host's root, this chroot included, over 9p)."""
     _in_chroot(root, ["apt-get", *APT_OPTIONS, "install", "-y", "--no-install-recommends", *packages], what=what,
-               timeout=CHROOT_APT_TIMEOUT)
+               timeout=CHROOT_APT_TIMEOUT, meter=apt_meter)
     _in_chroot(root, ["apt-get", "clean"], what=f"{what} (apt-get clean)", timeout=CHROOT_QUERY_TIMEOUT)
 
 
