@@ -27,7 +27,8 @@ from hypothesis.configuration import set_hypothesis_home_dir
 
 from vgpu.conformance.process import BackendProcess
 from vgpu.procfs import open_fds
-from vgpu.session import CROSS_DOMAIN_FEATURES, CrossDomainGuest, Session, make_display
+from vgpu.protocol import CtrlType, Format, Rect, SetScanoutBlob
+from vgpu.session import CROSS_DOMAIN_FEATURES, CrossDomainGuest, Session, hdr, make_display
 from vgpu.vhost_user.driver import GuestRam
 from vgpu.vhost_user.frontend import Display, Frontend
 from vgpu.vhost_user.wire import GPU_UPDATE_SIZE, GpuRequest
@@ -121,6 +122,29 @@ def assert_no_leak(b: BackendProcess, baseline: int) -> None:
     """The back end is alive and back to its idle fds."""
     assert b.alive(), b.log()
     assert b.settle_fds(baseline) == baseline, open_fds(b.pid)
+
+
+def backend_buffer_with(pid: int, needle: bytes) -> bytes | None:
+    """The contents of the back end's memfd that holds `needle` (reading its fds through /proc, as root)."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{fd}"
+        try:
+            if "memfd:" not in os.readlink(path):
+                continue
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        if needle in data:
+            return data
+    return None
+
+
+def scanout_blob(rid: int, w: int, h: int, stride: int, offset: int = 0, r: Rect | None = None,
+                 fmt: int = Format.FORMAT_B8G8R8X8_UNORM, scanout: int = 0) -> SetScanoutBlob:
+    """SET_SCANOUT_BLOB of a w x h single-plane image at `offset` with `stride`."""
+    return SetScanoutBlob(hdr(CtrlType.CMD_SET_SCANOUT_BLOB), r or Rect(0, 0, w, h), scanout, rid, w, h, fmt,
+                          (stride, 0, 0, 0), (offset, 0, 0, 0))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import updates
+from tests.conftest import scanout_blob, updates
 from vgpu.conformance.process import BackendProcess
 from vgpu.protocol import (
     BlobMem,
@@ -19,7 +19,6 @@ from vgpu.protocol import (
     ResourceCreateBlob,
     ResourceDetachBacking,
     ResourceFlush,
-    SetScanoutBlob,
     TransferToHost2D,
 )
 from vgpu.session import ALL_FEATURES, PAGE, Session, hdr, pattern
@@ -30,12 +29,6 @@ E = CtrlType
 CB = E.CMD_RESOURCE_CREATE_BLOB
 GUEST = BlobMem.BLOB_MEM_GUEST
 XRGB = Format.FORMAT_B8G8R8X8_UNORM
-
-
-def scanout_blob(rid: int, w: int, h: int, stride: int, offset: int = 0, r: Rect | None = None,
-                 fmt: int = XRGB, scanout: int = 0) -> SetScanoutBlob:
-    return SetScanoutBlob(hdr(E.CMD_SET_SCANOUT_BLOB), r or Rect(0, 0, w, h), scanout, rid, w, h, fmt,
-                          (stride, 0, 0, 0), (offset, 0, 0, 0))
 
 
 def test_guest_blob_scanout_reads_guest_memory(gpu: Session) -> None:

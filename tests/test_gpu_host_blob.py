@@ -5,14 +5,13 @@ through /proc), and every failure path answers an error, keeps serving and leaks
 
 from __future__ import annotations
 
-import os
 import struct
 import threading
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import VGPU, WINDOW, host_blob_options, start_backend, updates
+from tests.conftest import VGPU, WINDOW, backend_buffer_with, host_blob_options, start_backend, updates
 from vgpu.conformance.process import BackendProcess
 from vgpu.procfs import fd_count, wait_until
 from vgpu.protocol import (
@@ -59,22 +58,6 @@ CTX = 1
 
 def h(t: CtrlType, ctx: int = CTX) -> CtrlHdr:
     return hdr(t, ctx_id=ctx)
-
-
-def backend_buffer_with(pid: int, needle: bytes) -> bytes | None:
-    """The contents of the back end's memfd that holds `needle` (reading its fds through /proc, as root)."""
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        path = f"/proc/{pid}/fd/{fd}"
-        try:
-            if "memfd:" not in os.readlink(path):
-                continue
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        if needle in data:
-            return data
-    return None
 
 
 def test_capset_and_config(client: CrossDomainGuest) -> None:
