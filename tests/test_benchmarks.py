@@ -102,6 +102,9 @@ def test_table_renders_a_row_per_goal(tmp_path: Path) -> None:
         (tmp_path / f"{name}.json").write_text(json.dumps({**sides, "ratios": ratios}))
     (tmp_path / "transfer_scattered.json").write_text(json.dumps(
         {**sides, "ratios": ratios, "gb_per_s": {"ours": 1.0, "qemu": 2.0, "copy": 10.0}}))
+    (tmp_path / "transfer_copy.json").write_text(json.dumps(
+        {"machine": machine, "ratios": {"1024x768 ours warm alias / floor": 0.3},
+         "gbs": {"1024x768": {"ours warm, alias": 3.0, "floor: one contiguous copy": 10.0}}}))
     med = {k: {"idle_rss": 30e6, "startup_s": 0.5} for k in ("ours", "qemu")}
     (tmp_path / "process_costs.json").write_text(json.dumps({"median": med, "machine": machine}))
     rows = table.rows(tmp_path)
