@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import QEMU_GPU_BACKEND, REPO, require
 from vgpu.conformance import catalogue as cat
 from vgpu.conformance import cli
-from vgpu.conformance.process import socket_option, split_template, without_socket
+from vgpu.conformance.process import BackendProcess, socket_option, split_template, without_socket
 from vgpu.conformance.registry import all_checks
 from vgpu.conformance.report import markdown, ours_command, qemu_command
 from vgpu.conformance.runner import FAIL, NA, PASS, Run, retry_timeouts, run
@@ -86,6 +86,22 @@ def test_command_templates() -> None:
     assert socket_option(argv, "/tmp/x") == ["--socket-path=/tmp/x"]
     with pytest.raises(ValueError):
         split_template("python -m vgpu")
+
+
+def test_a_back_end_process_logs_its_own_starts_only(tmp_path: Path) -> None:
+    """Restarts of one BackendProcess append to its log; a new one with the same name starts a fresh log (an
+    in-guest round once read the previous round's lines as its own)."""
+    cmd = [sys.executable, "-c", "import sys; print('started', flush=True); open(sys.argv[1], 'w'); "
+           "import time; time.sleep(30)", "{sock}"]
+    first = BackendProcess(cmd, tmp_path, "b")
+    first.start()
+    first.start()
+    first.stop()
+    assert first.log().splitlines() == ["started", "started"]
+    second = BackendProcess(cmd, tmp_path, "b")
+    second.start()
+    second.stop()
+    assert second.log().splitlines() == ["started"]
 
 
 def broken(mode: str) -> str:

@@ -98,7 +98,8 @@ class BackendProcess:
         self.stop()
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        # One log per object: a fresh one at the first start, the restarts of this object appended to it.
+        self._log = open(self.log_path, "ab" if self.starts else "wb")  # noqa: SIM115 - closed in stop()
         try:
             self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=self._log,
                                          stderr=subprocess.STDOUT, start_new_session=True, cwd=self.cwd)
