@@ -30,9 +30,8 @@ from dataclasses import dataclass
 
 from benchmarks import sides as sd
 from benchmarks.common import percentiles
-from tests.gpu_helpers import Gpu, resp_type
-from tests.test_gpu_host_blob import FEATURES, Client, h
 from vgpu.protocol import CtrlType, ResourceUnmapBlob, ResourceUnref
+from vgpu.session import CROSS_DOMAIN_FEATURES, CrossDomainGuest, Session, rtype
 from vgpu.vhost_user.shm_window import ShmMapping, ShmWindow
 
 E = CtrlType
@@ -45,31 +44,30 @@ def vgpu_cmd(window: int, max_memory: str = "1G") -> list[str]:
             f"--host-visible-size={window}", f"--max-host-memory={max_memory}", "--map-timeout=5"]
 
 
-def connect(sock: str) -> Client:
-    g = Gpu.connect(sock, features=FEATURES)
-    g.fe.reserve_shm()
-    c = Client(g)
+def connect(sock: str) -> CrossDomainGuest:
+    g = Session.open(sock, features=CROSS_DOMAIN_FEATURES, shm=True)
+    c = CrossDomainGuest(g)
     c.start()
     return c
 
 
 def expect(resp: bytes, want: int, step: str) -> None:
-    if resp_type(resp) != want:
-        raise RuntimeError(f"{step}: answered {resp_type(resp):#x}, expected {want:#x}")
+    if rtype(resp) != want:
+        raise RuntimeError(f"{step}: answered {rtype(resp):#x}, expected {want:#x}")
 
 
-def one_cycle(c: Client, rid: int, offset: int) -> list[float]:
+def one_cycle(c: CrossDomainGuest, rid: int, offset: int) -> list[float]:
     """One full life cycle; seconds per step."""
     t = [time.perf_counter()]
     reqs = c.requirements(BLOB_W, BLOB_H)
     t.append(time.perf_counter())
-    expect(c.blob(rid, reqs), E.RESP_OK_NODATA, STEPS[1])
+    expect(c.create_blob(rid, reqs), E.RESP_OK_NODATA, STEPS[1])
     t.append(time.perf_counter())
     expect(c.map(rid, offset), E.RESP_OK_MAP_INFO, STEPS[2])
     t.append(time.perf_counter())
-    expect(c.gpu.cmd(ResourceUnmapBlob(h(E.CMD_RESOURCE_UNMAP_BLOB), rid)), E.RESP_OK_NODATA, STEPS[3])
+    expect(c.sess.cmd(ResourceUnmapBlob(c.h(E.CMD_RESOURCE_UNMAP_BLOB), rid)), E.RESP_OK_NODATA, STEPS[3])
     t.append(time.perf_counter())
-    expect(c.gpu.cmd(ResourceUnref(h(E.CMD_RESOURCE_UNREF, 0), rid)), E.RESP_OK_NODATA, STEPS[4])
+    expect(c.sess.cmd(ResourceUnref(c.h(E.CMD_RESOURCE_UNREF, 0), rid)), E.RESP_OK_NODATA, STEPS[4])
     t.append(time.perf_counter())
     return [b - a for a, b in itertools.pairwise(t)]
 
@@ -84,7 +82,7 @@ class CycleStats:
     steps: dict[str, tuple[float, float]]  # step -> (p50 us, p99 us)
 
 
-def measure_cycles(c: Client, rid: int, offset: int, seconds: float, min_cycles: int = 20) -> CycleStats:
+def measure_cycles(c: CrossDomainGuest, rid: int, offset: int, seconds: float, min_cycles: int = 20) -> CycleStats:
     one_cycle(c, rid, offset)  # warm up
     per_step: list[list[float]] = [[] for _ in STEPS]
     totals: list[float] = []
@@ -108,15 +106,15 @@ WINDOW = 16 << 20
 BLOB_BYTES = BLOB_W * BLOB_H * 4
 
 
-def ours_side(c: Client, steps: list[list[float]]) -> Callable[[], None]:
+def ours_side(c: CrossDomainGuest, steps: list[list[float]]) -> Callable[[], None]:
     def run() -> None:
         for i, t in enumerate(one_cycle(c, 1, 0)):
             steps[i].append(t)
     return run
 
 
-def transport_side(sock: str) -> tuple[Gpu, Callable[[], None]]:
-    g = Gpu.connect(sock, features=0)
+def transport_side(sock: str) -> tuple[Session, Callable[[], None]]:
+    g = Session.open(sock, features=0)
     g.fe.reserve_shm()
     chains = [b"requirements", b"create blob", f"map 0 {BLOB_BYTES}".encode(), f"unmap 0 {BLOB_BYTES}".encode(),
               b"unref"]
@@ -162,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                 sd.Side("syscalls", "syscall floor: memfd, ftruncate, map, unmap", syscalls, 1),
             ], settings.rounds, settings.slice_s)
         finally:
-            c.gpu.close()
+            c.sess.close()
             tg.close()
             window.close()
     ratios = {"ours / syscall floor": sd.ratio(stats, "ours", "syscalls"),

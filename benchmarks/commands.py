@@ -18,7 +18,6 @@ from collections.abc import Callable
 
 from benchmarks import sides as sd
 from benchmarks.common import Rate, measure
-from tests.gpu_helpers import Gpu, hdr
 from vgpu.protocol import (
     CtrlHdr,
     CtrlType,
@@ -35,6 +34,7 @@ from vgpu.protocol import (
     encode_command,
     responses,
 )
+from vgpu.session import Session, hdr
 from vgpu.vhost_user.frontend import Display
 
 E = CtrlType
@@ -51,9 +51,9 @@ def display(width: int = 1920, height: int = 1080) -> Display:
     return Display(lambda: info, lambda scanout: b"")
 
 
-def connect(key: str, sock: str, ram_size: int = 64 << 20) -> Gpu:
+def connect(key: str, sock: str, ram_size: int = 64 << 20) -> Session:
     """The same front end for every side; the floor has no display socket (it is no GPU)."""
-    return Gpu.connect(sock, features=GpuFeature.F_EDID.mask, ram_size=ram_size,
+    return Session.open(sock, features=GpuFeature.F_EDID.mask, ram_size=ram_size,
                        display=None if key == "floor" else display())
 
 
@@ -64,7 +64,8 @@ def expect_ok(resps: list[bytes], what: str, want: int = E.RESP_OK_NODATA) -> No
             raise RuntimeError(f"{what}: answered {t:#x}, expected {want:#x}")
 
 
-def caller(key: str, g: Gpu, batches: list[list[bytes]], resp_size: int, want: int, what: str) -> Callable[[], None]:
+def caller(key: str, g: Session, batches: list[list[bytes]], resp_size: int, want: int,
+           what: str) -> Callable[[], None]:
     """One call: each batch in one kick, waiting for all of it.  The floor's answers are echoes, not checked."""
     submit = g.fe.submit_batch
     check = key != "floor"
@@ -77,7 +78,7 @@ def caller(key: str, g: Gpu, batches: list[list[bytes]], resp_size: int, want: i
     return run
 
 
-def mix_requests(g: Gpu, rid: int = 1, size: int = 256) -> list[bytes]:
+def mix_requests(g: Session, rid: int = 1, size: int = 256) -> list[bytes]:
     """The five commands of the 2D mix on resource `rid`, backed by scattered pages of g's RAM."""
     b = g.backing(size * size * 4)
     return [
@@ -89,9 +90,9 @@ def mix_requests(g: Gpu, rid: int = 1, size: int = 256) -> list[bytes]:
     ]
 
 
-def mix_rate(sock: str, label: str, seconds: float, gpu: Gpu | None = None, size: int = 256) -> Rate:
+def mix_rate(sock: str, label: str, seconds: float, gpu: Session | None = None, size: int = 256) -> Rate:
     """The mix on one back end alone (the scale benchmark's yardstick, which compares a back end with itself)."""
-    g = gpu or Gpu.connect(sock, features=GpuFeature.F_EDID.mask, display=display())
+    g = gpu or Session.open(sock, features=GpuFeature.F_EDID.mask, display=display())
     try:
         run = caller("ours", g, [[r] for r in mix_requests(g, 1, size)], 24, E.RESP_OK_NODATA, label)
         return measure(label, 1, run, seconds)
@@ -100,7 +101,7 @@ def mix_rate(sock: str, label: str, seconds: float, gpu: Gpu | None = None, size
             g.close()
 
 
-def _plan(name: str, key: str, g: Gpu) -> tuple[Callable[[], None], int]:
+def _plan(name: str, key: str, g: Session) -> tuple[Callable[[], None], int]:
     """(one call, commands per call) of benchmark `name` on side `key`."""
     if name == "display_info":
         req = encode_command(GetDisplayInfo(hdr(E.CMD_GET_DISPLAY_INFO)))

@@ -29,7 +29,6 @@ from benchmarks import sides as sd
 from benchmarks.commands import display, mix_requests
 from benchmarks.common import REPO
 from benchmarks.transfers import SinkDisplay, scattered
-from tests.gpu_helpers import Gpu, hdr
 from vgpu.protocol import (
     CtrlType,
     Format,
@@ -44,6 +43,7 @@ from vgpu.protocol import (
     TransferToHost2D,
     encode_command,
 )
+from vgpu.session import Session, hdr
 
 E = CtrlType
 X = Format.FORMAT_B8G8R8X8_UNORM
@@ -69,9 +69,9 @@ def memory(pid: int) -> dict[str, int]:
     return out
 
 
-def session(sock: str) -> Gpu:
+def session(sock: str) -> Session:
     """One session of ordinary 2D work; everything freed at the end, the connection left open."""
-    g = Gpu.connect(sock, features=GpuFeature.F_EDID.mask, ram_size=64 << 20,
+    g = Session.open(sock, features=GpuFeature.F_EDID.mask, ram_size=64 << 20,
                     display=SinkDisplay(display().display_info, lambda scanout: b""))
     ok = E.RESP_OK_NODATA
 

@@ -24,8 +24,8 @@ import time
 from benchmarks.blob_lifecycle import BLOB_W, CycleStats, connect, expect, measure_cycles, vgpu_cmd
 from benchmarks.commands import display, mix_rate
 from benchmarks.common import Rate, backend_process, rss_bytes, write_result
-from tests.gpu_helpers import Gpu, hdr
 from vgpu.protocol import CtrlType, Format, GpuFeature, ResourceCreate2D, encode_command
+from vgpu.session import Session, hdr
 
 E = CtrlType
 SMALL = 16  # 16x16 BGRX: 1,024 bytes of pixels per resource
@@ -33,7 +33,7 @@ FIRST_ID = 1000  # the mix uses id 1 and the blob cycle its own ids: the live po
 CHUNK = 64
 
 
-def fill_2d(g: Gpu, start: int, stop: int) -> None:
+def fill_2d(g: Session, start: int, stop: int) -> None:
     """Create resources [start, stop) in chains of CHUNK per kick (setup, not measured)."""
     fmt = Format.FORMAT_B8G8R8X8_UNORM
     for base in range(start, stop, CHUNK):
@@ -48,7 +48,7 @@ def scale_2d(levels: list[int], seconds: float) -> dict[str, object]:
     cmd = [sys.executable, "-m", "vgpu", "--log-level=error", f"--max-resources={max(levels) + 100}"]
     out: dict[str, object] = {}
     with backend_process(cmd) as (sock, pid):
-        g = Gpu.connect(sock, features=GpuFeature.F_EDID.mask, display=display())
+        g = Session.open(sock, features=GpuFeature.F_EDID.mask, display=display())
         try:
             live = 0
             rss: dict[int, int] = {}
@@ -87,7 +87,7 @@ def scale_blobs(levels: list[int], seconds: float) -> dict[str, object]:
             for level in levels:
                 for i in range(live, level):
                     rid = FIRST_ID + i
-                    expect(c.blob(rid, c.requirements(BLOB_W, BLOB_W)), E.RESP_OK_NODATA, "CREATE_BLOB")
+                    expect(c.create_blob(rid, c.requirements(BLOB_W, BLOB_W)), E.RESP_OK_NODATA, "CREATE_BLOB")
                     expect(c.map(rid, (i + 1) * blob_bytes), E.RESP_OK_MAP_INFO, "MAP_BLOB")
                 live = level
                 time.sleep(0.05)
@@ -95,7 +95,7 @@ def scale_blobs(levels: list[int], seconds: float) -> dict[str, object]:
                 fds[level] = len(os.listdir(f"/proc/{pid}/fd"))
                 stats[level] = measure_cycles(c, 1, 0, seconds, 10)
         finally:
-            c.gpu.close()
+            c.sess.close()
     lo, hi = levels[0], levels[-1]
     out["levels"] = levels
     out["rss_bytes"] = rss

@@ -7,7 +7,7 @@ blobs; QEMU 10's draw fbcon and a KMS frame through vhost-user-gpu-pci. One back
 serves N guests one after another. Per guest: seconds, the guest's own check, whether its frame is among our
 pictures, blobs mapped, fds and RSS after it (and their peaks during it). Writes benchmarks/results/soak.json
 after every guest (``complete`` false until the end, so a long run's partial numbers survive) and the curves
-soak.png (RSS) and soak_fds.png. Observations, not timed assertions; tests/test_e2e_soak.py runs a short one.
+soak.png (RSS) and soak_fds.png. Observations, not timed assertions; tests/e2e/test_soak.py runs a short one.
 Each guest takes 7-20 s under TCG on 2 shared cores: 100 of each is about an hour; run it under ``nice``.
 """
 

@@ -37,17 +37,6 @@ U8 = npt.NDArray[np.uint8]
 EVICT = 64 << 20  # twice the last-level cache of the machine these numbers were first taken on
 
 
-def median_s(fn: Callable[[], object], reps: int) -> float:
-    """Median wall time of `fn` over `reps` runs, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def round_robin(ways: dict[str, Callable[[], object]], reps: int, cold: bool) -> dict[str, float]:
     """Median seconds of each way, taken in turns (one run of each per round) so that a neighbour's load falls on
     all of them alike.  Each timed run follows either an untimed run of the same way (hot: the bytes sit in the

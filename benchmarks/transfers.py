@@ -23,7 +23,6 @@ import numpy as np
 
 from benchmarks import sides as sd
 from benchmarks.commands import caller, display, expect_ok
-from tests.gpu_helpers import PAGE, Backing, Gpu, hdr
 from vgpu.protocol import (
     CtrlType,
     Format,
@@ -36,6 +35,7 @@ from vgpu.protocol import (
     TransferToHost2D,
     encode_command,
 )
+from vgpu.session import PAGE, Backing, Session, hdr
 from vgpu.vhost_user.frontend import Display
 from vgpu.vhost_user.message import Message
 
@@ -61,22 +61,22 @@ class SinkDisplay(Display):
             self.events.clear()
 
 
-def scattered(g: Gpu, nbytes: int, seed: int = 7) -> Backing:
+def scattered(g: Session, nbytes: int, seed: int = 7) -> Backing:
     """Backing pages spread at random over (nearly) the whole guest RAM, in random order: the worst case a guest
     kernel's page allocator can hand a driver."""
     npages = (nbytes + PAGE - 1) // PAGE
     span = (g.ram.size - (8 << 20)) // PAGE  # the rings and the command buffers live in the first pages
     base = g.ram.alloc(span * PAGE, PAGE)
     pages = [base + i * PAGE for i in random.Random(seed).sample(range(span), npages)]
-    return Backing(pages, nbytes)
+    return Backing([(p, PAGE) for p in pages], nbytes)
 
 
-def connect(key: str, sock: str, frames: bool) -> Gpu:
+def connect(key: str, sock: str, frames: bool) -> Session:
     disp = None if key == "floor" else (SinkDisplay(display().display_info, lambda s: b"") if frames else display())
-    return Gpu.connect(sock, features=GpuFeature.F_EDID.mask, ram_size=RAM, display=disp)
+    return Session.open(sock, features=GpuFeature.F_EDID.mask, ram_size=RAM, display=disp)
 
 
-def prepare(name: str, key: str, g: Gpu) -> Callable[[], None]:
+def prepare(name: str, key: str, g: Session) -> Callable[[], None]:
     """Create the resource, attach scattered pages (and show it, for frames); one call = one transfer / frame."""
     w, h = SIZES[name]
     b = scattered(g, w * h * 4)

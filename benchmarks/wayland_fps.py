@@ -33,9 +33,9 @@ from pywayland.protocol.wayland import WlCompositor, WlShm
 from pywayland.protocol.xdg_shell import XdgWmBase
 
 from benchmarks.common import REPO, write_result
-from tests.gpu_helpers import Gpu, hdr, pattern
 from vgpu import status
 from vgpu.protocol import CtrlType, Format, Rect, ResourceFlush, TransferToHost2D
+from vgpu.session import Session, hdr, pattern
 from vgpu_lab.qemu import Backend
 from vgpu_lab.weston import HeadlessWeston
 
@@ -128,7 +128,7 @@ class Ours:
         self.backend = Backend([sys.executable, "-m", "vgpu", "--socket-path={sock}", "--display=wayland",
                                 f"--wayland-display={weston.socket_path}", f"--status-socket={self.status_path}",
                                 "--log-level=warning"], sock).start()
-        self.gpu = Gpu.connect(str(sock), ram_size=128 << 20)
+        self.gpu = Session.open(str(sock), ram_size=128 << 20)
         self.gpu.image_2d(1, W, H, Format.FORMAT_B8G8R8X8_UNORM, pattern(W, H))
         self.gpu.show(1, 0, Rect(0, 0, W, H))
         self.transfer = TransferToHost2D(hdr(CtrlType.CMD_TRANSFER_TO_HOST_2D), Rect(0, 0, W, H), 0, 1)

@@ -1,28 +1,46 @@
-"""Shared fixtures: real back-end processes on real Unix sockets, and fd accounting of those processes."""
+"""Shared fixtures and helpers: real back-end processes on real Unix sockets (the conformance runner's
+:class:`~vgpu.conformance.process.BackendProcess`), guest sessions on them (:mod:`vgpu.session`), and the rule for
+missing lab components (fail in CI, skip elsewhere).
+
+A module says how its back end is started with a marker instead of a fixture of its own::
+
+    pytestmark = pytest.mark.vgpu("--scanouts=2", display=True)
+
+``vgpu`` is then ``python -m vgpu`` with those options (``{tmp}`` in one stands for the test's temporary
+directory), ``gpu`` a session on it (with a display when ``display=True``), and ``client`` a cross-domain guest
+on it that has started its context.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
+import socket
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from vgpu import procfs
+from vgpu.conformance.process import BackendProcess
+from vgpu.procfs import open_fds
+from vgpu.protocol import CtrlType, Format, Rect, SetScanoutBlob
+from vgpu.session import CROSS_DOMAIN_FEATURES, CrossDomainGuest, Session, hdr, make_display
+from vgpu.vhost_user.driver import GuestRam
+from vgpu.vhost_user.frontend import Display, Frontend
+from vgpu.vhost_user.wire import GPU_UPDATE_SIZE, GpuRequest
 from vgpu_lab import paths
 
 REPO = Path(__file__).resolve().parent.parent
 paths.use_checkout(REPO)
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 QEMU_GPU_BACKEND = "/usr/lib/qemu/vhost-user-gpu"
+VGPU = [sys.executable, "-m", "vgpu"]
+#: The host-visible window the cross-domain back ends offer (small: tests map a few blobs).
+WINDOW = 64 << 20
 
 # Hypothesis keeps its storage (the failing examples it replays first, a constants cache) in .hypothesis/ under the
 # current directory unless told otherwise; tests write only to temporary directories, so it lives there.
@@ -45,92 +63,130 @@ def unavailable(message: str) -> NoReturn:
     pytest.skip(reason=f"not in CI, and missing: {message}")
 
 
-def open_fds(pid: int) -> set[str]:
-    """The fds a process has open, with what each points to (so a leak names its object)."""
-    out = set()
-    base = f"/proc/{pid}/fd"
-    for name in os.listdir(base):
+def start_backend(cmd: list[str], workdir: Path, name: str = "backend") -> BackendProcess:
+    """``cmd --socket-path=<workdir>/<name>.sock``, started and listening with its fds settled."""
+    # Generous: under load on two cores a back end can take seconds; a passing run waits only as long as start-up.
+    return BackendProcess([*cmd, "--socket-path={sock}"], workdir, name, start_timeout=90, cwd=REPO).start()
+
+
+def host_blob_options(**extra: str) -> list[str]:
+    """Options of our back end offering cross-domain host blobs from memfds in a small window, with tight limits."""
+    args = {"--context-types": "cross-domain", "--allocator": "memfd", "--host-visible-size": str(WINDOW),
+            "--max-host-memory": "32M", "--map-timeout": "1", "--log-level": "info", **extra}
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def updates(g: Session, count: int) -> list[tuple[tuple[int, int, int, int, int], bytes]]:
+    """The first `count` UPDATEs the session's display received: ((scanout, x, y, w, h), pixels)."""
+    assert g.display is not None
+    evs = g.display.wait_for(GpuRequest.UPDATE, count)
+    return [(Display.update_rect(e.payload), e.payload[GPU_UPDATE_SIZE:]) for e in evs]
+
+
+def raw(b: BackendProcess) -> socket.socket:
+    """A bare connection to a back end, for bytes no front end would send."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(b.socket_path)
+    s.settimeout(5)
+    return s
+
+
+def closed_by_peer(s: socket.socket) -> bool:
+    """Whether the back end closes the connection (what it sends first is read and dropped) within its timeout."""
+    try:
+        while True:
+            data = s.recv(4096)
+            if not data:
+                return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def still_serving(b: BackendProcess) -> None:
+    """A new front end is served by the echo back end: set-up, then a chain echoed."""
+    fe = Frontend.connect(b.socket_path)
+    ram = GuestRam(1 << 20)
+    try:
+        fe.negotiate()
+        fe.share_memory(ram)
+        fe.setup_queue(0, 64)
+        assert fe.submit(0, b"alive", 8) == b"alive"
+    finally:
+        fe.close()
+        ram.close()
+
+
+def assert_no_leak(b: BackendProcess, baseline: int) -> None:
+    """The back end is alive and back to its idle fds."""
+    assert b.alive(), b.log()
+    assert b.settle_fds(baseline) == baseline, open_fds(b.pid)
+
+
+def backend_buffer_with(pid: int, needle: bytes) -> bytes | None:
+    """The contents of the back end's memfd that holds `needle` (reading its fds through /proc, as root)."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{fd}"
         try:
-            out.add(f"{name}->{os.readlink(os.path.join(base, name))}")
-        except FileNotFoundError:
-            pass
-    return out
+            if "memfd:" not in os.readlink(path):
+                continue
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        if needle in data:
+            return data
+    return None
 
 
-fd_count = procfs.fd_count
+def scanout_blob(rid: int, w: int, h: int, stride: int, offset: int = 0, r: Rect | None = None,
+                 fmt: int = Format.FORMAT_B8G8R8X8_UNORM, scanout: int = 0) -> SetScanoutBlob:
+    """SET_SCANOUT_BLOB of a w x h single-plane image at `offset` with `stride`."""
+    return SetScanoutBlob(hdr(CtrlType.CMD_SET_SCANOUT_BLOB), r or Rect(0, 0, w, h), scanout, rid, w, h, fmt,
+                          (stride, 0, 0, 0), (offset, 0, 0, 0))
 
 
-def wait_until(pred: Callable[[], object], timeout: float = 5.0) -> bool:
-    return procfs.wait_until(pred, timeout)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "vgpu(*options, display=False): how the module's `vgpu` back end starts")
 
 
-@dataclass
-class BackendProcess:
-    proc: subprocess.Popen[bytes]
-    socket_path: str
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def settle_fds(self, expected: int, timeout: float = 5.0) -> int:
-        """Wait until the process is back to `expected` fds and stays there (the back end releases them after a
-        disconnect). Held, not merely hit: under load a connection the client already closed may be accepted only
-        now, so a first look can still see the idle count."""
-        def held() -> bool:
-            if fd_count(self.pid) != expected:
-                return False
-            time.sleep(0.2)
-            return fd_count(self.pid) == expected
-
-        wait_until(held, timeout)
-        return fd_count(self.pid)
+@pytest.fixture
+def vgpu(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendProcess]:
+    """``python -m vgpu`` with the options of the closest ``vgpu`` marker."""
+    marker = request.node.get_closest_marker("vgpu")
+    options = [str(o).replace("{tmp}", str(tmp_path)) for o in (marker.args if marker else ())]
+    b = start_backend([*VGPU, *options], tmp_path, "vgpu")
+    yield b
+    b.stop()
 
 
-def start_backend(cmd: list[str], tmp_path: Path, name: str = "backend") -> BackendProcess:
-    sock = str(tmp_path / f"{name}.sock")
-    log_path = tmp_path / f"{name}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([*cmd, f"--socket-path={sock}"], stdout=log, stderr=subprocess.STDOUT,
-                                cwd=REPO)
-    # Generous: inside an emulated guest (TCG, the host root over 9p) Python alone takes ~14 s to start under load;
-    # a passing run waits only as long as start-up takes.
-    if not wait_until(lambda: os.path.exists(sock) or proc.poll() is not None, 90):
-        proc.kill()
-        raise RuntimeError(f"{cmd} did not create its socket")
-    if proc.poll() is not None:
-        raise RuntimeError(f"{cmd} exited: {log_path.read_text()}")
-    # The socket appears before the server has finished setting up (its selector comes after bind):
-    # wait until the fd count holds still, so a test's baseline is the idle server's.
-    procfs.settled_fd_count(proc.pid)
-    return BackendProcess(proc, sock, log_path)
+@pytest.fixture
+def gpu(request: pytest.FixtureRequest, vgpu: BackendProcess) -> Iterator[Session]:
+    """A guest session on `vgpu`, with a display when the marker says ``display=True``."""
+    marker = request.node.get_closest_marker("vgpu")
+    display = make_display() if marker is not None and marker.kwargs.get("display") else None
+    g = Session.open(vgpu.socket_path, display=display)
+    yield g
+    g.close()
 
 
-def stop_backend(b: BackendProcess) -> None:
-    if b.proc.poll() is None:
-        b.proc.terminate()
-        try:
-            b.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            b.proc.kill()
-            b.proc.wait()
-
-
-ECHO = [sys.executable, "-m", "vgpu.vhost_user.examples.echo", "--log-level=info"]
+@pytest.fixture
+def client(vgpu: BackendProcess) -> Iterator[CrossDomainGuest]:
+    """A cross-domain guest on `vgpu` (started with :func:`host_blob_options`): context, query ring and INIT done."""
+    g = Session.open(vgpu.socket_path, features=CROSS_DOMAIN_FEATURES, shm=True)
+    c = CrossDomainGuest(g)
+    c.start()
+    yield c
+    g.close()
 
 
 @pytest.fixture
 def echo_backend(tmp_path: Path) -> Iterator[BackendProcess]:
-    b = start_backend([*ECHO, "--shm-size=16777216", "--map-timeout=1"], tmp_path, "echo")
+    b = start_backend([sys.executable, "-m", "vgpu.vhost_user.examples.echo", "--log-level=info",
+                       "--shm-size=16777216", "--map-timeout=1"], tmp_path, "echo")
     yield b
-    stop_backend(b)
+    b.stop()
 
 
 @pytest.fixture
@@ -138,4 +194,4 @@ def qemu_gpu_backend(tmp_path: Path) -> Iterator[BackendProcess]:
     exe = require(QEMU_GPU_BACKEND, "QEMU's C vhost-user-gpu back end (Debian qemu-system-gui)")
     b = start_backend([exe], tmp_path, "qemu-vhost-user-gpu")
     yield b
-    stop_backend(b)
+    b.stop()

@@ -31,9 +31,6 @@ import sys
 import threading
 import time
 
-from tests.gpu_helpers import Gpu, hdr, pattern, resp_type
-from tests.test_gpu_2d import display
-from tests.test_gpu_host_blob import FEATURES, Client, h
 from vgpu.protocol import (
     CtrlType,
     Format,
@@ -44,6 +41,7 @@ from vgpu.protocol import (
     TransferToHost2D,
     encode_command,
 )
+from vgpu.session import CROSS_DOMAIN_FEATURES, CrossDomainGuest, Session, hdr, make_display, pattern, rtype
 from vgpu.vhost_user.message import Message
 from vgpu.vhost_user.shm_window import ShmMapping
 from vgpu.vhost_user.wire import GpuRequest
@@ -68,15 +66,15 @@ def linger() -> None:
 
 
 def mapped(sock: str) -> None:
-    g = Gpu.connect(sock, features=FEATURES)
+    g = Session.open(sock, features=CROSS_DOMAIN_FEATURES)
     g.fe.reserve_shm()
-    c = Client(g)
+    c = CrossDomainGuest(g)
     c.start()
     total = 0
     for rid, offset in ((1, 0), (2, 0x100000)):
         reqs = c.requirements(256, 256)
-        assert resp_type(c.blob(rid, reqs)) == E.RESP_OK_NODATA
-        assert resp_type(c.map(rid, offset)) == E.RESP_OK_MAP_INFO
+        assert rtype(c.create_blob(rid, reqs)) == E.RESP_OK_NODATA
+        assert rtype(c.map(rid, offset)) == E.RESP_OK_MAP_INFO
         g.fe.shm[1].write(offset, b"guest was here")
         total += int(reqs.size)  # type: ignore[attr-defined]
     say("mapped", f"blobs=2 bytes={total}")
@@ -84,11 +82,11 @@ def mapped(sock: str) -> None:
 
 
 def map_pending(sock: str) -> None:
-    g = Gpu.connect(sock, features=FEATURES)
+    g = Session.open(sock, features=CROSS_DOMAIN_FEATURES)
     g.fe.reserve_shm()
-    c = Client(g)
+    c = CrossDomainGuest(g)
     c.start()
-    c.blob(1, c.requirements(256, 256))
+    c.create_blob(1, c.requirements(256, 256))
 
     def hold(m: ShmMapping, fd: int) -> None:
         say("map-pending", f"offset={m.shm_offset:#x} length={m.length:#x}")
@@ -102,11 +100,11 @@ def map_pending(sock: str) -> None:
 
 
 def main_socket_closed(sock: str) -> None:
-    g = Gpu.connect(sock, features=FEATURES)
+    g = Session.open(sock, features=CROSS_DOMAIN_FEATURES)
     g.fe.reserve_shm()
-    c = Client(g)
+    c = CrossDomainGuest(g)
     c.start()
-    c.blob(1, c.requirements(256, 256))
+    c.create_blob(1, c.requirements(256, 256))
 
     def leave(m: ShmMapping, fd: int) -> None:
         # A VMM tearing the device down: the main socket goes first, the back-end channel is still open.
@@ -122,7 +120,7 @@ def main_socket_closed(sock: str) -> None:
 
 def transfer(sock: str) -> None:
     nbytes = SIDE * SIDE * 4
-    g = Gpu.connect(sock, features=FEATURES, ram_size=nbytes + (8 << 20))
+    g = Session.open(sock, features=CROSS_DOMAIN_FEATURES, ram_size=nbytes + (8 << 20))
     g.ok(ResourceCreate2D(hdr(E.CMD_RESOURCE_CREATE_2D), 1, Format.FORMAT_B8G8R8X8_UNORM, SIDE, SIDE))
     b = g.backing(nbytes)
     g.ok(ResourceAttachBacking(hdr(E.CMD_RESOURCE_ATTACH_BACKING), 1, b.entries))
@@ -137,7 +135,7 @@ def transfer(sock: str) -> None:
 
 
 def display_stopped(sock: str) -> None:
-    disp = display()
+    disp = make_display()
     resumed = threading.Event()
     seen = 0
     handle = disp.handle
@@ -159,7 +157,7 @@ def display_stopped(sock: str) -> None:
         handle(msg)
 
     disp.handle = stall  # type: ignore[method-assign]
-    g = Gpu.connect(sock, features=FEATURES, ram_size=16 << 20, display=disp)
+    g = Session.open(sock, features=CROSS_DOMAIN_FEATURES, ram_size=16 << 20, display=disp)
     w, h_ = FRAME
     g.image_2d(1, w, h_, pixels=pattern(w, h_))
     g.show(1, 0, Rect(0, 0, w, h_))
@@ -178,11 +176,11 @@ def display_stopped(sock: str) -> None:
 
 
 def stopped_map(sock: str) -> None:
-    g = Gpu.connect(sock, features=FEATURES)
+    g = Session.open(sock, features=CROSS_DOMAIN_FEATURES)
     g.fe.reserve_shm()
-    c = Client(g)
+    c = CrossDomainGuest(g)
     c.start()
-    c.blob(1, c.requirements(256, 256))
+    c.create_blob(1, c.requirements(256, 256))
     window = g.fe.shm[1]
 
     def freeze(m: ShmMapping, fd: int) -> None:
@@ -194,7 +192,7 @@ def stopped_map(sock: str) -> None:
 
     g.fe.on_shmem_map = freeze
     g.fe.timeout = LIFETIME
-    say("map-response", f"type={resp_type(c.map(1, 0)):#x}")
+    say("map-response", f"type={rtype(c.map(1, 0)):#x}")
     # The late ack mapped the blob on our side (the service thread maps, then acks); a back end that gave up on
     # the map must take it back with SHMEM_UNMAP.
     deadline = time.monotonic() + 10
@@ -203,10 +201,10 @@ def stopped_map(sock: str) -> None:
     while window.mappings and time.monotonic() < deadline:
         time.sleep(0.01)
     say("window-after", f"mappings={len(window.mappings)} log={','.join(k for k, _ in window.log)}")
-    say("map-again", f"type={resp_type(c.map(1, 0)):#x} mappings={len(window.mappings)}")
+    say("map-again", f"type={rtype(c.map(1, 0)):#x} mappings={len(window.mappings)}")
     window.write(0, b"mapped after the stop")
-    unmap = g.cmd(encode_command(ResourceUnmapBlob(h(E.CMD_RESOURCE_UNMAP_BLOB), 1)), 24)
-    say("unmap", f"type={resp_type(unmap):#x} mappings={len(window.mappings)}")
+    unmap = g.cmd(encode_command(ResourceUnmapBlob(hdr(E.CMD_RESOURCE_UNMAP_BLOB, ctx_id=1), 1)), 24)
+    say("unmap", f"type={rtype(unmap):#x} mappings={len(window.mappings)}")
     say("errors", f"n={len(g.fe.service_errors)} {g.fe.service_errors}")
     g.close()
     say("done")

@@ -1,7 +1,7 @@
 """The faults a real VMM can be made to suffer at the right moment: QEMU 11.1 (sid chroot) with a guest holding a
 mapped host blob, killed with SIGKILL; then a fresh QEMU, served by the same back-end process, maps a blob again.
 
-The guest program is `blob_map` (see tests/test_e2e_host_blob.py): it maps a HOST3D blob, writes its pattern and
+The guest program is `blob_map` (see tests/e2e/test_host_blob.py): it maps a HOST3D blob, writes its pattern and
 then waits for the host's answer, which never comes — so the blob is mapped in the guest and in QEMU's BAR when
 QEMU dies.
 """

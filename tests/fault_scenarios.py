@@ -24,12 +24,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from tests.conftest import REPO, BackendProcess, fd_count, start_backend, stop_backend
-from tests.gpu_helpers import ALL_FEATURES, Gpu, resp_type
-from tests.test_gpu_2d import display
-from tests.test_gpu_host_blob import FEATURES, Client, backend_args, h
-from vgpu.procfs import rss_kib, settled_fd_count, wait_until
+from tests.conftest import REPO, VGPU, host_blob_options, start_backend
+from vgpu.conformance.process import BackendProcess
+from vgpu.procfs import fd_count, rss_kib, settled_fd_count, wait_until
 from vgpu.protocol import CtrlType, ResourceUnmapBlob
+from vgpu.session import CROSS_DOMAIN_FEATURES, CrossDomainGuest, Session, hdr, make_display, rtype
 from vgpu.vhost_user.driver import GuestRam
 from vgpu.vhost_user.frontend import Frontend
 from vgpu.vhost_user.message import Channel
@@ -89,15 +88,15 @@ def held(pid: int) -> list[str]:
 
 def next_vmm(sock: str) -> None:
     """A whole ordinary session: set-up, a cross-domain context, a host blob mapped and unmapped, goodbye."""
-    g = Gpu.connect(sock, features=FEATURES)
+    g = Session.open(sock, features=CROSS_DOMAIN_FEATURES)
     try:
         g.fe.reserve_shm()
-        c = Client(g)
+        c = CrossDomainGuest(g)
         c.start()
         reqs = c.requirements(64, 64)
-        if resp_type(c.blob(1, reqs)) != E.RESP_OK_NODATA or resp_type(c.map(1, 0)) != E.RESP_OK_MAP_INFO:
+        if rtype(c.create_blob(1, reqs)) != E.RESP_OK_NODATA or rtype(c.map(1, 0)) != E.RESP_OK_MAP_INFO:
             raise RuntimeError("the next VMM's blob was not mapped")
-        g.ok(ResourceUnmapBlob(h(E.CMD_RESOURCE_UNMAP_BLOB), 1))
+        g.ok(ResourceUnmapBlob(hdr(E.CMD_RESOURCE_UNMAP_BLOB, ctx_id=1), 1))
     finally:
         g.close()
 
@@ -107,7 +106,7 @@ class Subject:
 
     def __init__(self, work: Path, extra: tuple[str, ...] = ()) -> None:
         self.work = work
-        self.b: BackendProcess = start_backend([*backend_args(), *extra], work, "vgpu")
+        self.b: BackendProcess = start_backend([*VGPU, *host_blob_options(), *extra], work, "vgpu")
         # The idle baseline is taken after one whole session: what a back end holds between VMMs, with every
         # module a session imports already loaded (the first session's imports are not a leak).
         gone = len(DROPPED.findall(self.b.log()))
@@ -166,7 +165,7 @@ class Subject:
                    RELEASE_TIMEOUT)
 
     def close(self) -> None:
-        stop_backend(self.b)
+        self.b.stop()
 
 
 # --- a VMM in a child process -------------------------------------------------------------------------------
@@ -402,7 +401,7 @@ class CuttingChannel(Channel):
 
 
 def setup_session(sock: str, cut_after: int | None = None) -> list[str]:
-    """QEMU's set-up order, as our front end plays it (Gpu.connect plus the config read, the shared-memory query and
+    """QEMU's set-up order, as our front end plays it (Session.connect plus the config read, the shared-memory query and
     the display socket); returns the requests sent, stopping after `cut_after` of them."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     s.connect(sock)
@@ -410,13 +409,13 @@ def setup_session(sock: str, cut_after: int | None = None) -> list[str]:
     channel = fe.channel = CuttingChannel(s, cut_after)
     ram = GuestRam(16 << 20)
     try:
-        fe.negotiate(device_features=FEATURES | ALL_FEATURES)
+        fe.negotiate(device_features=CROSS_DOMAIN_FEATURES)
         fe.get_config(0, 16)
         fe.reserve_shm()
         fe.share_memory(ram)
         fe.setup_queue(0, 64)
         fe.setup_queue(1, 64)
-        fe.set_display(display())
+        fe.set_display(make_display())
     except Cut:
         pass
     finally:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import start_backend, stop_backend
-from vgpu.conformance.session import Session
+from tests.conftest import start_backend
+from vgpu.session import Session, make_display
 from vgpu.vhost_user.frontend import Frontend
 from vgpu.vhost_user.message import Message
 from vgpu.vhost_user.wire import BackendRequest
@@ -46,7 +46,8 @@ def test_a_protocol_violation_during_a_nested_wait_ends_the_connection(tmp_path:
 
     monkeypatch.setattr(Frontend, "_on_backend_request", held)
     b = start_backend([sys.executable, "-m", "vgpu", "--log-level=info"], tmp_path, "vgpu")
-    sess = Session.open(b.socket_path)
+    # With a display: the back end then asks the front end about its layout (CONFIG_CHANGE_MSG) and waits.
+    sess = Session.open(b.socket_path, display=make_display())
     try:
         assert asked.wait(30), "the back end sent no CONFIG_CHANGE_MSG: this test lost its premise"
         sess.fe.send(UNKNOWN, bytes(8))
@@ -55,7 +56,7 @@ def test_a_protocol_violation_during_a_nested_wait_ends_the_connection(tmp_path:
         release.set()
         sess.fe.close()
         sess.ram.close()
-        stop_backend(b)
+        b.stop()
     log = b.log()
     assert "protocol violation" in log and "callback for fd" not in log, log
     assert closed

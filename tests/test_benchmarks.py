@@ -1,4 +1,8 @@
-"""Benchmarks are never timed assertions; this only proves each one runs on a tiny size and prints its table."""
+"""Benchmarks are never timed assertions; this only proves each one runs on a tiny size and prints its table.
+
+One quick run of the whole suite (``python -m benchmarks.run_all --quick --json DIR``, as a module-scoped fixture)
+serves every test here: each benchmark runs once, and each test reads what its benchmark wrote into DIR or
+printed in its section of the output."""
 
 from __future__ import annotations
 
@@ -6,8 +10,11 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.conftest import QEMU_GPU_BACKEND, REPO, require
 
@@ -15,13 +22,27 @@ SIDE_KEYS = {"ops_per_s", "round_rates", "p50_us", "p99_us", "calls", "backend_c
              "frontend_cpu_us_per_op", "frontend_busy"}
 
 
-def _side_by_side(module: str, tmp_path: Path) -> dict[str, dict[str, Any]]:
-    """Run a side-by-side module quickly with its results redirected to tmp_path; its results by name."""
-    r = subprocess.run([sys.executable, "-m", module, "--quick", f"--json={tmp_path}"], capture_output=True,
-                       text=True, timeout=300, cwd=REPO)
+@dataclass(frozen=True)
+class QuickRun:
+    out: str
+    results: dict[str, dict[str, Any]]
+
+    def section(self, name: str) -> str:
+        """What benchmark `name` printed."""
+        m = re.search(rf"^=== {name}\n(.*?)^=== {name}: ", self.out, re.M | re.S)
+        assert m, self.out
+        return m.group(1)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
+    require(QEMU_GPU_BACKEND, "QEMU's C vhost-user-gpu back end (the peer of the side-by-side benchmarks)")
+    results = tmp_path_factory.mktemp("benchmarks")
+    r = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick", f"--json={results}"],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "wrote " not in r.stdout, "a quick run must not overwrite the recorded results"
-    return {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    return QuickRun(r.stdout, {p.stem: json.loads(p.read_text()) for p in results.glob("*.json")})
 
 
 def _sane_sides(result: dict[str, Any], keys: set[str]) -> None:
@@ -34,36 +55,33 @@ def _sane_sides(result: dict[str, Any], keys: set[str]) -> None:
     assert result["machine"]["cpus"] and result["quick"] is True
 
 
-def test_commands_measure_ours_qemu_and_the_floor_side_by_side(tmp_path: Path) -> None:
-    require(QEMU_GPU_BACKEND, "QEMU's C vhost-user-gpu back end (the benchmark's peer)")
-    results = _side_by_side("benchmarks.commands", tmp_path)
-    assert set(results) == {"display_info", "create_unref", "mix_2d"}
-    for res in results.values():
+def test_commands_measure_ours_qemu_and_the_floor_side_by_side(quick: QuickRun) -> None:
+    results = quick.results
+    assert {"display_info", "create_unref", "mix_2d"} <= set(results)
+    for res in (results[name] for name in ("display_info", "create_unref", "mix_2d")):
         _sane_sides(res, {"ours", "qemu", "floor"})
         assert set(res["ratios"]) == {"ours / qemu", "ours / floor", "qemu / floor"}
     assert results["create_unref"]["sides"]["qemu"]["ops_per_call"] == 128  # two kicks of 64
 
 
-def test_transfers_measure_against_qemu_and_the_copy_floor(tmp_path: Path) -> None:
-    require(QEMU_GPU_BACKEND, "QEMU's C vhost-user-gpu back end (the benchmark's peer)")
-    results = _side_by_side("benchmarks.transfers", tmp_path)
+def test_transfers_measure_against_qemu_and_the_copy_floor(quick: QuickRun) -> None:
+    results = quick.results
     _sane_sides(results["transfer_scattered"], {"ours", "qemu", "floor", "copy"})
     assert results["transfer_scattered"]["bytes_per_op"] == 1024 * 768 * 4
     assert {"ours / qemu", "ours / copy"} <= set(results["transfer_scattered"]["ratios"])
     _sane_sides(results["frames_1080p"], {"ours", "qemu", "floor"})
 
 
-def test_blob_lifecycle_against_its_floors(tmp_path: Path) -> None:
-    res = _side_by_side("benchmarks.blob_lifecycle", tmp_path)["blob_lifecycle"]
+def test_blob_lifecycle_against_its_floors(quick: QuickRun) -> None:
+    res = quick.results["blob_lifecycle"]
     _sane_sides(res, {"ours", "transport", "syscalls"})
     assert list(res["steps_us"]) == ["requirements (SUBMIT_3D)", "CREATE_BLOB HOST3D", "MAP_BLOB", "UNMAP_BLOB",
                                      "UNREF"]
     assert res["qemu"] == "no blob support"
 
 
-def test_process_costs(tmp_path: Path) -> None:
-    require(QEMU_GPU_BACKEND, "QEMU's C vhost-user-gpu back end (the benchmark's peer)")
-    res = _side_by_side("benchmarks.process_costs", tmp_path)["process_costs"]
+def test_process_costs(quick: QuickRun) -> None:
+    res = quick.results["process_costs"]
     for key in ("ours", "qemu"):
         m = res["median"][key]
         assert m["startup_s"] > 0 and m["idle_rss"] > 0 and m["session_rss"] > 0, m
@@ -84,6 +102,9 @@ def test_table_renders_a_row_per_goal(tmp_path: Path) -> None:
         (tmp_path / f"{name}.json").write_text(json.dumps({**sides, "ratios": ratios}))
     (tmp_path / "transfer_scattered.json").write_text(json.dumps(
         {**sides, "ratios": ratios, "gb_per_s": {"ours": 1.0, "qemu": 2.0, "copy": 10.0}}))
+    (tmp_path / "transfer_copy.json").write_text(json.dumps(
+        {"machine": machine, "ratios": {"1024x768 ours warm alias / floor": 0.3},
+         "gbs": {"1024x768": {"ours warm, alias": 3.0, "floor: one contiguous copy": 10.0}}}))
     med = {k: {"idle_rss": 30e6, "startup_s": 0.5} for k in ("ours", "qemu")}
     (tmp_path / "process_costs.json").write_text(json.dumps({"median": med, "machine": machine}))
     rows = table.rows(tmp_path)
@@ -98,24 +119,16 @@ def test_table_renders_a_row_per_goal(tmp_path: Path) -> None:
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text and rows[2] in text
 
 
-def _quick(module: str, *extra: str) -> str:
-    r = subprocess.run([sys.executable, "-m", module, "--quick", *extra], capture_output=True, text=True,
-                       timeout=300, cwd=REPO)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "wrote " not in r.stdout, "a quick run must not overwrite the recorded results"
-    return r.stdout
-
-
-def test_scale_runs_and_prints_levels_and_memory() -> None:
-    out = _quick("benchmarks.scale")
+def test_scale_runs_and_prints_levels_and_memory(quick: QuickRun) -> None:
+    out = quick.section("scale")
     assert len(re.findall(r"^(10|100|300)\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.M)) == 3, out
     assert len(re.findall(r"^(10|50)\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+\d+$", out, re.M)) == 2, out
     assert len(re.findall(r"^ratio  .* ([\d.]+)$", out, re.M)) == 2, out
     assert re.search(r"^host memory per 2D resource: -?\d+ bytes of RSS", out, re.M), out
 
 
-def test_cache_matrix_runs_and_prints_the_matrix() -> None:
-    out = _quick("benchmarks.cache_matrix")
+def test_cache_matrix_runs_and_prints_the_matrix(quick: QuickRun) -> None:
+    out = quick.section("cache_matrix")
     from benchmarks.cache_matrix import STRATEGIES, VERDICTS
     from benchmarks.exporter_facts import DESCRIBED
 
@@ -143,11 +156,20 @@ def test_cache_matrix_runs_and_prints_the_matrix() -> None:
     assert "under TCG the guest's memory type changes no behaviour" in out
 
 
-def test_run_all_quick_runs_every_benchmark() -> None:
-    require(QEMU_GPU_BACKEND, "QEMU's C vhost-user-gpu back end (the peer of the side-by-side benchmarks)")
-    out = _quick("benchmarks.run_all")
+def test_run_all_quick_runs_every_benchmark(quick: QuickRun) -> None:
     from benchmarks.run_all import BENCHMARKS
 
     for name in BENCHMARKS:
-        assert re.search(rf"^=== {name}: [\d.]+ s$", out, re.M), out
-    assert "quick run: nothing written" in out
+        assert re.search(rf"^=== {name}: [\d.]+ s$", quick.out, re.M), quick.out
+    assert "quick run: nothing written" in quick.out
+
+
+def test_transfer_copy_runs_and_prints_ratios_to_the_floor(quick: QuickRun) -> None:
+    """The copy benchmark checks the bytes it gathers and prints a ratio to the floor for each way and size."""
+    out = quick.section("transfer_copy")
+    for size in ("1024x768", "1920x1080"):
+        assert re.search(rf"^{size} BGRA from \d+ scattered pages$", out, re.M), out
+        ratios = dict(re.findall(rf"^ratio  {size} (.+?)\s+([\d.]+)$", out, re.M))
+        assert {"ours warm alias / floor", "ours warm region mappings / floor"} <= set(ratios), out
+        assert all(float(v) > 0 for v in ratios.values())
+    assert len(re.findall(r"^  ours warm, alias\s+[\d.]+ GB/s\s+[\d.]+ x floor", out, re.M)) == 2, out

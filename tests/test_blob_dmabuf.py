@@ -1,8 +1,8 @@
 """The dma-buf layer on this host: real memfds, real ENOTTY; fakes only for kernel answers that cannot exist here.
 
 This host kernel has no dma-buf exporter at all, so the answers a patched kernel would give are played in
-tests/test_blob_uapi_revisions.py. The real exporters are exercised inside a guest by
-tests/test_e2e_dmabuf_guest.py and tests/test_e2e_kernel_ioctl.py.
+tests/test_blob_uapi_revisions.py and by a fake ``ioctl`` in the tests whose names say "fake". The real exporters
+are exercised inside a guest by tests/e2e/test_dmabuf_guest.py and tests/e2e/test_kernel_ioctl.py.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def test_fdinfo_of_memfd_has_no_exporter(memfd: int) -> None:
 
 
 def test_parse_fdinfo_of_a_dmabuf_text() -> None:
-    # Verbatim from the 6.12 lab guest (tests/test_e2e_dmabuf_guest.py): a 64 KiB udmabuf's fdinfo.
+    # Verbatim from the 6.12 lab guest (vgpu_lab.exporters_guest): a 64 KiB udmabuf's fdinfo.
     text = "pos:\t0\nflags:\t02000002\nmnt_id:\t12\nino:\t1\nsize:\t65536\ncount:\t1\nexp_name:\tudmabuf\n"
     info = dmabuf.parse_fdinfo(text)
     assert info.exporter == "udmabuf" and info.size == 65536 and info.is_dmabuf

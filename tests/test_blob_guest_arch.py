@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BackendProcess, start_backend, stop_backend
-from tests.gpu_helpers import Gpu
-from tests.test_gpu_host_blob import FEATURES, Client, backend_args
+from tests.conftest import VGPU, host_blob_options, start_backend
 from vgpu.blob.allocators import MemfdAllocator
 from vgpu.blob.guest_arch import (
     AARCH64_UNCACHED,
@@ -24,8 +22,10 @@ from vgpu.blob.guest_arch import (
 from vgpu.blob.resolve import Resolver
 from vgpu.blob.rules import load_rules
 from vgpu.blob.types import CacheAttr, Provenance, Resolution
+from vgpu.conformance.process import BackendProcess
 from vgpu.protocol import CtrlType
 from vgpu.protocol import structs as s
+from vgpu.session import CROSS_DOMAIN_FEATURES, CrossDomainGuest, Session
 from vgpu.status import query
 
 A = CacheAttr
@@ -81,24 +81,24 @@ def uncached_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator
     rules = tmp_path / "r.toml"
     rules.write_text('[allocator_overrides]\nmemfd = "uncached"\n')
     arch = str(request.param)
-    b = start_backend([*backend_args(**{"--cache-rules": str(rules), "--guest-arch": arch}),
+    b = start_backend([*VGPU, *host_blob_options(**{"--cache-rules": str(rules), "--guest-arch": arch}),
                        f"--status-socket={tmp_path / 'status.sock'}"], tmp_path, "vgpu")
     yield arch, b
-    stop_backend(b)
+    b.stop()
 
 
 def test_a_real_back_end_tells_the_guest(uncached_backend: tuple[str, BackendProcess], tmp_path: Path) -> None:
     arch, vgpu = uncached_backend
     sent = {"aarch64": A.WC, "x86_64": A.UNCACHED}[arch]
-    g = Gpu.connect(vgpu.socket_path, features=FEATURES)
+    g = Session.open(vgpu.socket_path, features=CROSS_DOMAIN_FEATURES)
     try:
         g.fe.reserve_shm()
-        client = Client(g)
+        client = CrossDomainGuest(g)
         client.start()
         # Up front, in the image requirements, and again in the MAP_BLOB answer: the same value.
         reqs = client.requirements(64, 64)
         assert reqs.map_info == sent  # type: ignore[attr-defined]
-        client.blob(1, reqs)
+        client.create_blob(1, reqs)
         resp = s.resp_map_info.parse(client.map(1, 0))
         assert (resp.hdr.type, resp.map_info) == (CtrlType.RESP_OK_MAP_INFO, sent)
         doc = query(str(tmp_path / "status.sock"))

@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import REPO, start_backend, wait_until
+from tests.conftest import REPO, start_backend
+from vgpu.procfs import wait_until
 from vgpu.vhost_user.driver import GuestRam
 from vgpu.vhost_user.frontend import Frontend
 from vgpu.vhost_user.wire import FrontendRequest
@@ -56,8 +57,8 @@ def test_sigterm_exits_promptly_even_while_serving(tmp_path: Path) -> None:
     fe = Frontend.connect(b.socket_path)
     fe.negotiate()
     t0 = time.monotonic()
-    b.proc.send_signal(signal.SIGTERM)
-    assert b.proc.wait(5) == 0
+    b.process.send_signal(signal.SIGTERM)
+    assert b.process.wait(5) == 0
     assert time.monotonic() - t0 < 2
     assert not os.path.exists(b.socket_path)
     fe.close()
@@ -65,8 +66,8 @@ def test_sigterm_exits_promptly_even_while_serving(tmp_path: Path) -> None:
 
 def test_sigterm_while_idle(tmp_path: Path) -> None:
     b = start_backend(VGPU, tmp_path, "vgpu")
-    b.proc.send_signal(signal.SIGTERM)
-    assert b.proc.wait(5) == 0
+    b.process.send_signal(signal.SIGTERM)
+    assert b.process.wait(5) == 0
 
 
 def test_fd_mode_serves_one_connection_then_exits(tmp_path: Path) -> None:
@@ -97,8 +98,8 @@ def test_serves_the_next_front_end_after_a_disconnect(tmp_path: Path) -> None:
             fe.close()
         assert wait_until(b.alive)
     finally:
-        b.proc.terminate()
-        b.proc.wait(5)
+        b.process.terminate()
+        b.process.wait(5)
 
 
 def test_console_script_is_installed() -> None:

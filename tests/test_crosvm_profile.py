@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import BackendProcess, start_backend, stop_backend, wait_until
-from tests.gpu_helpers import Gpu, pattern, resp_type
-from tests.test_gpu_host_blob import FEATURES, WINDOW, Client, backend_buffer_with, h
+from tests.conftest import WINDOW, backend_buffer_with, start_backend
+from vgpu.conformance.process import BackendProcess
 from vgpu.gpu import png
+from vgpu.procfs import wait_until
 from vgpu.protocol import CtrlType, Format, Rect, ResourceUnmapBlob
 from vgpu.protocol import structs as s
-from vgpu.vhost_user.driver import GuestRam
-from vgpu.vhost_user.frontend import Frontend, FrontendError
-from vgpu.vhost_user.profiles import CROSVM, bring_up
+from vgpu.session import CROSS_DOMAIN_FEATURES, CrossDomainGuest, Session, hdr, pattern, rtype
+from vgpu.vhost_user.frontend import FrontendError
+from vgpu.vhost_user.profiles import CROSVM
 from vgpu.vhost_user.shm_window import ShmMapping
 from vgpu.vhost_user.wire import MAX_QUEUE_SIZE, BackendRequest, ProtocolFeature, bit
 
@@ -44,20 +44,12 @@ def vgpu(tmp_path: Path) -> Iterator[BackendProcess]:
             f"--scanout-png={tmp_path / 'png'}", "--png-rate=1000"]
     b = start_backend(args, tmp_path, "vgpu")
     yield b
-    stop_backend(b)
+    b.stop()
 
 
 @pytest.fixture
-def gpu(vgpu: BackendProcess) -> Iterator[Gpu]:
-    fe = Frontend.connect(vgpu.socket_path)
-    ram = GuestRam(48 << 20)
-    try:
-        bring_up(fe, ram, CROSVM, FEATURES)
-    except BaseException:
-        fe.close()
-        ram.close()
-        raise
-    g = Gpu(fe, ram)
+def gpu(vgpu: BackendProcess) -> Iterator[Session]:
+    g = Session.open(vgpu.socket_path, features=CROSS_DOMAIN_FEATURES, ram_size=48 << 20, profile=CROSVM)
     yield g
     g.close()
 
@@ -67,7 +59,7 @@ def received(b: BackendProcess) -> list[tuple[str, int, int, int]]:
     return [(m[1], int(m[2], 16), int(m[3]), int(m[4])) for m in RECEIVED.finditer(b.log())]
 
 
-def test_crosvm_set_up_reaches_the_back_end_in_order_and_nothing_is_refused(gpu: Gpu, vgpu: BackendProcess) -> None:
+def test_crosvm_set_up_reaches_the_back_end_in_order_and_nothing_is_refused(gpu: Session, vgpu: BackendProcess) -> None:
     # crosvm waits for no ack, so the last requests may still be on their way to the log.
     assert wait_until(lambda: len(received(vgpu)) >= len(CROSVM_SET_UP))
     got = received(vgpu)
@@ -89,7 +81,7 @@ def test_crosvm_set_up_reaches_the_back_end_in_order_and_nothing_is_refused(gpu:
     assert s.config.parse(gpu.fe.get_config(0, 16, CROSVM.config_flags)).num_capsets == 1
 
 
-def test_a_2d_frame_without_a_display_socket(gpu: Gpu, tmp_path: Path) -> None:
+def test_a_2d_frame_without_a_display_socket(gpu: Session, tmp_path: Path) -> None:
     w, h_ = 96, 64
     px = pattern(w, h_)
     gpu.image_2d(1, w, h_, Format.FORMAT_B8G8R8X8_UNORM, px)
@@ -107,27 +99,28 @@ def test_a_2d_frame_without_a_display_socket(gpu: Gpu, tmp_path: Path) -> None:
     assert wait_until(shown, 10), "scanout-0.png never showed the guest's pixels"
 
 
-def test_host_blob_mapped_through_shmem_map_and_unmapped_through_shmem_unmap(gpu: Gpu, vgpu: BackendProcess) -> None:
-    client = Client(gpu)
+def test_host_blob_mapped_through_shmem_map_and_unmapped_through_shmem_unmap(gpu: Session,
+                                                                             vgpu: BackendProcess) -> None:
+    client = CrossDomainGuest(gpu)
     client.start()
     reqs = client.requirements(128, 64)
     assert reqs.map_info == 1  # type: ignore[attr-defined]
-    assert resp_type(client.blob(1, reqs)) == E.RESP_OK_NODATA
+    assert rtype(client.create_blob(1, reqs)) == E.RESP_OK_NODATA
     resp = s.resp_map_info.parse(client.map(1, 0x100000))
     assert (resp.hdr.type, resp.map_info) == (E.RESP_OK_MAP_INFO, 1)
     window = gpu.fe.shm[1]
     assert [(k, m.shm_offset, m.length) for k, m in window.log] == [("map", 0x100000, 128 * 64 * 4)]
     window.write(0x100000 + 64, b"crosvm profile: written through the window")
     assert backend_buffer_with(vgpu.pid, b"crosvm profile: written through the window") is not None
-    assert resp_type(gpu.cmd(ResourceUnmapBlob(h(E.CMD_RESOURCE_UNMAP_BLOB), 1))) == E.RESP_OK_NODATA
+    assert rtype(gpu.cmd(ResourceUnmapBlob(hdr(E.CMD_RESOURCE_UNMAP_BLOB, ctx_id=1), 1))) == E.RESP_OK_NODATA
     assert [k for k, _ in window.log] == ["map", "unmap"] and window.mappings == {}
     # Both went over the back-end channel as the standard requests 9 and 10, and nothing else did.
     assert [r for r, _ in gpu.fe.backend_requests] == [BackendRequest.SHMEM_MAP, BackendRequest.SHMEM_UNMAP]
     assert not gpu.fe.service_errors
 
 
-def test_a_mapping_crosvm_refuses_costs_the_guest_one_error(gpu: Gpu, vgpu: BackendProcess) -> None:
-    client = Client(gpu)
+def test_a_mapping_crosvm_refuses_costs_the_guest_one_error(gpu: Session, vgpu: BackendProcess) -> None:
+    client = CrossDomainGuest(gpu)
     client.start()
     refuse = [True]
 
@@ -137,8 +130,8 @@ def test_a_mapping_crosvm_refuses_costs_the_guest_one_error(gpu: Gpu, vgpu: Back
 
     gpu.fe.on_shmem_map = kvm_says_no
     reqs = client.requirements(64, 64)
-    assert resp_type(client.blob(1, reqs)) == E.RESP_OK_NODATA
-    assert resp_type(client.map(1, 0)) == E.RESP_ERR_UNSPEC
+    assert rtype(client.create_blob(1, reqs)) == E.RESP_OK_NODATA
+    assert rtype(client.map(1, 0)) == E.RESP_ERR_UNSPEC
     # crosvm's answer is -EINVAL as a u64, and the back end read it as the refusal it is.
     assert wait_until(lambda: "front end refused SHMEM_MAP (ack -EINVAL)" in vgpu.log())
     # The device goes on: the next map of the same blob works.

@@ -21,10 +21,12 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from tests.conftest import BackendProcess, fd_count, require, start_backend, stop_backend, wait_until
-from tests.gpu_helpers import Backing, Gpu, hdr, pattern
+from tests.conftest import require, start_backend
 from vgpu import status
+from vgpu.conformance.process import BackendProcess
+from vgpu.procfs import fd_count, wait_until
 from vgpu.protocol import CtrlType, CursorPos, Format, MoveCursor, Rect, TransferToHost2D, UpdateCursor
+from vgpu.session import Backing, Session, hdr, pattern
 from vgpu_lab import patterns
 from vgpu_lab.wayland_capture import Capture, find
 from vgpu_lab.weston import BACKGROUND, WESTON, HeadlessWeston
@@ -60,7 +62,7 @@ def backend_for(weston: HeadlessWeston, tmp_path: Path) -> BackendProcess:
 def backend(weston: HeadlessWeston, tmp_path: Path) -> Iterator[BackendProcess]:
     b = backend_for(weston, tmp_path)
     yield b
-    stop_backend(b)
+    b.stop()
 
 
 def windows(tmp_path: Path) -> list[dict[str, Any]]:
@@ -81,21 +83,21 @@ def capture_until(weston: HeadlessWeston, pred: Any, timeout: float = 10.0) -> n
             time.sleep(0.05)
 
 
-def redraw(gpu: Gpu, b: Backing, rid: int, img: npt.NDArray[np.uint8]) -> None:
+def redraw(gpu: Session, b: Backing, rid: int, img: npt.NDArray[np.uint8]) -> None:
     """The guest draws `img` into the backing and transfers all of it (a flush then shows what it names)."""
     gpu.write_backing(b, img.tobytes())
     h, w = img.shape[:2]
     gpu.ok(TransferToHost2D(hdr(CtrlType.CMD_TRANSFER_TO_HOST_2D), Rect(0, 0, w, h), 0, rid))
 
 
-def cursor_image(gpu: Gpu, rid: int) -> None:
+def cursor_image(gpu: Session, rid: int) -> None:
     argb = patterns.cursor_pixels().view(np.uint8).reshape(64, 64, 4)
     gpu.image_2d(rid, 64, 64, Format.FORMAT_B8G8R8A8_UNORM, argb)
 
 
 def test_frame_and_cursor_on_weston_pixel_for_pixel(weston: HeadlessWeston, backend: BackendProcess,
                                                     tmp_path: Path) -> None:
-    gpu = Gpu.connect(backend.socket_path)
+    gpu = Session.open(backend.socket_path)
     try:
         img = pattern(W, H, seed=3)
         b = gpu.image_2d(1, W, H, Format.FORMAT_B8G8R8X8_UNORM, img)
@@ -147,7 +149,7 @@ def test_window_closes_when_scanout_is_disabled_and_when_the_vmm_leaves(weston: 
                                                                        backend: BackendProcess,
                                                                        tmp_path: Path) -> None:
     idle = fd_count(backend.pid)
-    gpu = Gpu.connect(backend.socket_path)
+    gpu = Session.open(backend.socket_path)
     img = pattern(W, H, seed=5)
     want = rgb_of_bgrx(img)
     try:
@@ -176,7 +178,7 @@ def test_flushes_faster_than_frames_are_coalesced_never_waited_for(weston: Headl
                                                                   tmp_path: Path) -> None:
     """Pacing by frame callbacks: every flush is answered at once, at most one commit is ever in flight, and the
     last frame the guest flushed is what ends up on screen."""
-    gpu = Gpu.connect(backend.socket_path)
+    gpu = Session.open(backend.socket_path)
     try:
         b = gpu.image_2d(1, W, H, Format.FORMAT_B8G8R8X8_UNORM, pattern(W, H))
         gpu.show(1, 0, Rect(0, 0, W, H))
@@ -199,7 +201,7 @@ def test_flushes_faster_than_frames_are_coalesced_never_waited_for(weston: Headl
 
 def test_compositor_gone_costs_the_display_not_the_vmm(weston: HeadlessWeston, backend: BackendProcess,
                                                        tmp_path: Path) -> None:
-    gpu = Gpu.connect(backend.socket_path)
+    gpu = Session.open(backend.socket_path)
     try:
         gpu.image_2d(1, W, H, Format.FORMAT_B8G8R8X8_UNORM, pattern(W, H))
         gpu.show(1, 0, Rect(0, 0, W, H))

@@ -2,7 +2,7 @@
 
 One back-end process takes every fault in turn (each test also proves the previous VMM's failure left it able to
 serve). The VMM is our front end in a child process, killed or stopped exactly where a fault needs it — a moment a
-real QEMU cannot be made to hit (tests/test_e2e_faults.py kills a real QEMU 11.1). The same scenarios, measured,
+real QEMU cannot be made to hit (tests/e2e/test_qemu_killed.py kills a real QEMU 11.1). The same scenarios, measured,
 make ``benchmarks/results/faults.json`` (``python -m benchmarks.faults``).
 """
 
@@ -122,7 +122,7 @@ def test_a_request_answered_into_a_closed_socket(subject: fs.Subject) -> None:
 
 
 def test_the_faults_command_writes_its_table_where_asked(tmp_path: Path) -> None:
-    """`python -m benchmarks.faults` (without the QEMU row here: tests/test_e2e_faults.py has it) writes its rows
+    """`python -m benchmarks.faults` (without the QEMU row here: tests/e2e/test_qemu_killed.py has it) writes its rows
     where --json says, never into the tree."""
     r = subprocess.run([sys.executable, "-m", "benchmarks.faults", "--no-qemu", "--cut-rounds=1", "--faults",
                         "kill_with_blobs_mapped", "disconnects_during_setup", f"--json={tmp_path}"],

@@ -5,22 +5,20 @@ error and changes nothing."""
 from __future__ import annotations
 
 import struct
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import BackendProcess, fd_count, start_backend, stop_backend, wait_until
-from tests.gpu_helpers import Gpu, hdr, pattern, resp_type
+from tests.conftest import updates
+from vgpu.conformance.process import BackendProcess
 from vgpu.gpu import png
+from vgpu.procfs import fd_count, wait_until
 from vgpu.protocol import (
     CtrlFlag,
     CtrlHdr,
     CtrlType,
     CursorPos,
-    DisplayOne,
     Format,
     MemEntries,
     MoveCursor,
@@ -34,42 +32,16 @@ from vgpu.protocol import (
     SetScanout,
     TransferToHost2D,
     UpdateCursor,
-    responses,
 )
-from vgpu.vhost_user.frontend import Display
-from vgpu.vhost_user.wire import GPU_UPDATE_SIZE, GpuRequest
+from vgpu.session import Session, hdr, make_display, pattern, rtype
+from vgpu.vhost_user.wire import GpuRequest
 
 E = CtrlType
-VGPU = [sys.executable, "-m", "vgpu", "--scanouts=2"]
+pytestmark = pytest.mark.vgpu("--scanouts=2", "--scanout-png={tmp}/png", "--png-rate=1000", "--max-host-memory=64M",
+                              "--max-resources=64", display=True)
 
 
-def display() -> Display:
-    return Display(lambda: responses.display_info(CtrlHdr(0), [DisplayOne(Rect(0, 0, 640, 480), True),
-                                                                DisplayOne(Rect(640, 0, 640, 480), True)]))
-
-
-@pytest.fixture
-def vgpu(tmp_path: Path) -> Iterator[BackendProcess]:
-    b = start_backend([*VGPU, f"--scanout-png={tmp_path / 'png'}", "--png-rate=1000",
-                       "--max-host-memory=64M", "--max-resources=64"], tmp_path, "vgpu")
-    yield b
-    stop_backend(b)
-
-
-@pytest.fixture
-def gpu(vgpu: BackendProcess) -> Iterator[Gpu]:
-    g = Gpu.connect(vgpu.socket_path, display=display())
-    yield g
-    g.close()
-
-
-def updates(g: Gpu, count: int) -> list[tuple[tuple[int, int, int, int, int], bytes]]:
-    assert g.display is not None
-    evs = g.display.wait_for(GpuRequest.UPDATE, count)
-    return [(Display.update_rect(e.payload), e.payload[GPU_UPDATE_SIZE:]) for e in evs]
-
-
-def test_transfer_set_scanout_flush_reaches_the_display_exactly(gpu: Gpu, tmp_path: Path) -> None:
+def test_transfer_set_scanout_flush_reaches_the_display_exactly(gpu: Session, tmp_path: Path) -> None:
     w, h = 320, 200
     px = pattern(w, h)
     gpu.image_2d(1, w, h, Format.FORMAT_B8G8R8X8_UNORM, px)
@@ -88,7 +60,7 @@ def test_transfer_set_scanout_flush_reaches_the_display_exactly(gpu: Gpu, tmp_pa
     assert np.array_equal(pic, px[..., [2, 1, 0]])
 
 
-def test_partial_transfer_uses_offset_and_the_resource_stride(gpu: Gpu) -> None:
+def test_partial_transfer_uses_offset_and_the_resource_stride(gpu: Session) -> None:
     w, h = 64, 32
     b = gpu.image_2d(2, w, h, Format.FORMAT_B8G8R8A8_UNORM, np.zeros((h, w, 4), np.uint8))
     new = pattern(w, h, seed=9)
@@ -105,7 +77,7 @@ def test_partial_transfer_uses_offset_and_the_resource_stride(gpu: Gpu) -> None:
     assert np.array_equal(got, expect)
 
 
-def test_formats_are_converted_for_the_display(gpu: Gpu) -> None:
+def test_formats_are_converted_for_the_display(gpu: Session) -> None:
     w, h = 16, 8
     px = pattern(w, h)
     gpu.image_2d(3, w, h, Format.FORMAT_R8G8B8A8_UNORM, px)
@@ -117,7 +89,7 @@ def test_formats_are_converted_for_the_display(gpu: Gpu) -> None:
     assert np.array_equal(got[..., 1], px[..., 1])
 
 
-def test_flush_is_clipped_and_mirrored(gpu: Gpu) -> None:
+def test_flush_is_clipped_and_mirrored(gpu: Session) -> None:
     w, h = 100, 80
     px = pattern(w, h)
     gpu.image_2d(4, w, h, Format.FORMAT_B8G8R8X8_UNORM, px)
@@ -131,7 +103,7 @@ def test_flush_is_clipped_and_mirrored(gpu: Gpu) -> None:
     assert np.array_equal(data1[..., :3], px[30:50, 40:60, :3])
 
 
-def test_unref_of_a_shown_resource_disables_the_scanout(gpu: Gpu) -> None:
+def test_unref_of_a_shown_resource_disables_the_scanout(gpu: Session) -> None:
     gpu.image_2d(5, 32, 32)
     gpu.show(5, 0, Rect(0, 0, 32, 32))
     gpu.ok(ResourceUnref(hdr(E.CMD_RESOURCE_UNREF), 5))
@@ -141,7 +113,7 @@ def test_unref_of_a_shown_resource_disables_the_scanout(gpu: Gpu) -> None:
     gpu.image_2d(5, 16, 16)  # the id is free again
 
 
-def test_cursor(gpu: Gpu) -> None:
+def test_cursor(gpu: Session) -> None:
     px = pattern(64, 64)
     gpu.image_2d(6, 64, 64, Format.FORMAT_B8G8R8A8_UNORM, px)
     gpu.ok(UpdateCursor(hdr(E.CMD_UPDATE_CURSOR), CursorPos(0, 10, 20), 6, 3, 4), queue=1)
@@ -166,7 +138,7 @@ def test_cursor(gpu: Gpu) -> None:
     assert gpu.err(MoveCursor(hdr(E.CMD_MOVE_CURSOR), CursorPos(0, 1, 1)), queue=0) == E.RESP_ERR_UNSPEC
 
 
-def test_fenced_transfer_is_done_when_answered(gpu: Gpu) -> None:
+def test_fenced_transfer_is_done_when_answered(gpu: Session) -> None:
     w, h = 32, 32
     b = gpu.image_2d(8, w, h)
     gpu.show(8, 0, Rect(0, 0, w, h))
@@ -180,11 +152,11 @@ def test_fenced_transfer_is_done_when_answered(gpu: Gpu) -> None:
     assert np.array_equal(np.frombuffer(data, np.uint8).reshape(h, w, 4)[..., :3], px[..., :3])
 
 
-def test_assign_uuid_is_stable(gpu: Gpu) -> None:
+def test_assign_uuid_is_stable(gpu: Session) -> None:
     gpu.image_2d(9, 16, 16)
     a = gpu.cmd(ResourceAssignUuid(hdr(E.CMD_RESOURCE_ASSIGN_UUID), 9), 40)
     b = gpu.cmd(ResourceAssignUuid(hdr(E.CMD_RESOURCE_ASSIGN_UUID), 9), 40)
-    assert resp_type(a) == E.RESP_OK_RESOURCE_UUID and a[24:] == b[24:] and a[24:] != bytes(16)
+    assert rtype(a) == E.RESP_OK_RESOURCE_UUID and a[24:] == b[24:] and a[24:] != bytes(16)
     assert gpu.err(ResourceAssignUuid(hdr(E.CMD_RESOURCE_ASSIGN_UUID), 99)) == E.RESP_ERR_INVALID_RESOURCE_ID
 
 
@@ -192,7 +164,7 @@ C2D = E.CMD_RESOURCE_CREATE_2D
 X = Format.FORMAT_B8G8R8X8_UNORM
 
 
-def test_create_errors(gpu: Gpu) -> None:
+def test_create_errors(gpu: Session) -> None:
     assert gpu.err(ResourceCreate2D(hdr(C2D), 0, X, 16, 16)) == E.RESP_ERR_INVALID_RESOURCE_ID
     gpu.ok(ResourceCreate2D(hdr(C2D), 10, X, 16, 16))
     assert gpu.err(ResourceCreate2D(hdr(C2D), 10, X, 16, 16)) == E.RESP_ERR_INVALID_RESOURCE_ID
@@ -202,7 +174,7 @@ def test_create_errors(gpu: Gpu) -> None:
     assert gpu.err(ResourceUnref(hdr(E.CMD_RESOURCE_UNREF), 12345)) == E.RESP_ERR_INVALID_RESOURCE_ID
 
 
-def test_backing_errors(gpu: Gpu) -> None:
+def test_backing_errors(gpu: Session) -> None:
     A = E.CMD_RESOURCE_ATTACH_BACKING
     assert gpu.err(ResourceAttachBacking(hdr(A), 99, MemEntries.of([(0x10000, 4096)]))) == \
         E.RESP_ERR_INVALID_RESOURCE_ID
@@ -227,7 +199,7 @@ def test_backing_errors(gpu: Gpu) -> None:
         E.RESP_ERR_UNSPEC
 
 
-def test_transfer_and_scanout_bounds(gpu: Gpu) -> None:
+def test_transfer_and_scanout_bounds(gpu: Session) -> None:
     T = E.CMD_TRANSFER_TO_HOST_2D
     gpu.image_2d(30, 64, 64)
     for r in (Rect(0, 0, 65, 1), Rect(60, 0, 5, 1), Rect(0, 64, 1, 1), Rect(0xFFFFFFFF, 0, 2, 1),
@@ -247,7 +219,7 @@ def test_transfer_and_scanout_bounds(gpu: Gpu) -> None:
     assert gpu.err(ResourceFlush(hdr(E.CMD_RESOURCE_FLUSH), Rect(0, 0, 65, 1), 30)) == E.RESP_ERR_INVALID_PARAMETER
 
 
-def test_limits_refuse_without_allocating(gpu: Gpu, vgpu: BackendProcess) -> None:
+def test_limits_refuse_without_allocating(gpu: Session, vgpu: BackendProcess) -> None:
     # 64 MiB of host memory: a 4096x4096 image (64 MiB) fits exactly once.
     gpu.ok(ResourceCreate2D(hdr(C2D), 40, X, 4096, 4096))
     assert gpu.err(ResourceCreate2D(hdr(C2D), 41, X, 16, 16)) == E.RESP_ERR_OUT_OF_MEMORY
@@ -264,7 +236,7 @@ def test_limits_refuse_without_allocating(gpu: Gpu, vgpu: BackendProcess) -> Non
 def test_everything_is_released_after_disconnect(vgpu: BackendProcess) -> None:
     baseline = fd_count(vgpu.pid)
     for _ in range(3):
-        g = Gpu.connect(vgpu.socket_path, display=display())
+        g = Session.open(vgpu.socket_path, display=make_display())
         g.image_2d(1, 256, 256, X, pattern(256, 256))
         g.show(1, 0, Rect(0, 0, 256, 256))
         g.flush(1, Rect(0, 0, 256, 256))

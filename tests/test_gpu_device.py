@@ -4,13 +4,11 @@ error boundary (unknown, short and feature-gated commands) with the header echo 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import BackendProcess, start_backend, stop_backend, wait_until
-from tests.gpu_helpers import Gpu
+from vgpu.conformance.process import BackendProcess
+from vgpu.procfs import wait_until
 from vgpu.protocol import (
     CtrlFlag,
     CtrlHdr,
@@ -26,26 +24,13 @@ from vgpu.protocol import (
 )
 from vgpu.protocol import structs as s
 from vgpu.protocol.edid import edid_checksum, parse_dtd
+from vgpu.session import Session
 from vgpu.vhost_user.frontend import Display, FrontendError
 
-
-@pytest.fixture
-def vgpu(tmp_path: Path) -> Iterator[BackendProcess]:
-    import sys
-
-    b = start_backend([sys.executable, "-m", "vgpu", "--scanouts=2", "--resolution=1024x768"], tmp_path, "vgpu")
-    yield b
-    stop_backend(b)
+pytestmark = pytest.mark.vgpu("--scanouts=2", "--resolution=1024x768")
 
 
-@pytest.fixture
-def gpu(vgpu: BackendProcess) -> Iterator[Gpu]:
-    g = Gpu.connect(vgpu.socket_path)
-    yield g
-    g.close()
-
-
-def test_config_space(gpu: Gpu) -> None:
+def test_config_space(gpu: Session) -> None:
     cfg = s.config.parse(gpu.fe.get_config(0, 16))
     assert (cfg.events_read, cfg.num_scanouts, cfg.num_capsets) == (0, 2, 0)
     with pytest.raises(FrontendError):
@@ -53,7 +38,7 @@ def test_config_space(gpu: Gpu) -> None:
     gpu.fe.set_config(4, b"\x01\x00\x00\x00")  # events_clear is writable
 
 
-def test_display_info_defaults_and_fence_echo(gpu: Gpu) -> None:
+def test_display_info_defaults_and_fence_echo(gpu: Session) -> None:
     hdr = CtrlHdr(CtrlType.CMD_GET_DISPLAY_INFO, CtrlFlag.FLAG_FENCE, fence_id=0xDEADBEEF, ctx_id=3)
     resp = s.resp_display_info.parse(gpu.cmd(encode_command(GetDisplayInfo(hdr)), 408))
     assert resp.hdr.type == CtrlType.RESP_OK_DISPLAY_INFO
@@ -63,7 +48,7 @@ def test_display_info_defaults_and_fence_echo(gpu: Gpu) -> None:
     assert all(m.r.width == 0 and m.enabled == 0 for m in resp.pmodes[2:])
 
 
-def test_display_info_from_the_front_ends_display(gpu: Gpu) -> None:
+def test_display_info_from_the_front_ends_display(gpu: Session) -> None:
     gpu.fe.set_display(Display(lambda: responses.display_info(CtrlHdr(0), [DisplayOne(Rect(0, 0, 1920, 1080),
                                                                                      True)])))
     resp = s.resp_display_info.parse(gpu.cmd(encode_command(GetDisplayInfo(CtrlHdr(
@@ -71,7 +56,7 @@ def test_display_info_from_the_front_ends_display(gpu: Gpu) -> None:
     assert (resp.pmodes[0].r.width, resp.pmodes[0].r.height) == (1920, 1080)
 
 
-def test_edid_is_valid_for_each_scanout(gpu: Gpu) -> None:
+def test_edid_is_valid_for_each_scanout(gpu: Session) -> None:
     for scanout in (0, 1):
         resp = s.resp_edid.parse(gpu.cmd(encode_command(GetEdid(CtrlHdr(CtrlType.CMD_GET_EDID), scanout)), 1056))
         assert resp.hdr.type == CtrlType.RESP_OK_EDID and resp.size == 128
@@ -83,7 +68,7 @@ def test_edid_is_valid_for_each_scanout(gpu: Gpu) -> None:
     assert struct.unpack_from("<I", bad)[0] == CtrlType.RESP_ERR_INVALID_SCANOUT_ID
 
 
-def test_unknown_and_short_commands(gpu: Gpu) -> None:
+def test_unknown_and_short_commands(gpu: Session) -> None:
     unknown = gpu.cmd(struct.pack("<IIQIB3x", 0x0999, 1, 5, 0, 0), 24)
     assert struct.unpack_from("<IIQ", unknown) == (CtrlType.RESP_ERR_UNSPEC, 1, 5)
     short = gpu.cmd(struct.pack("<IIQIB3x", CtrlType.CMD_RESOURCE_CREATE_2D, 0, 0, 0, 0), 24)
@@ -92,7 +77,7 @@ def test_unknown_and_short_commands(gpu: Gpu) -> None:
     assert struct.unpack_from("<I", tiny)[0] == CtrlType.RESP_ERR_INVALID_PARAMETER
 
 
-def test_response_buffer_smaller_than_the_response(gpu: Gpu) -> None:
+def test_response_buffer_smaller_than_the_response(gpu: Session) -> None:
     out = gpu.cmd(encode_command(GetDisplayInfo(CtrlHdr(CtrlType.CMD_GET_DISPLAY_INFO))), 30)
     assert len(out) == 30 and struct.unpack_from("<I", out)[0] == CtrlType.RESP_OK_DISPLAY_INFO
     # and the device still answers properly afterwards
@@ -100,7 +85,7 @@ def test_response_buffer_smaller_than_the_response(gpu: Gpu) -> None:
 
 
 def test_edid_needs_the_feature(vgpu: BackendProcess) -> None:
-    g = Gpu.connect(vgpu.socket_path, features=0)
+    g = Session.open(vgpu.socket_path, features=0)
     try:
         assert not g.fe.features & GpuFeature.F_EDID.mask
         out = g.cmd(encode_command(GetEdid(CtrlHdr(CtrlType.CMD_GET_EDID), 0)), 1056)
@@ -109,7 +94,7 @@ def test_edid_needs_the_feature(vgpu: BackendProcess) -> None:
         g.close()
 
 
-def test_capsets_and_3d_commands_without_a_context_type(gpu: Gpu) -> None:
+def test_capsets_and_3d_commands_without_a_context_type(gpu: Session) -> None:
     from vgpu.protocol import CtxCreate, GetCapset, GetCapsetInfo
 
     out = gpu.cmd(encode_command(GetCapsetInfo(CtrlHdr(CtrlType.CMD_GET_CAPSET_INFO), 0)), 40)
@@ -120,7 +105,7 @@ def test_capsets_and_3d_commands_without_a_context_type(gpu: Gpu) -> None:
     assert struct.unpack_from("<I", out)[0] == CtrlType.RESP_ERR_UNSPEC
 
 
-def test_the_front_ends_edid_wins(gpu: Gpu) -> None:
+def test_the_front_ends_edid_wins(gpu: Session) -> None:
     theirs = build_edid(2560, 1440, serial=77)
     gpu.fe.set_display(Display(
         lambda: responses.display_info(CtrlHdr(0), [DisplayOne(Rect(0, 0, 2560, 1440), True)]),
@@ -129,7 +114,7 @@ def test_the_front_ends_edid_wins(gpu: Gpu) -> None:
     assert bytes(resp.edid[:resp.size]) == theirs
 
 
-def test_a_new_display_layout_raises_the_display_event(gpu: Gpu) -> None:
+def test_a_new_display_layout_raises_the_display_event(gpu: Session) -> None:
     gpu.cmd(encode_command(GetDisplayInfo(CtrlHdr(CtrlType.CMD_GET_DISPLAY_INFO))), 408)
     assert gpu.fe.config_changes == 0
     gpu.fe.set_display(Display(lambda: responses.display_info(CtrlHdr(0), [DisplayOne(Rect(0, 0, 800, 600),

@@ -16,32 +16,26 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import BackendProcess, start_backend, stop_backend, wait_until
-from tests.gpu_helpers import Gpu, pattern
+from vgpu.conformance.process import BackendProcess
+from vgpu.procfs import wait_until
 from vgpu.protocol import CtrlHdr, CtrlType, DisplayOne, GetDisplayInfo, Rect, encode_command, responses
 from vgpu.protocol import structs as s
+from vgpu.session import Session, pattern
 from vgpu.vhost_user.frontend import Display
 from vgpu.vhost_user.message import Message
 from vgpu.vhost_user.wire import GpuRequest
 
-
-@pytest.fixture
-def vgpu(tmp_path: Path) -> Iterator[BackendProcess]:
-    b = start_backend([sys.executable, "-m", "vgpu", "--log-level=info"], tmp_path, "vgpu")
-    yield b
-    stop_backend(b)
+pytestmark = pytest.mark.vgpu("--log-level=info")
 
 
 def layout(width: int, height: int) -> bytes:
     return responses.display_info(CtrlHdr(0), [DisplayOne(Rect(0, 0, width, height), True)])
 
 
-def guest_asks(gpu: Gpu) -> tuple[int, int]:
+def guest_asks(gpu: Session) -> tuple[int, int]:
     """What the guest is told for scanout 0."""
     resp = s.resp_display_info.parse(gpu.cmd(encode_command(GetDisplayInfo(CtrlHdr(
         CtrlType.CMD_GET_DISPLAY_INFO))), 408))
@@ -52,7 +46,7 @@ def guest_asks(gpu: Gpu) -> tuple[int, int]:
 def test_layout_is_asked_again_only_after_a_config_access(vgpu: BackendProcess) -> None:
     size = [(1152, 864)]
     display = Display(lambda: layout(*size[0]))
-    gpu = Gpu.connect(vgpu.socket_path, display=display)
+    gpu = Session.open(vgpu.socket_path, display=display)
 
     def asked() -> int:
         return len(display.of(GpuRequest.GET_DISPLAY_INFO))
@@ -90,7 +84,7 @@ def test_layout_is_asked_again_only_after_a_config_access(vgpu: BackendProcess) 
 
 
 def test_whole_config_write_clears_the_display_event(vgpu: BackendProcess) -> None:
-    gpu = Gpu.connect(vgpu.socket_path)
+    gpu = Session.open(vgpu.socket_path)
     try:
         guest_asks(gpu)
         gpu.fe.set_display(Display(lambda: layout(800, 600)))  # a new layout: the device raises EVENT_DISPLAY
@@ -133,7 +127,7 @@ def _holds_still(sock_fd: int) -> bool:
 
 def test_config_space_is_served_while_the_display_is_not_reading(vgpu: BackendProcess) -> None:
     display = StallingDisplay()
-    gpu = Gpu.connect(vgpu.socket_path, display=display)
+    gpu = Session.open(vgpu.socket_path, display=display)
     full = Rect(0, 0, 1024, 768)  # 3 MiB a frame: far more than a socket buffer holds
     errors: list[BaseException] = []
 

@@ -13,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import BackendProcess, fd_count, start_backend, stop_backend, wait_until
-from tests.gpu_helpers import Gpu, hdr
+from tests.conftest import start_backend
+from vgpu.conformance.process import BackendProcess
+from vgpu.procfs import fd_count, wait_until
 from vgpu.protocol import (
     COMMAND_CLASSES,
     CtrlType,
@@ -28,32 +29,33 @@ from vgpu.protocol import (
     TransferToHost2D,
     encode_command,
 )
+from vgpu.session import Session, hdr
 
 E = CtrlType
 
 
 @contextlib.contextmanager
-def _backend(tmp: Path) -> Iterator[tuple[BackendProcess, Gpu]]:
+def _backend(tmp: Path) -> Iterator[tuple[BackendProcess, Session]]:
     b = start_backend([sys.executable, "-m", "vgpu", "--log-level=error", "--max-host-memory=32M",
                        "--scanout-png", str(tmp / "png")], tmp, "vgpu")
-    g = Gpu.connect(b.socket_path)
+    g = Session.open(b.socket_path)
     # Something to aim at: a resource with backing, on a scanout.
     g.image_2d(1, 64, 64, Format.FORMAT_B8G8R8X8_UNORM)
     g.show(1, 0, Rect(0, 0, 64, 64))
     yield b, g
     g.close()
-    stop_backend(b)
+    b.stop()
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BackendProcess, Gpu]]:
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BackendProcess, Session]]:
     """One back end for the storm: garbage may do anything a well-formed command can to it."""
     with _backend(tmp_path_factory.mktemp("fuzz")) as pair:
         yield pair
 
 
 @pytest.fixture
-def fresh(tmp_path: Path) -> Iterator[tuple[BackendProcess, Gpu]]:
+def fresh(tmp_path: Path) -> Iterator[tuple[BackendProcess, Session]]:
     """A back end of its own, for a test that relies on resource 1 as the fixture made it: the storm on the shared
     one legitimately unrefs it (RESOURCE_UNREF with resource id 1 is well-formed garbage), re-creates it at
     another size, or spends the host-memory quota."""
@@ -75,7 +77,7 @@ u32 = st.one_of(st.integers(0, 70), st.sampled_from([0xFFFFFFFF, 0x7FFFFFFF, 0x8
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ctrl_type=types, flags=st.integers(0, 3), ring=st.integers(0, 255), body=st.lists(u32, max_size=24),
        tail=st.binary(max_size=64))
-def test_structured_garbage_always_gets_an_answer(live: tuple[BackendProcess, Gpu], ctrl_type: int, flags: int,
+def test_structured_garbage_always_gets_an_answer(live: tuple[BackendProcess, Session], ctrl_type: int, flags: int,
                                                   ring: int, body: list[int], tail: bytes) -> None:
     _, g = live
     req = struct.pack("<IIQIB3x", ctrl_type, flags, 1, 0, ring) + b"".join(struct.pack("<I", v) for v in body)
@@ -85,7 +87,7 @@ def test_structured_garbage_always_gets_an_answer(live: tuple[BackendProcess, Gp
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=300), queue=st.integers(0, 1))
-def test_random_bytes_always_get_an_answer(live: tuple[BackendProcess, Gpu], data: bytes, queue: int) -> None:
+def test_random_bytes_always_get_an_answer(live: tuple[BackendProcess, Session], data: bytes, queue: int) -> None:
     _, g = live
     answered(g.fe.submit(queue, data or b"\0", 64))
 
@@ -93,7 +95,7 @@ def test_random_bytes_always_get_an_answer(live: tuple[BackendProcess, Gpu], dat
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(x=u32, y=u32, w=u32, h=u32, offset=st.integers(0, 1 << 64 - 1), rid=st.integers(0, 3),
        addr=st.integers(0, 1 << 40), length=u32)
-def test_valid_shapes_with_hostile_values(fresh: tuple[BackendProcess, Gpu], x: int, y: int, w: int, h: int,
+def test_valid_shapes_with_hostile_values(fresh: tuple[BackendProcess, Session], x: int, y: int, w: int, h: int,
                                           offset: int, rid: int, addr: int, length: int) -> None:
     _, g = fresh
     r = Rect(x, y, w, h)
@@ -112,7 +114,7 @@ def test_valid_shapes_with_hostile_values(fresh: tuple[BackendProcess, Gpu], x: 
 UNTOUCHED = 100_000
 
 
-def test_after_the_storm(live: tuple[BackendProcess, Gpu]) -> None:
+def test_after_the_storm(live: tuple[BackendProcess, Session]) -> None:
     """Still serving normally, and the fuzzing left no fd behind (the connection's own fds aside)."""
     b, g = live
     assert b.alive(), b.log()

@@ -3,16 +3,11 @@ the display shows on flush is read from there.  Plus the blob checks of the conf
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from tests.conftest import BackendProcess, start_backend, stop_backend
-from tests.gpu_helpers import ALL_FEATURES, PAGE, Gpu, hdr, pattern
-from tests.test_gpu_2d import display, updates
+from tests.conftest import scanout_blob, updates
+from vgpu.conformance.process import BackendProcess
 from vgpu.protocol import (
     BlobMem,
     CtrlType,
@@ -24,9 +19,11 @@ from vgpu.protocol import (
     ResourceCreateBlob,
     ResourceDetachBacking,
     ResourceFlush,
-    SetScanoutBlob,
     TransferToHost2D,
 )
+from vgpu.session import ALL_FEATURES, PAGE, Session, hdr, pattern
+
+pytestmark = pytest.mark.vgpu(display=True)
 
 E = CtrlType
 CB = E.CMD_RESOURCE_CREATE_BLOB
@@ -34,27 +31,7 @@ GUEST = BlobMem.BLOB_MEM_GUEST
 XRGB = Format.FORMAT_B8G8R8X8_UNORM
 
 
-@pytest.fixture
-def vgpu(tmp_path: Path) -> Iterator[BackendProcess]:
-    b = start_backend([sys.executable, "-m", "vgpu"], tmp_path, "vgpu")
-    yield b
-    stop_backend(b)
-
-
-@pytest.fixture
-def gpu(vgpu: BackendProcess) -> Iterator[Gpu]:
-    g = Gpu.connect(vgpu.socket_path, display=display())
-    yield g
-    g.close()
-
-
-def scanout_blob(rid: int, w: int, h: int, stride: int, offset: int = 0, r: Rect | None = None,
-                 fmt: int = XRGB, scanout: int = 0) -> SetScanoutBlob:
-    return SetScanoutBlob(hdr(E.CMD_SET_SCANOUT_BLOB), r or Rect(0, 0, w, h), scanout, rid, w, h, fmt,
-                          (stride, 0, 0, 0), (offset, 0, 0, 0))
-
-
-def test_guest_blob_scanout_reads_guest_memory(gpu: Gpu) -> None:
+def test_guest_blob_scanout_reads_guest_memory(gpu: Session) -> None:
     w, h, stride, offset = 200, 100, 1024, 4096
     size = offset + stride * h
     b = gpu.backing(size)
@@ -80,7 +57,7 @@ def test_guest_blob_scanout_reads_guest_memory(gpu: Gpu) -> None:
     assert np.array_equal(np.frombuffer(data2, np.uint8).reshape(h, w, 4)[..., :3], px2[..., :3])
 
 
-def test_guest_blob_without_entries_gets_backing_later(gpu: Gpu) -> None:
+def test_guest_blob_without_entries_gets_backing_later(gpu: Session) -> None:
     size = 64 * 64 * 4
     gpu.ok(ResourceCreateBlob(hdr(CB), 2, GUEST, 0, 0, size, MemEntries.of([])))
     assert gpu.err(scanout_blob(2, 64, 64, 256)) == E.RESP_ERR_INVALID_PARAMETER  # nothing to show yet
@@ -92,7 +69,7 @@ def test_guest_blob_without_entries_gets_backing_later(gpu: Gpu) -> None:
     gpu.ok(ResourceFlush(hdr(E.CMD_RESOURCE_FLUSH), Rect(0, 0, 64, 64), 2))
 
 
-def test_blob_checklist(gpu: Gpu) -> None:
+def test_blob_checklist(gpu: Session) -> None:
     page = MemEntries.of([(gpu.ram.alloc(PAGE, PAGE), PAGE)])
     for blob_mem in (0, 4, 0xFFFF):
         assert gpu.err(ResourceCreateBlob(hdr(CB), 3, blob_mem, 0, 0, PAGE, page)) == E.RESP_ERR_INVALID_PARAMETER
@@ -117,7 +94,7 @@ def test_blob_checklist(gpu: Gpu) -> None:
 
 
 def test_blob_commands_need_the_feature(vgpu: BackendProcess) -> None:
-    g = Gpu.connect(vgpu.socket_path, features=ALL_FEATURES & ~GpuFeature.F_RESOURCE_BLOB.mask)
+    g = Session.open(vgpu.socket_path, features=ALL_FEATURES & ~GpuFeature.F_RESOURCE_BLOB.mask)
     try:
         page = MemEntries.of([(g.ram.alloc(PAGE, PAGE), PAGE)])
         assert g.err(ResourceCreateBlob(hdr(CB), 1, GUEST, 0, 0, PAGE, page)) == E.RESP_ERR_UNSPEC

@@ -5,23 +5,20 @@ through /proc), and every failure path answers an error, keeps serving and leaks
 
 from __future__ import annotations
 
-import os
 import struct
-import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import BackendProcess, fd_count, start_backend, stop_backend, wait_until
-from tests.gpu_helpers import ALL_FEATURES, PAGE, Gpu, resp_type
+from tests.conftest import VGPU, WINDOW, backend_buffer_with, host_blob_options, start_backend, updates
+from vgpu.conformance.process import BackendProcess
+from vgpu.procfs import fd_count, wait_until
 from vgpu.protocol import (
     BlobFlag,
     BlobMem,
     CtrlHdr,
     CtrlType,
-    CtxAttachResource,
     CtxCreate,
     CtxDestroy,
     GetCapset,
@@ -38,102 +35,40 @@ from vgpu.protocol import structs as s
 from vgpu.protocol.cross_domain import (
     CrossDomainCapabilities,
     CrossDomainGetImageRequirements,
-    CrossDomainImageRequirements,
-    CrossDomainInitV1,
+)
+from vgpu.session import (
+    CROSS_DOMAIN_FEATURES,
+    MAPPABLE,
+    PAGE,
+    XR24,
+    CrossDomainGuest,
+    Session,
+    hdr,
+    make_display,
+    pattern,
+    rtype,
 )
 from vgpu.vhost_user.shm_window import ShmMapping
 
+pytestmark = pytest.mark.vgpu(*host_blob_options())
+
 E = CtrlType
 CTX = 1
-XR24 = int.from_bytes(b"XR24", "little")
-WINDOW = 64 << 20
-FEATURES = ALL_FEATURES | GpuFeature.F_VIRGL.mask | GpuFeature.F_CONTEXT_INIT.mask
-MAPPABLE = int(BlobFlag.BLOB_FLAG_USE_MAPPABLE | BlobFlag.BLOB_FLAG_USE_SHAREABLE)
 
 
 def h(t: CtrlType, ctx: int = CTX) -> CtrlHdr:
-    return CtrlHdr(t, ctx_id=ctx)
+    return hdr(t, ctx_id=ctx)
 
 
-def backend_args(**extra: str) -> list[str]:
-    args = {"--context-types": "cross-domain", "--allocator": "memfd", "--host-visible-size": str(WINDOW),
-            "--max-host-memory": "32M", "--map-timeout": "1", "--log-level": "info", **extra}
-    return [sys.executable, "-m", "vgpu", *(f"{k}={v}" for k, v in args.items())]
-
-
-@pytest.fixture
-def vgpu(tmp_path: Path) -> Iterator[BackendProcess]:
-    b = start_backend(backend_args(), tmp_path, "vgpu")
-    yield b
-    stop_backend(b)
-
-
-class Client:
-    """A guest that speaks cross-domain: context, query ring, INIT, image requirements."""
-
-    def __init__(self, gpu: Gpu) -> None:
-        self.gpu = gpu
-        self.ring_gpa = gpu.ram.alloc(PAGE, PAGE)
-
-    def start(self) -> None:
-        g = self.gpu
-        g.ok(CtxCreate(h(E.CMD_CTX_CREATE), 4, 5, b"test"))
-        g.ok(ResourceCreateBlob(h(E.CMD_RESOURCE_CREATE_BLOB, 0), 100, BlobMem.BLOB_MEM_GUEST, 1, 0, PAGE,
-                                MemEntries.of([(self.ring_gpa, PAGE)])))
-        g.ok(CtxAttachResource(h(E.CMD_CTX_ATTACH_RESOURCE), 100))
-        init = CrossDomainInitV1.build(dict(hdr=dict(cmd=1, ring_idx=0, cmd_size=20), query_ring_id=100,
-                                            channel_ring_id=0, channel_type=0))
-        g.ok(SubmitCmd(h(E.CMD_SUBMIT_3D), bytes(init)))
-
-    def requirements(self, width: int = 256, height: int = 256, fourcc: int = XR24) -> object:
-        req = CrossDomainGetImageRequirements.build(dict(hdr=dict(cmd=2, ring_idx=0, cmd_size=24), width=width,
-                                                         height=height, drm_format=fourcc, flags=0x11))
-        self.gpu.ok(SubmitCmd(h(E.CMD_SUBMIT_3D), bytes(req)))
-        return CrossDomainImageRequirements.parse(self.gpu.ram.read(self.ring_gpa, 64))
-
-    def blob(self, rid: int, reqs: object, flags: int = MAPPABLE) -> bytes:
-        return self.gpu.cmd(ResourceCreateBlob(h(E.CMD_RESOURCE_CREATE_BLOB), rid, BlobMem.BLOB_MEM_HOST3D, flags,
-                                               reqs.blob_id, reqs.size, MemEntries.of([])))  # type: ignore[attr-defined]
-
-    def map(self, rid: int, offset: int) -> bytes:
-        return self.gpu.cmd(ResourceMapBlob(h(E.CMD_RESOURCE_MAP_BLOB), rid, offset), 32)
-
-
-@pytest.fixture
-def client(vgpu: BackendProcess) -> Iterator[Client]:
-    g = Gpu.connect(vgpu.socket_path, features=FEATURES)
-    g.fe.reserve_shm()
-    c = Client(g)
-    c.start()
-    yield c
-    g.close()
-
-
-def backend_buffer_with(pid: int, needle: bytes) -> bytes | None:
-    """The contents of the back end's memfd that holds `needle` (reading its fds through /proc, as root)."""
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        path = f"/proc/{pid}/fd/{fd}"
-        try:
-            if "memfd:" not in os.readlink(path):
-                continue
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        if needle in data:
-            return data
-    return None
-
-
-def test_capset_and_config(client: Client) -> None:
-    g = client.gpu
+def test_capset_and_config(client: CrossDomainGuest) -> None:
+    g = client.sess
     assert g.fe.features & GpuFeature.F_VIRGL.mask and g.fe.features & GpuFeature.F_CONTEXT_INIT.mask
     assert s.config.parse(g.fe.get_config(0, 16)).num_capsets == 1
     info = s.resp_capset_info.parse(g.cmd(GetCapsetInfo(h(E.CMD_GET_CAPSET_INFO, 0), 0), 40))
     assert (info.hdr.type, info.capset_id, info.capset_max_version, info.capset_max_size) == \
         (E.RESP_OK_CAPSET_INFO, 5, 0, 16)
     raw = g.cmd(GetCapset(h(E.CMD_GET_CAPSET, 0), 5, 0), 24 + 16)
-    assert resp_type(raw) == E.RESP_OK_CAPSET
+    assert rtype(raw) == E.RESP_OK_CAPSET
     caps = CrossDomainCapabilities.parse(raw[24:])
     assert (caps.version, caps.supported_channels, caps.supports_dmabuf) == (1, 0, 0)  # memfd: no dma-buf
     assert g.err(GetCapsetInfo(h(E.CMD_GET_CAPSET_INFO, 0), 1)) == E.RESP_ERR_INVALID_PARAMETER
@@ -141,37 +76,37 @@ def test_capset_and_config(client: Client) -> None:
     assert g.fe.shmem_config() == {1: WINDOW}
 
 
-def test_map_a_host_blob(client: Client, vgpu: BackendProcess) -> None:
+def test_map_a_host_blob(client: CrossDomainGuest, vgpu: BackendProcess) -> None:
     reqs = client.requirements(256, 256)
     assert (reqs.strides[0], reqs.size, reqs.map_info) == (1024, 256 * 1024, 1)  # type: ignore[attr-defined]
-    assert resp_type(client.blob(1, reqs)) == E.RESP_OK_NODATA
+    assert rtype(client.create_blob(1, reqs)) == E.RESP_OK_NODATA
     resp = s.resp_map_info.parse(client.map(1, 0x200000))
     assert (resp.hdr.type, resp.map_info) == (E.RESP_OK_MAP_INFO, 1)
-    window = client.gpu.fe.shm[1]
+    window = client.sess.fe.shm[1]
     assert [(k, m.shm_offset, m.length) for k, m in window.log] == [("map", 0x200000, 256 * 1024)]
     # What the VMM mapped is the back end's buffer: a write through the window is in the back end's memfd.
     window.write(0x200000 + 4096, b"written by the guest through the window")
     data = backend_buffer_with(vgpu.pid, b"written by the guest through the window")
     assert data is not None and len(data) == 256 * 1024
     assert "map blob 1 at 0x200000 +0x40000: map_info CACHED (allocator: " in vgpu.log()
-    assert resp_type(client.gpu.cmd(ResourceUnmapBlob(h(E.CMD_RESOURCE_UNMAP_BLOB), 1))) == E.RESP_OK_NODATA
+    assert rtype(client.sess.cmd(ResourceUnmapBlob(h(E.CMD_RESOURCE_UNMAP_BLOB), 1))) == E.RESP_OK_NODATA
     assert [k for k, _ in window.log] == ["map", "unmap"] and window.mappings == {}
 
 
-def test_unref_of_a_mapped_blob_unmaps_first_and_frees(client: Client, vgpu: BackendProcess) -> None:
+def test_unref_of_a_mapped_blob_unmaps_first_and_frees(client: CrossDomainGuest, vgpu: BackendProcess) -> None:
     before = fd_count(vgpu.pid)
     reqs = client.requirements(64, 64)
-    client.blob(2, reqs)
-    assert resp_type(client.map(2, 0)) == E.RESP_OK_MAP_INFO
-    client.gpu.fe.shm[1].write(0, b"marker-2")
+    client.create_blob(2, reqs)
+    assert rtype(client.map(2, 0)) == E.RESP_OK_MAP_INFO
+    client.sess.fe.shm[1].write(0, b"marker-2")
     assert backend_buffer_with(vgpu.pid, b"marker-2") is not None
-    client.gpu.ok(ResourceUnref(h(E.CMD_RESOURCE_UNREF, 0), 2))
-    assert [k for k, _ in client.gpu.fe.shm[1].log] == ["map", "unmap"]
+    client.sess.ok(ResourceUnref(h(E.CMD_RESOURCE_UNREF, 0), 2))
+    assert [k for k, _ in client.sess.fe.shm[1].log] == ["map", "unmap"]
     assert wait_until(lambda: fd_count(vgpu.pid) == before)
 
 
-def test_blob_and_map_errors(client: Client) -> None:
-    g = client.gpu
+def test_blob_and_map_errors(client: CrossDomainGuest) -> None:
+    g = client.sess
     reqs = client.requirements(64, 64)
     # A blob_id the context never produced, or the wrong size.
     bad = ResourceCreateBlob(h(E.CMD_RESOURCE_CREATE_BLOB), 3, BlobMem.BLOB_MEM_HOST3D, MAPPABLE, 999,
@@ -185,17 +120,17 @@ def test_blob_and_map_errors(client: Client) -> None:
                                reqs.blob_id, reqs.size, MemEntries.of([]))  # type: ignore[attr-defined]
     assert g.err(other) == E.RESP_ERR_INVALID_CONTEXT_ID
     # A blob that is not MAPPABLE cannot be mapped; nor a guest blob; nor twice; nor overlapping; nor outside.
-    assert resp_type(client.blob(3, reqs, flags=int(BlobFlag.BLOB_FLAG_USE_SHAREABLE))) == E.RESP_OK_NODATA
+    assert rtype(client.create_blob(3, reqs, flags=int(BlobFlag.BLOB_FLAG_USE_SHAREABLE))) == E.RESP_OK_NODATA
     assert g.err(ResourceMapBlob(h(E.CMD_RESOURCE_MAP_BLOB), 3, 0)) == E.RESP_ERR_INVALID_PARAMETER
     assert g.err(ResourceMapBlob(h(E.CMD_RESOURCE_MAP_BLOB), 100, 0)) == E.RESP_ERR_INVALID_PARAMETER
     r2 = client.requirements(64, 64)
-    assert resp_type(client.blob(4, r2)) == E.RESP_OK_NODATA
+    assert rtype(client.create_blob(4, r2)) == E.RESP_OK_NODATA
     assert g.err(ResourceMapBlob(h(E.CMD_RESOURCE_MAP_BLOB), 4, 0x1001)) == E.RESP_ERR_INVALID_PARAMETER
     assert g.err(ResourceMapBlob(h(E.CMD_RESOURCE_MAP_BLOB), 4, WINDOW - PAGE)) == E.RESP_ERR_INVALID_PARAMETER
-    assert resp_type(client.map(4, 0x10000)) == E.RESP_OK_MAP_INFO
+    assert rtype(client.map(4, 0x10000)) == E.RESP_OK_MAP_INFO
     assert g.err(ResourceMapBlob(h(E.CMD_RESOURCE_MAP_BLOB), 4, 0x80000)) == E.RESP_ERR_INVALID_PARAMETER
     r3 = client.requirements(64, 64)
-    assert resp_type(client.blob(5, r3)) == E.RESP_OK_NODATA
+    assert rtype(client.create_blob(5, r3)) == E.RESP_OK_NODATA
     assert g.err(ResourceMapBlob(h(E.CMD_RESOURCE_MAP_BLOB), 5, 0x10000 + PAGE)) == E.RESP_ERR_INVALID_PARAMETER
     assert g.err(ResourceUnmapBlob(h(E.CMD_RESOURCE_UNMAP_BLOB), 5)) == E.RESP_ERR_INVALID_PARAMETER
     assert g.err(ResourceUnmapBlob(h(E.CMD_RESOURCE_UNMAP_BLOB), 77)) == E.RESP_ERR_INVALID_RESOURCE_ID
@@ -203,9 +138,9 @@ def test_blob_and_map_errors(client: Client) -> None:
     assert [(k, m.shm_offset) for k, m in g.fe.shm[1].log] == [("map", 0x10000)]
 
 
-def test_quota_refuses_before_allocating(client: Client, vgpu: BackendProcess) -> None:
+def test_quota_refuses_before_allocating(client: CrossDomainGuest, vgpu: BackendProcess) -> None:
     before = fd_count(vgpu.pid)
-    g = client.gpu
+    g = client.sess
     # 32 MiB of host memory: a 4096x4096 XRGB image (64 MiB) is refused and nothing is allocated.
     req = CrossDomainGetImageRequirements.build(dict(hdr=dict(cmd=2, ring_idx=0, cmd_size=24), width=4096,
                                                      height=4096, drm_format=XR24, flags=0))
@@ -217,8 +152,8 @@ def test_quota_refuses_before_allocating(client: Client, vgpu: BackendProcess) -
     assert wait_until(lambda: fd_count(vgpu.pid) == before)
 
 
-def test_cross_domain_bad_commands(client: Client) -> None:
-    g = client.gpu
+def test_cross_domain_bad_commands(client: CrossDomainGuest) -> None:
+    g = client.sess
     for data in (b"\x02\x00", struct.pack("<BBHI", 2, 0, 0, 0) + bytes(16),   # cmd_size 0 would loop
                  struct.pack("<BBHI", 2, 0, 200, 0) + bytes(16),                    # past the stream
                  struct.pack("<BBHI", 7, 0, 8, 0),                                  # unknown command
@@ -234,9 +169,9 @@ def test_cross_domain_bad_commands(client: Client) -> None:
     client.requirements(16, 16)  # and the context still works
 
 
-def test_no_deadlock_when_the_vmm_adds_the_region_before_acking(client: Client) -> None:
+def test_no_deadlock_when_the_vmm_adds_the_region_before_acking(client: CrossDomainGuest) -> None:
     """QEMU 11.1 sends ADD_MEM_REG (NEED_REPLY) for the new mapping before it acks SHMEM_MAP."""
-    fe = client.gpu.fe
+    fe = client.sess.fe
     window = fe.shm[1]
 
     def add_region(m: ShmMapping, fd: int) -> None:
@@ -244,18 +179,18 @@ def test_no_deadlock_when_the_vmm_adds_the_region_before_acking(client: Client) 
 
     fe.on_shmem_map = add_region
     reqs = client.requirements(64, 64)
-    client.blob(6, reqs)
-    assert resp_type(client.map(6, 0)) == E.RESP_OK_MAP_INFO
+    client.create_blob(6, reqs)
+    assert rtype(client.map(6, 0)) == E.RESP_OK_MAP_INFO
 
 
-def test_a_vmm_that_never_acks(client: Client, vgpu: BackendProcess) -> None:
+def test_a_vmm_that_never_acks(client: CrossDomainGuest, vgpu: BackendProcess) -> None:
     gate = threading.Event()
-    client.gpu.fe.on_shmem_map = lambda m, fd: gate.wait(3)
+    client.sess.fe.on_shmem_map = lambda m, fd: gate.wait(3)
     reqs = client.requirements(64, 64)
-    client.blob(7, reqs)
-    assert client.gpu.err(ResourceMapBlob(h(E.CMD_RESOURCE_MAP_BLOB), 7, 0)) == E.RESP_ERR_UNSPEC
+    client.create_blob(7, reqs)
+    assert client.sess.err(ResourceMapBlob(h(E.CMD_RESOURCE_MAP_BLOB), 7, 0)) == E.RESP_ERR_UNSPEC
     gate.set()
-    client.gpu.fe.on_shmem_map = None
+    client.sess.fe.on_shmem_map = None
     assert "SHMEM_MAP of blob 7 failed" in vgpu.log()
     client.requirements(16, 16)  # still serving
 
@@ -264,48 +199,45 @@ def test_without_shmem_there_is_no_region(vgpu: BackendProcess) -> None:
     from vgpu.vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES
     from vgpu.vhost_user.wire import ProtocolFeature
 
-    g = Gpu.connect(vgpu.socket_path, features=FEATURES,
-                    protocol_features=FRONTEND_PROTOCOL_FEATURES & ~(1 << ProtocolFeature.SHMEM))
+    g = Session.open(vgpu.socket_path, features=CROSS_DOMAIN_FEATURES,
+                     protocol_features=FRONTEND_PROTOCOL_FEATURES & ~(1 << ProtocolFeature.SHMEM))
     try:
-        c = Client(g)
+        c = CrossDomainGuest(g)
         c.start()
         reqs = c.requirements(64, 64)
-        c.blob(1, reqs)
+        c.create_blob(1, reqs)
         assert g.err(ResourceMapBlob(h(E.CMD_RESOURCE_MAP_BLOB), 1, 0)) == E.RESP_ERR_UNSPEC
     finally:
         g.close()
 
 
 def test_features_without_context_types(tmp_path: Path) -> None:
-    b = start_backend(backend_args(**{"--context-types": ""}), tmp_path, "plain")
+    b = start_backend([*VGPU, *host_blob_options(**{"--context-types": ""})], tmp_path, "plain")
     try:
-        g = Gpu.connect(b.socket_path, features=FEATURES)
+        g = Session.open(b.socket_path, features=CROSS_DOMAIN_FEATURES)
         try:
             assert not g.fe.features & GpuFeature.F_VIRGL.mask
             assert g.err(CtxCreate(h(E.CMD_CTX_CREATE), 0, 5, b"")) == E.RESP_ERR_UNSPEC
         finally:
             g.close()
     finally:
-        stop_backend(b)
+        b.stop()
 
 
 def test_a_host_blob_on_a_scanout(tmp_path: Path) -> None:
     """A cross-domain buffer shown with SET_SCANOUT_BLOB: its pixels come from the host buffer (copy path)."""
     import numpy as np
 
-    from tests.gpu_helpers import pattern
-    from tests.test_gpu_2d import display, updates
     from vgpu.protocol import Format, Rect, ResourceFlush, SetScanoutBlob
 
-    b = start_backend(backend_args(), tmp_path, "vgpu")
-    g = Gpu.connect(b.socket_path, features=FEATURES, display=display())
+    b = start_backend([*VGPU, *host_blob_options()], tmp_path, "vgpu")
+    g = Session.open(b.socket_path, features=CROSS_DOMAIN_FEATURES, display=make_display(), shm=True)
     try:
-        g.fe.reserve_shm()
-        c = Client(g)
+        c = CrossDomainGuest(g)
         c.start()
         reqs = c.requirements(128, 64)
-        c.blob(1, reqs)
-        assert resp_type(c.map(1, 0)) == E.RESP_OK_MAP_INFO
+        c.create_blob(1, reqs)
+        assert rtype(c.map(1, 0)) == E.RESP_OK_MAP_INFO
         px = pattern(128, 64)
         stride = reqs.strides[0]  # type: ignore[attr-defined]
         rows = np.zeros((64, stride), np.uint8)
@@ -319,22 +251,22 @@ def test_a_host_blob_on_a_scanout(tmp_path: Path) -> None:
         assert np.array_equal(np.frombuffer(data, np.uint8).reshape(64, 128, 4)[..., :3], px[..., :3])
     finally:
         g.close()
-        stop_backend(b)
+        b.stop()
 
 
-def test_host3d_guest_blob_transfers_both_ways(client: Client) -> None:
+def test_host3d_guest_blob_transfers_both_ways(client: CrossDomainGuest) -> None:
     from vgpu.protocol import Box, TransferFromHost3D, TransferToHost3D
 
-    g = client.gpu
+    g = client.sess
     reqs = client.requirements(64, 64)
     size = int(reqs.size)  # type: ignore[attr-defined]
     shadow = g.backing(size)
-    short = MemEntries.of([(p, PAGE) for p in shadow.pages[:-1]])
+    short = MemEntries.of(shadow.ranges[:-1])
     assert g.err(ResourceCreateBlob(h(E.CMD_RESOURCE_CREATE_BLOB), 8, BlobMem.BLOB_MEM_HOST3D_GUEST, MAPPABLE,
                                     reqs.blob_id, size, short)) == E.RESP_ERR_INVALID_PARAMETER  # type: ignore
     g.ok(ResourceCreateBlob(h(E.CMD_RESOURCE_CREATE_BLOB), 8, BlobMem.BLOB_MEM_HOST3D_GUEST, MAPPABLE,
                             reqs.blob_id, size, shadow.entries))  # type: ignore[attr-defined]
-    assert resp_type(client.map(8, 0)) == E.RESP_OK_MAP_INFO
+    assert rtype(client.map(8, 0)) == E.RESP_OK_MAP_INFO
     half = size // 2
     guest_bytes = bytes((i * 13 + 5) & 0xFF for i in range(half))
     g.write_backing(shadow, guest_bytes)
@@ -343,7 +275,7 @@ def test_host3d_guest_blob_transfers_both_ways(client: Client) -> None:
     host_bytes = bytes((i * 7 + 1) & 0xFF for i in range(half))
     g.fe.shm[1].write(half, host_bytes)
     g.ok(TransferFromHost3D(h(E.CMD_TRANSFER_FROM_HOST_3D), Box(half, 0, 0, half, 1, 1), half, 8, 0, 0, 0))
-    got = b"".join(g.ram.read(p, PAGE) for p in shadow.pages)[half:size]
+    got = b"".join(g.ram.read(p, n) for p, n in shadow.ranges)[half:size]
     assert got == host_bytes
     # One row of bytes only, inside the blob and its shadow; and only blobs with a shadow.
     for box, off in ((Box(0, 1, 0, 16, 1, 1), 0), (Box(0, 0, 0, 16, 2, 1), 0), (Box(size - 8, 0, 0, 16, 1, 1), 0),
@@ -351,6 +283,6 @@ def test_host3d_guest_blob_transfers_both_ways(client: Client) -> None:
         assert g.err(TransferToHost3D(h(E.CMD_TRANSFER_TO_HOST_3D), box, off, 8, 0, 0, 0)) == \
             E.RESP_ERR_INVALID_PARAMETER, (box, off)
     r2 = client.requirements(16, 16)
-    client.blob(9, r2)
+    client.create_blob(9, r2)
     assert g.err(TransferToHost3D(h(E.CMD_TRANSFER_TO_HOST_3D), Box(0, 0, 0, 16, 1, 1), 0, 9, 0, 0, 0)) == \
         E.RESP_ERR_INVALID_PARAMETER

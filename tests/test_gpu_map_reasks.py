@@ -3,7 +3,7 @@
 The kernel is played (``tests/fake_kernel_vgpu.py``: this host has no kernel with the ioctl) by a fake whose answer
 changes at every question, as a buffer that moves would; everything else is real — our back end as a process, our
 front end, real memfds and sockets. The same property on a real moving exporter is checked inside the patched
-guest by tests/test_e2e_changing_placement.py.
+guest by tests/e2e/test_changing_placement.py.
 """
 
 from __future__ import annotations
@@ -12,20 +12,22 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import BackendProcess, start_backend, stop_backend
-from tests.gpu_helpers import Gpu, resp_type
-from tests.test_gpu_host_blob import FEATURES, Client, backend_args, h
+from tests.conftest import host_blob_options, start_backend
+from vgpu.conformance.process import BackendProcess
 from vgpu.protocol import CtrlType, ResourceUnmapBlob
 from vgpu.protocol import structs as s
+from vgpu.session import CROSS_DOMAIN_FEATURES, CrossDomainGuest, Session
+from vgpu.session import rtype as resp_type
 
 E = CtrlType
 
 
 def _start(tmp_path: Path, answers: str, *extra: str) -> BackendProcess:
-    options = backend_args()[3:]  # the options after "python -m vgpu"
+    options = host_blob_options()
     return start_backend([sys.executable, "-m", "tests.fake_kernel_vgpu", f"--answers={answers}", "--", *options,
                           *extra], tmp_path, "vgpu")
 
@@ -34,18 +36,16 @@ def _start(tmp_path: Path, answers: str, *extra: str) -> BackendProcess:
 def alternating(tmp_path: Path) -> Iterator[BackendProcess]:
     b = _start(tmp_path, "WC+fixed,CACHED+fixed")
     yield b
-    stop_backend(b)
+    b.stop()
 
 
-def _client(b: BackendProcess) -> Client:
-    g = Gpu.connect(b.socket_path, features=FEATURES)
-    g.fe.reserve_shm()
-    c = Client(g)
+def _client(b: BackendProcess) -> CrossDomainGuest:
+    c = CrossDomainGuest(Session.open(b.socket_path, features=CROSS_DOMAIN_FEATURES, shm=True))
     c.start()
     return c
 
 
-def _map(client: Client) -> tuple[int, int]:
+def _map(client: CrossDomainGuest) -> tuple[int, int]:
     raw = client.map(1, 0)
     resp = s.resp_map_info.parse(raw) if resp_type(raw) == E.RESP_OK_MAP_INFO else None
     return resp_type(raw), int(resp.map_info) if resp is not None else 0
@@ -54,15 +54,16 @@ def _map(client: Client) -> tuple[int, int]:
 def test_map_blob_asks_the_fake_kernel_again_at_every_mapping(alternating: BackendProcess) -> None:
     client = _client(alternating)
     try:
-        reqs = client.requirements(64, 64)  # question 1: WC
-        assert reqs.map_info == 3  # type: ignore[attr-defined]
-        assert resp_type(client.blob(1, reqs)) == E.RESP_OK_NODATA
+        reqs: Any = client.requirements(64, 64)  # question 1: WC
+        assert reqs.map_info == 3
+        assert resp_type(client.create_blob(1, reqs)) == E.RESP_OK_NODATA
         seen = []
         for _ in range(3):  # questions 2, 3, 4: CACHED, WC, CACHED
             seen.append(_map(client))
-            assert resp_type(client.gpu.cmd(ResourceUnmapBlob(h(E.CMD_RESOURCE_UNMAP_BLOB), 1))) == E.RESP_OK_NODATA
+            unmap = client.sess.cmd(ResourceUnmapBlob(client.h(E.CMD_RESOURCE_UNMAP_BLOB), 1))
+            assert resp_type(unmap) == E.RESP_OK_NODATA
     finally:
-        client.gpu.close()
+        client.sess.close()
     assert seen == [(E.RESP_OK_MAP_INFO, 1), (E.RESP_OK_MAP_INFO, 3), (E.RESP_OK_MAP_INFO, 1)]
     log = alternating.log()
     assert re.findall(r"fake kernel answer (\d+): (\S+)", log) == [
@@ -80,16 +81,16 @@ def test_a_fake_kernels_changing_answer_is_refused_then_mapped_wc_when_opted_in(
             client = _client(backend)
             try:
                 reqs = client.requirements(64, 64)
-                assert resp_type(client.blob(1, reqs)) == E.RESP_OK_NODATA
+                assert resp_type(client.create_blob(1, reqs)) == E.RESP_OK_NODATA
                 seen = []
                 for _ in range(2):
                     seen.append(_map(client))
                     if seen[-1][0] == E.RESP_OK_MAP_INFO:
-                        client.gpu.cmd(ResourceUnmapBlob(h(E.CMD_RESOURCE_UNMAP_BLOB), 1))
+                        client.sess.cmd(ResourceUnmapBlob(client.h(E.CMD_RESOURCE_UNMAP_BLOB), 1))
             finally:
-                client.gpu.close()
+                client.sess.close()
         finally:
-            stop_backend(backend)
+            backend.stop()
         log = backend.log()
         assert seen == expected, log
         if not extra:
@@ -105,13 +106,13 @@ def test_a_fake_kernels_incoherent_answer_is_refused_even_opted_in(tmp_path: Pat
     try:
         client = _client(backend)
         try:
-            reqs = client.requirements(64, 64)
-            assert reqs.map_info == 0  # type: ignore[attr-defined]  # nothing trustworthy to tell
-            assert resp_type(client.blob(1, reqs)) == E.RESP_OK_NODATA
+            reqs: Any = client.requirements(64, 64)
+            assert reqs.map_info == 0  # nothing trustworthy to tell
+            assert resp_type(client.create_blob(1, reqs)) == E.RESP_OK_NODATA
             assert _map(client) == (E.RESP_ERR_UNSPEC, 0)
         finally:
-            client.gpu.close()
+            client.sess.close()
     finally:
-        stop_backend(backend)
+        backend.stop()
     log = backend.log()
     assert "MAP_BLOB 1 refused" in log and "needs cache maintenance (DMA_BUF_IOCTL_SYNC)" in log, log

@@ -1,6 +1,6 @@
 """Guest memory removed while resources still use it, driven by our front end (spec/memory-hotplug.md).
 
-A cooperative Linux guest never lets QEMU remove memory that holds GPU buffers (tests/test_e2e_hotplug.py shows
+A cooperative Linux guest never lets QEMU remove memory that holds GPU buffers (tests/e2e/test_hotplug.py shows
 the guest refusing the eject), but a front end may send REM_MEM_REG whenever it likes — a guest that ejects
 without offlining, a buggy VMM. Our rule: the back end logs which resources lost memory, releases the region's
 one fd at once, answers the next command that needs those bytes with RESP_ERR_INVALID_PARAMETER (never a read of
@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import BackendProcess, fd_count, open_fds, start_backend, stop_backend, wait_until
-from tests.gpu_helpers import PAGE, Backing, Gpu, hdr, pattern, resp_type
-from tests.test_gpu_2d import display, updates
-from tests.test_gpu_guest_blob import GUEST, scanout_blob
+from tests.conftest import scanout_blob, start_backend, updates
+from vgpu.conformance.process import BackendProcess
+from vgpu.procfs import fd_count, open_fds, wait_until
 from vgpu.protocol import (
+    BlobMem,
     CtrlType,
     Format,
     MemEntries,
@@ -34,9 +34,11 @@ from vgpu.protocol import (
     ResourceUnref,
     TransferToHost2D,
 )
+from vgpu.session import PAGE, Backing, Session, hdr, make_display, pattern, rtype
 from vgpu.vhost_user.driver import GuestRam
 
 E = CtrlType
+GUEST = BlobMem.BLOB_MEM_GUEST
 HOT_GPA = 0x1_0000_0000
 HOT_SIZE = 4 << 20
 HOT_UVA = 0x7A00_0000_0000  # any user address clear of the main RAM's; the back end only translates through it
@@ -47,7 +49,7 @@ W, H = 64, 32
 def vgpu(tmp_path: Path) -> Iterator[BackendProcess]:
     b = start_backend([sys.executable, "-m", "vgpu", "--scanouts=2", "--log-level=info"], tmp_path, "vgpu")
     yield b
-    stop_backend(b)
+    b.stop()
 
 
 def memfds(b: BackendProcess, name: str) -> int:
@@ -57,29 +59,29 @@ def memfds(b: BackendProcess, name: str) -> int:
 def hot_backing(ram: GuestRam, size: int) -> Backing:
     """Pages of the plugged memory, scattered in reverse order."""
     pages = [ram.alloc(PAGE, PAGE) for _ in range((size + PAGE - 1) // PAGE)]
-    return Backing(pages[::-1], size)
+    return Backing([(p, PAGE) for p in pages[::-1]], size)
 
 
 def write(ram: GuestRam, b: Backing, data: bytes) -> None:
-    for i, page in enumerate(b.pages):
+    for i, (page, _) in enumerate(b.ranges):
         ram.write(page, data[i * PAGE:(i + 1) * PAGE])
 
 
-def plug(g: Gpu, ram: GuestRam) -> None:
+def plug(g: Session, ram: GuestRam) -> None:
     g.fe.add_mem_reg(HOT_GPA, ram.size, HOT_UVA, 0, ram.fd)
 
 
-def transfer(g: Gpu, rid: int) -> int:
-    return resp_type(g.cmd(TransferToHost2D(hdr(E.CMD_TRANSFER_TO_HOST_2D), Rect(0, 0, W, H), 0, rid)))
+def transfer(g: Session, rid: int) -> int:
+    return rtype(g.cmd(TransferToHost2D(hdr(E.CMD_TRANSFER_TO_HOST_2D), Rect(0, 0, W, H), 0, rid)))
 
 
-def flush(g: Gpu, rid: int) -> int:
-    return resp_type(g.cmd(ResourceFlush(hdr(E.CMD_RESOURCE_FLUSH), Rect(0, 0, W, H), rid)))
+def flush(g: Session, rid: int) -> int:
+    return rtype(g.cmd(ResourceFlush(hdr(E.CMD_RESOURCE_FLUSH), Rect(0, 0, W, H), rid)))
 
 
 def test_removed_memory_under_live_resources(vgpu: BackendProcess) -> None:
     idle = fd_count(vgpu.pid)
-    g = Gpu.connect(vgpu.socket_path, display=display())
+    g = Session.open(vgpu.socket_path, display=make_display())
     hot = GuestRam(HOT_SIZE, gpa_base=HOT_GPA, name="vgpu-hotplug")
     try:
         plug(g, hot)
@@ -117,7 +119,7 @@ def test_removed_memory_under_live_resources(vgpu: BackendProcess) -> None:
         assert transfer(g, 2) == E.RESP_OK_NODATA
         entries_gone = MemEntries.of([(HOT_GPA, PAGE)])
         g.ok(ResourceCreate2D(hdr(E.CMD_RESOURCE_CREATE_2D), 4, Format.FORMAT_B8G8R8X8_UNORM, 32, 32))
-        assert resp_type(g.cmd(ResourceAttachBacking(hdr(E.CMD_RESOURCE_ATTACH_BACKING), 4, entries_gone))) \
+        assert rtype(g.cmd(ResourceAttachBacking(hdr(E.CMD_RESOURCE_ATTACH_BACKING), 4, entries_gone))) \
             == E.RESP_ERR_INVALID_PARAMETER
 
         # Memory comes back at the same guest addresses (a new memfd): resource 1 works again, from the new pages.

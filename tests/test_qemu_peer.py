@@ -4,7 +4,7 @@ protocol as QEMU does, which is what lets benchmarks and conformance runs compar
 
 from __future__ import annotations
 
-from tests.conftest import BackendProcess
+from vgpu.conformance.process import BackendProcess
 from vgpu.protocol import CtrlHdr, CtrlType, DisplayOne, GetDisplayInfo, GpuFeature, Rect, encode_command, responses
 from vgpu.protocol import structs as s
 from vgpu.vhost_user.driver import GuestRam
@@ -42,4 +42,4 @@ def test_get_display_info_round_trip_through_qemus_backend(qemu_gpu_backend: Bac
     finally:
         fe.close()
         ram.close()
-    assert qemu_gpu_backend.alive() or qemu_gpu_backend.proc.returncode == 0
+    assert qemu_gpu_backend.alive() or qemu_gpu_backend.process.returncode == 0

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BackendProcess, start_backend, stop_backend
-from tests.gpu_helpers import Gpu, resp_type
-from tests.test_gpu_host_blob import FEATURES, WINDOW, Client
+from tests.conftest import WINDOW, start_backend
+from vgpu.conformance.process import BackendProcess
 from vgpu.gpu.config import GpuConfig
 from vgpu.protocol import CtrlType
 from vgpu.protocol import structs as s
-from vgpu.vhost_user.driver import GuestRam
+from vgpu.session import CROSS_DOMAIN_FEATURES, CrossDomainGuest, Session, rtype
 from vgpu.vhost_user.frontend import Frontend
-from vgpu.vhost_user.profiles import CROSVM, Profile, bring_up
+from vgpu.vhost_user.profiles import CROSVM, Profile
 from vgpu.vhost_user.wire import LEGACY_SHMEM_BIT, FrontendRequest, ProtocolFeature, bit
 
 E = CtrlType
@@ -41,7 +40,7 @@ def backend(tmp_path: Path, *extra: str) -> BackendProcess:
 def legacy(tmp_path: Path) -> Iterator[BackendProcess]:
     b = backend(tmp_path, "--shmem-feature-bit=21")
     yield b
-    stop_backend(b)
+    b.stop()
 
 
 def offered(b: BackendProcess) -> int:
@@ -49,16 +48,8 @@ def offered(b: BackendProcess) -> int:
         return fe.u64(FrontendRequest.GET_PROTOCOL_FEATURES)
 
 
-def session(b: BackendProcess, profile: Profile) -> Gpu:
-    fe = Frontend.connect(b.socket_path)
-    ram = GuestRam(48 << 20)
-    try:
-        bring_up(fe, ram, profile, FEATURES)
-    except BaseException:
-        fe.close()
-        ram.close()
-        raise
-    return Gpu(fe, ram)
+def session(b: BackendProcess, profile: Profile) -> Session:
+    return Session.open(b.socket_path, features=CROSS_DOMAIN_FEATURES, ram_size=48 << 20, profile=profile)
 
 
 def test_bit_22_by_default_and_bit_21_never_unasked(tmp_path: Path) -> None:
@@ -66,7 +57,7 @@ def test_bit_22_by_default_and_bit_21_never_unasked(tmp_path: Path) -> None:
     try:
         features = offered(b)
     finally:
-        stop_backend(b)
+        b.stop()
     assert features & SHMEM_22 and not features & SHMEM_21
 
 
@@ -76,10 +67,10 @@ def test_a_bit_21_peer_maps_host_blobs_when_the_operator_asks(legacy: BackendPro
     g = session(legacy, CROSVM_BIT_21)
     try:
         assert g.fe.protocol_features & SHMEM_21 and g.fe.shm[1].size == WINDOW
-        client = Client(g)
+        client = CrossDomainGuest(g)
         client.start()
         reqs = client.requirements(64, 64)
-        assert resp_type(client.blob(1, reqs)) == E.RESP_OK_NODATA
+        assert rtype(client.create_blob(1, reqs)) == E.RESP_OK_NODATA
         resp = s.resp_map_info.parse(client.map(1, 0))
         assert (resp.hdr.type, resp.map_info) == (E.RESP_OK_MAP_INFO, 1)
         assert [k for k, _ in g.fe.shm[1].log] == ["map"]
@@ -92,11 +83,11 @@ def test_a_bit_22_peer_of_a_bit_21_back_end_gets_no_shmem_and_an_error(legacy: B
     g = session(legacy, CROSVM)
     try:
         assert not g.fe.protocol_features & (SHMEM_21 | SHMEM_22) and g.fe.shm == {}
-        client = Client(g)
+        client = CrossDomainGuest(g)
         client.start()
         reqs = client.requirements(64, 64)
-        assert resp_type(client.blob(1, reqs)) == E.RESP_OK_NODATA
-        assert resp_type(client.map(1, 0)) >= 0x1200
+        assert rtype(client.create_blob(1, reqs)) == E.RESP_OK_NODATA
+        assert rtype(client.map(1, 0)) >= 0x1200
         client.requirements(32, 32)  # still serving
     finally:
         g.close()

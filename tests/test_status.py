@@ -12,19 +12,21 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import BackendProcess, fd_count, start_backend, stop_backend, wait_until
-from tests.gpu_helpers import Gpu, hdr, resp_type
-from tests.test_gpu_host_blob import FEATURES, WINDOW, Client, backend_args, h
+from tests.conftest import VGPU, WINDOW, host_blob_options
+from vgpu.conformance.process import BackendProcess
+from vgpu.procfs import fd_count, wait_until
 from vgpu.protocol import CtrlType, Format, GetDisplayInfo, Rect, ResourceUnmapBlob
+from vgpu.session import CROSS_DOMAIN_FEATURES, CrossDomainGuest, Session, hdr, rtype
 from vgpu.status import StatusError, query, render
 from vgpu.vhost_user.control import CLIENT_TIMEOUT, MAX_CLIENTS, MAX_REQUEST, ControlServer
 from vgpu.vhost_user.shm_window import ShmMapping
+
+pytestmark = pytest.mark.vgpu(*host_blob_options(), "--status-socket={tmp}/status.sock")
 
 E = CtrlType
 XR24_SIZE = 256 * 256 * 4
@@ -32,25 +34,8 @@ XR24_SIZE = 256 * 256 * 4
 VGPU_STATUS = Path(sys.executable).with_name("vgpu-status")
 
 
-@pytest.fixture
-def vgpu(tmp_path: Path) -> Iterator[BackendProcess]:
-    b = start_backend([*backend_args(), f"--status-socket={tmp_path / 'status.sock'}"], tmp_path, "vgpu")
-    yield b
-    stop_backend(b)
-
-
 def status_path(b: BackendProcess) -> str:
     return str(Path(b.socket_path).with_name("status.sock"))
-
-
-@pytest.fixture
-def client(vgpu: BackendProcess) -> Iterator[Client]:
-    g = Gpu.connect(vgpu.socket_path, features=FEATURES)
-    g.fe.reserve_shm()
-    c = Client(g)
-    c.start()
-    yield c
-    g.close()
 
 
 def rss_kib(pid: int) -> int:
@@ -60,9 +45,9 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def display_info_seconds(g: Gpu) -> float:
+def display_info_seconds(g: Session) -> float:
     t = time.monotonic()
-    assert resp_type(g.cmd(GetDisplayInfo(hdr(E.CMD_GET_DISPLAY_INFO)), 408)) == E.RESP_OK_DISPLAY_INFO
+    assert rtype(g.cmd(GetDisplayInfo(hdr(E.CMD_GET_DISPLAY_INFO)), 408)) == E.RESP_OK_DISPLAY_INFO
     return time.monotonic() - t
 
 
@@ -86,13 +71,13 @@ def test_idle_back_end_answers_with_its_limits(vgpu: BackendProcess) -> None:
     assert wait_until(lambda: fd_count(vgpu.pid) == before)
 
 
-def test_status_lists_resources_mappings_and_quotas(client: Client, vgpu: BackendProcess) -> None:
-    g = client.gpu
+def test_status_lists_resources_mappings_and_quotas(client: CrossDomainGuest, vgpu: BackendProcess) -> None:
+    g = client.sess
     g.image_2d(7, 256, 256, Format.FORMAT_B8G8R8X8_UNORM)
     g.show(7, 0, Rect(0, 0, 256, 256))
     reqs = client.requirements(256, 256)
-    assert resp_type(client.blob(1, reqs)) == E.RESP_OK_NODATA
-    assert resp_type(client.map(1, 0x200000)) == E.RESP_OK_MAP_INFO
+    assert rtype(client.create_blob(1, reqs)) == E.RESP_OK_NODATA
+    assert rtype(client.map(1, 0x200000)) == E.RESP_OK_MAP_INFO
 
     doc = query(status_path(vgpu))
     assert (doc["state"], doc["vmm_connected"], doc["vmm_connections"]) == ("connected", True, 1)
@@ -142,22 +127,22 @@ def test_status_lists_resources_mappings_and_quotas(client: Client, vgpu: Backen
     assert "resource 1 at window offset 0x200000 +0x40000: map_info 1 (CACHED), provenance allocator\n" \
         "  because     : memfd: " in text, text
 
-    g.ok(ResourceUnmapBlob(h(E.CMD_RESOURCE_UNMAP_BLOB), 1))
+    g.ok(ResourceUnmapBlob(client.h(E.CMD_RESOURCE_UNMAP_BLOB), 1))
     d = query(status_path(vgpu))["device"]
     assert d["mappings"] == [] and not {r["id"]: r for r in d["resources"]}[1]["mapped"]
 
 
-def test_status_answers_while_the_device_waits_for_the_vmm(client: Client, vgpu: BackendProcess) -> None:
+def test_status_answers_while_the_device_waits_for_the_vmm(client: CrossDomainGuest, vgpu: BackendProcess) -> None:
     """The front end queries status before it acks SHMEM_MAP: the back end is mid-command, and answers anyway."""
     seen: list[dict[str, Any]] = []
 
     def before_ack(m: ShmMapping, fd: int) -> None:
         seen.append(query(status_path(vgpu)))
 
-    client.gpu.fe.on_shmem_map = before_ack
+    client.sess.fe.on_shmem_map = before_ack
     reqs = client.requirements(64, 64)
-    client.blob(2, reqs)
-    assert resp_type(client.map(2, 0)) == E.RESP_OK_MAP_INFO
+    client.create_blob(2, reqs)
+    assert rtype(client.map(2, 0)) == E.RESP_OK_MAP_INFO
     (doc,) = seen
     assert doc["transport"]["device_busy"] is True
     assert doc["device"]["mappings"] == []  # not mapped until the VMM says so
@@ -165,7 +150,7 @@ def test_status_answers_while_the_device_waits_for_the_vmm(client: Client, vgpu:
 
 
 def test_after_the_vmm_leaves_the_back_end_is_idle_again(vgpu: BackendProcess) -> None:
-    g = Gpu.connect(vgpu.socket_path, features=FEATURES)
+    g = Session.open(vgpu.socket_path, features=CROSS_DOMAIN_FEATURES)
     g.image_2d(3, 64, 64)
     assert query(status_path(vgpu))["quotas"]["resources"]["used"] == 1
     g.close()
@@ -174,8 +159,8 @@ def test_after_the_vmm_leaves_the_back_end_is_idle_again(vgpu: BackendProcess) -
     assert (doc["vmm_connections"], doc["device"], doc["quotas"]["resources"]["used"]) == (1, None, 0)
 
 
-def test_a_silent_client_does_not_stall_the_vmm(client: Client, vgpu: BackendProcess) -> None:
-    g = client.gpu
+def test_a_silent_client_does_not_stall_the_vmm(client: CrossDomainGuest, vgpu: BackendProcess) -> None:
+    g = client.sess
     before = fd_count(vgpu.pid)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent, \
             socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as halfway:
@@ -222,8 +207,9 @@ def _exchange(path: str, data: bytes) -> bytes:
         return got
 
 
-def test_garbage_floods_and_crowds_are_refused_and_leave_nothing(client: Client, vgpu: BackendProcess) -> None:
-    g = client.gpu
+def test_garbage_floods_and_crowds_are_refused_and_leave_nothing(client: CrossDomainGuest,
+                                                                vgpu: BackendProcess) -> None:
+    g = client.sess
     path = status_path(vgpu)
     before, rss_before = fd_count(vgpu.pid), rss_kib(vgpu.pid)
     for raw, why in ((b"\x00\xffnot json\n", "not JSON"), (b"[1, 2]\n", "JSON object"),
@@ -273,8 +259,8 @@ def test_vgpu_status_says_why_it_has_no_answer(tmp_path: Path) -> None:
 def test_a_status_socket_that_cannot_be_made_fails_at_startup(tmp_path: Path) -> None:
     blocker = tmp_path / "status.sock"
     blocker.write_text("not a socket")
-    r = subprocess.run([*backend_args(), f"--socket-path={tmp_path / 'v.sock'}", f"--status-socket={blocker}"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run([*VGPU, *host_blob_options(), f"--socket-path={tmp_path / 'v.sock'}",
+                        f"--status-socket={blocker}"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "exists and is not a socket" in r.stderr
     assert blocker.read_text() == "not a socket" and not (tmp_path / "v.sock").exists()
 

@@ -10,7 +10,9 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import BackendProcess, fd_count, open_fds, wait_until
+from tests.conftest import assert_no_leak, closed_by_peer, raw, still_serving
+from vgpu.conformance.process import BackendProcess
+from vgpu.procfs import fd_count, open_fds, wait_until
 from vgpu.vhost_user.driver import GuestRam
 from vgpu.vhost_user.frontend import Frontend, FrontendError, build_vring_addr
 from vgpu.vhost_user.wire import FrontendRequest, build_u64
@@ -18,46 +20,9 @@ from vgpu.vhost_user.wire import FrontendRequest, build_u64
 Check = Callable[[Frontend], None]
 
 
-def raw(b: BackendProcess) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(b.socket_path)
-    s.settimeout(5)
-    return s
-
-
-def closed_by_peer(s: socket.socket) -> bool:
-    try:
-        while True:
-            data = s.recv(4096)
-            if not data:
-                return True
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-
-
-def still_serving(b: BackendProcess) -> None:
-    fe = Frontend.connect(b.socket_path)
-    ram = GuestRam(1 << 20)
-    try:
-        fe.negotiate()
-        fe.share_memory(ram)
-        fe.setup_queue(0, 64)
-        assert fe.submit(0, b"alive", 8) == b"alive"
-    finally:
-        fe.close()
-        ram.close()
-
-
 @pytest.fixture
 def baseline(echo_backend: BackendProcess) -> int:
     return fd_count(echo_backend.pid)
-
-
-def assert_no_leak(b: BackendProcess, baseline: int, before: set[str] | None = None) -> None:
-    assert b.alive(), b.log()
-    assert b.settle_fds(baseline) == baseline, open_fds(b.pid)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import BackendProcess, fd_count, start_backend, stop_backend, wait_until
+from tests.conftest import start_backend
+from vgpu.conformance.process import BackendProcess
+from vgpu.procfs import fd_count, wait_until
 from vgpu.vhost_user.wire import FrontendRequest
 
 
@@ -23,7 +25,7 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendProcess
     tmp: Path = tmp_path_factory.mktemp("vufuzz")
     b = start_backend([sys.executable, "-m", "vgpu", "--log-level=error"], tmp, "vgpu")
     yield b
-    stop_backend(b)
+    b.stop()
 
 
 message = st.tuples(

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import socket
 
-from tests.conftest import BackendProcess, fd_count, wait_until
+from vgpu.conformance.process import BackendProcess
+from vgpu.procfs import fd_count, wait_until
 from vgpu.vhost_user.frontend import Frontend
 from vgpu.vhost_user.wire import VHOST_USER_VERSION, FrontendRequest, build_header
 

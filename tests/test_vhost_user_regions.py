@@ -10,8 +10,9 @@ import struct
 
 import pytest
 
-from tests.conftest import BackendProcess, fd_count, open_fds, wait_until
-from tests.test_vhost_user_bad_input import assert_no_leak, closed_by_peer, raw, still_serving
+from tests.conftest import assert_no_leak, closed_by_peer, raw, still_serving
+from vgpu.conformance.process import BackendProcess
+from vgpu.procfs import fd_count, open_fds, wait_until
 from vgpu.vhost_user.driver import GuestRam
 from vgpu.vhost_user.frontend import Frontend
 from vgpu.vhost_user.memory import GuestMemory, RegionDesc

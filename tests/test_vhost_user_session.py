@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from tests.conftest import BackendProcess, fd_count, open_fds, wait_until
+from vgpu.conformance.process import BackendProcess
+from vgpu.procfs import fd_count, open_fds, wait_until
 from vgpu.vhost_user.driver import GuestRam
 from vgpu.vhost_user.examples.echo import pattern
 from vgpu.vhost_user.frontend import Frontend, FrontendError, _mem_table

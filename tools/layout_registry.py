@@ -106,7 +106,7 @@ DMA_BUF_INFO_H = str(_REPO / "spec" / "dma-buf-info.h")
 #: Debian's linux-libc-dev leaves include/uapi/drm out (libdrm-dev ships it). When a system drm.h exists the DRM
 #: structs are checked against it; otherwise against the lab's own copy of the DRM ABI, whose static asserts pin
 #: the sizes. drm_prime_handle is absent from that copy: without a system drm.h its layout is proven by the real
-#: vgem PRIME export in tests/test_e2e_dmabuf_guest.py (the exported fd is read back from offset 8).
+#: vgem PRIME export in vgpu_lab.exporters_guest (the exported fd is read back from offset 8).
 SYSTEM_DRM_H = next((h for h in ("/usr/include/drm/drm.h", "/usr/include/libdrm/drm.h") if Path(h).is_file()), None)
 LAB_DRM_UAPI_H = str(_REPO / "tools" / "vgpu_lab" / "guest" / "drm_uapi.h")
 DRM_H = SYSTEM_DRM_H or LAB_DRM_UAPI_H

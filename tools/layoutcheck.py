@@ -2,7 +2,8 @@
 
 Hand-computed offsets are how wire bugs creep in; the compiler is the authority. This tool compiles a tiny
 C file that includes the UAPI headers with ``gcc -g``, reads each struct back from the DWARF debug info,
-flattens both sides into ``dotted.name -> (offset, size)`` leaves and compares them.
+flattens both sides into ``dotted.name -> (offset, size)`` leaves and compares them. Our side is read from
+the same derivation the hot paths use (:mod:`vgpu.vhost_user.layout`), so what is checked is what runs.
 
 Run: ``python tools/layoutcheck.py`` (exit status 1 on any mismatch).
 """
@@ -13,6 +14,7 @@ import argparse
 import importlib
 import os
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -28,10 +30,13 @@ for _p in (_HERE.parent, _HERE):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from construct import Array, Construct, Padded, Pass, Renamed, Struct, Subconstruct  # noqa: E402
+from construct import Construct  # noqa: E402
 from elftools.dwarf.dwarf_expr import DWARFExprParser  # noqa: E402
 from elftools.elf.elffile import ELFFile  # noqa: E402
 from layout_registry import REGISTRY, LayoutEntry  # noqa: E402
+
+from vgpu.vhost_user.layout import LayoutError as ConstructLayoutError  # noqa: E402
+from vgpu.vhost_user.layout import flatten  # noqa: E402
 
 
 class LayoutError(Exception):
@@ -210,63 +215,60 @@ def compile_headers(headers: Sequence[str], workdir: Path, cc: str | None = None
 # --------------------------------------------------------------------------------------------------------
 
 
-def _is_padding(con: Construct[Any, Any]) -> bool:
-    return isinstance(con, Padded) and isinstance(con.subcon, type(Pass))
+_FORMAT_ITEM = re.compile(r"(\d*)([xcbB?hHiIlLqQnNefdsp])")
 
 
-def _unwrap(con: Construct[Any, Any]) -> Construct[Any, Any]:
-    while True:
-        if isinstance(con, Renamed):
-            con = con.subcon
-            continue
-        deferred = getattr(con, "defersubcon", None)  # compiled structs keep their source construct
-        if isinstance(deferred, Construct):
-            con = deferred
-            continue
-        return con
-
-
-def construct_layout(con: Construct[Any, Any]) -> Layout:
-    try:
-        size = con.sizeof()
-    except Exception as e:  # construct raises SizeofError for variable-size parts
-        raise LayoutError(f"construct has no fixed size: {e}") from e
-    out = Layout(size=size)
-    _flatten_con(_unwrap(con), "", 0, out)
+def _c_name(path: str) -> str:
+    """``hdr.fence_id`` stays, ``strides.2`` becomes ``strides[2]`` (how the DWARF side names array elements)."""
+    out = ""
+    for part in path.split("."):
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
     return out
 
 
-def _flatten_con(con: Construct[Any, Any], name: str, offset: int, out: Layout) -> None:
-    con = _unwrap(con)
-    size = con.sizeof()
-    if _is_padding(con):
-        out.pads.append((offset, offset + size))
-    elif isinstance(con, Struct):
-        pos = offset
-        for sub in con.subcons:
-            sub_size = sub.sizeof()
-            sub_name = f"{name}.{sub.name}" if name and sub.name else (sub.name or f"{name}<unnamed@{pos}>")
-            _flatten_con(sub, sub_name, pos, out)
-            pos += sub_size
-    elif isinstance(con, Padded):
-        inner = con.subcon.sizeof()
-        _flatten_con(con.subcon, name, offset, out)
-        if size > inner:
-            out.pads.append((offset + inner, offset + size))
-    elif isinstance(con, Array):
-        if not isinstance(con.count, int):
-            raise LayoutError(f"{name}: variable-length Array")
-        elem = _unwrap(con.subcon)
-        esize = elem.sizeof()
-        if not isinstance(elem, Struct) and esize == 1:
-            out.leaves.append(Leaf(name, offset, con.count))
+def construct_layout(con: Construct[Any, Any]) -> Layout:
+    """Our side, read from the project's one derivation of layouts (:func:`vgpu.vhost_user.layout.flatten`): the
+    flat ``struct`` format gives every field's offset and size and every padding run, in declaration order. An
+    array of single bytes is one field, as C's ``char name[N]`` is on the DWARF side."""
+    try:
+        flat = flatten(con)
+    except ConstructLayoutError as e:
+        raise LayoutError(str(e)) from e
+    out = Layout(size=flat.size)
+    names = iter(flat.fields)
+    offset = 0
+    for count, code in _FORMAT_ITEM.findall(flat.fmt[1:]):
+        n = int(count or 1)
+        if code == "x":
+            out.pads.append((offset, offset + n))
+            offset += n
+        elif code == "s":
+            out.leaves.append(Leaf(_c_name(next(names)), offset, n))
+            offset += n
         else:
-            for i in range(con.count):
-                _flatten_con(elem, f"{name}[{i}]", offset + i * esize, out)
-    elif isinstance(con, Subconstruct) and con.subcon.sizeof() == size and isinstance(_unwrap(con.subcon), Struct):
-        _flatten_con(con.subcon, name, offset, out)  # adapters around a struct are transparent
-    else:
-        out.leaves.append(Leaf(name, offset, size))
+            size = struct.calcsize("<" + code)
+            for _ in range(n):
+                out.leaves.append(Leaf(_c_name(next(names)), offset, size))
+                offset += size
+    out.leaves = _byte_arrays_whole(out.leaves)
+    return out
+
+
+def _byte_arrays_whole(leaves: list[Leaf]) -> list[Leaf]:
+    """Runs ``x[0]``, ``x[1]``, ... of one-byte leaves become one leaf ``x``."""
+    merged: list[Leaf] = []
+    for leaf in leaves:
+        base, bracket, _ = leaf.name.rpartition("[")
+        prev = merged[-1] if merged else None
+        if bracket and leaf.size == 1 and leaf.name.endswith("]"):
+            if prev is not None and prev.name == base and prev.offset + prev.size == leaf.offset:
+                merged[-1] = Leaf(base, prev.offset, prev.size + 1)
+                continue
+            if leaf.name == f"{base}[0]":
+                merged.append(Leaf(base, leaf.offset, 1))
+                continue
+        merged.append(leaf)
+    return merged
 
 
 # --------------------------------------------------------------------------------------------------------

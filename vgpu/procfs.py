@@ -31,7 +31,24 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def wait_until(pred: Callable[[], object], timeout: float, step: float = 0.01) -> bool:
+def open_fds(pid: int) -> set[str]:
+    """The fds a process has open, each as ``N->what it points to`` (so a leak names its object; empty once the
+    process is gone)."""
+    out: set[str] = set()
+    base = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return out
+    for name in names:
+        try:
+            out.add(f"{name}->{os.readlink(os.path.join(base, name))}")
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def wait_until(pred: Callable[[], object], timeout: float = 5.0, step: float = 0.01) -> bool:
     """Poll `pred` until it holds or `timeout` seconds pass; whether it held."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

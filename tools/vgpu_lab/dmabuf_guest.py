@@ -187,6 +187,44 @@ def python_command(program: str, *, python: Path | None = None, repo: Path | Non
     return " && ".join(steps)
 
 
+CHROOT_SCRIPT = """#!/bin/sh
+set -e
+{mounts}
+{setup}
+echo "VGPU-GUEST chroot uptime=$(cut -d' ' -f1 /proc/uptime)"
+exec chroot {root} /usr/bin/env PYTHONDONTWRITEBYTECODE=1 TMPDIR={scratch} {python} -B -m {module} {args}
+"""
+
+
+def run_python_in_chroot(module: str, args: Sequence[str] = (), *, kernel: Path, busybox: Path, qemu: Path,
+                         work: Path, modules_dir: Path | None = None, setup: Sequence[str] = (),
+                         python: Path | None = None, timeout: float = BOOT_TIMEOUT) -> GuestRun:
+    """Boot `kernel` with no GPU device and vgem (Debian's kernel gets vgem and 9p from `modules_dir`; the patched
+    kernel has them built in), chroot into the host's root shared over 9p and run ``python -m module args`` there
+    with the host's venv Python, after the shell lines `setup`. The lab's in-guest programs run this way."""
+    interpreter = python or Path(sys.executable)
+    hidden = shadowed([interpreter])
+    if hidden:
+        raise ValueError(f"the guest's chroot cannot show {hidden} (its own /dev, /proc, /sys cover them)")
+    script = work / "chroot-python"
+    script.write_text(CHROOT_SCRIPT.format(
+        mounts="\n".join(chroot_mounts()), setup="\n".join(setup), root=GUEST_HOST_ROOT, scratch=GUEST_SCRATCH,
+        python=interpreter, module=module, args=shlex.join(args),
+    ))
+    script.chmod(0o755)
+    modules: tuple[str, ...] = ()
+    if modules_dir is not None:
+        modules = (*initramfs.EXTRA_MODULE_SETS["vgem"], *initramfs.EXTRA_MODULE_SETS["9p"])
+    initrd = initramfs.build_initramfs(
+        work / "initrd.gz", busybox=busybox, command="/bin/chroot-python", modules_dir=modules_dir, modules=modules,
+        files={"/bin/chroot-python": script},
+        wait_for="/dev/dri/card0",  # vgem's node: the only DRM device (no GPU device is attached)
+    )
+    config = QemuConfig(qemu=qemu, device=None, extra_args=host_root_args())
+    return run_guest(kernel=kernel, initrd=initrd, socket_path=None, config=config, timeout=timeout,
+                     serial_log=work / "serial.log")
+
+
 def run_dmabuf_guest(
     *,
     kernel: Path,

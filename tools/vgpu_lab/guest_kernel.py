@@ -12,7 +12,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from vgpu_lab.shell import APT_DOWNLOAD_TIMEOUT, EXTRACT_TIMEOUT, QUERY_TIMEOUT, ProvisionError, run
+from vgpu_lab.shell import (
+    APT_DOWNLOAD_TIMEOUT,
+    APT_PROGRESS,
+    EXTRACT_TIMEOUT,
+    QUERY_TIMEOUT,
+    ProvisionError,
+    apt_meter,
+    line_meter,
+    run,
+)
 
 log = logging.getLogger("vgpu_lab")
 
@@ -105,10 +114,12 @@ def fetch_kernel(cache: Path, package: str) -> GuestKernel:
         tmp = Path(tmp_name)
         # _apt cannot write into a root-only cache; downloading as root is what we intend here.
         run(
-            ["apt-get", "-q", "download", "-o", "APT::Sandbox::User=root", package],
+            ["apt-get", "-q", "download", "-o", "APT::Sandbox::User=root", *APT_PROGRESS, package],
             timeout=APT_DOWNLOAD_TIMEOUT,
-            what="kernel",
+            what=f"kernel: download {package}",
             cwd=tmp,
+            meter=apt_meter,
+            total=100,
         )
         debs = sorted(tmp.glob("*.deb"))
         if len(debs) != 1:
@@ -117,7 +128,9 @@ def fetch_kernel(cache: Path, package: str) -> GuestKernel:
             ["dpkg-deb", "-f", str(debs[0]), "Version"], timeout=QUERY_TIMEOUT, what="kernel"
         ).stdout.strip()
         unpack = tmp / "root"
-        run(["dpkg", "-x", str(debs[0]), str(unpack)], timeout=EXTRACT_TIMEOUT, what="kernel")
+        # --vextract names each file as it goes: the count of files unpacked is the progress.
+        run(["dpkg-deb", "--vextract", str(debs[0]), str(unpack)], timeout=EXTRACT_TIMEOUT,
+            what=f"kernel: unpack {debs[0].name} (files)", meter=line_meter())
         releases = sorted(p.name for p in (unpack / "lib" / "modules").glob("*") if p.is_dir())
         if len(releases) != 1:
             raise ProvisionError(f"kernel: {package} holds {len(releases)} module trees, expected one")

@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import re
@@ -43,9 +42,13 @@ from vgpu_lab.arm64.lab import Arm64Lab, provision_arm64
 from vgpu_lab.guest_kernel import GuestKernel, cached_kernel, fetch_kernel, select_kernel_package
 from vgpu_lab.shell import (
     APT_INSTALL_TIMEOUT,
+    APT_PROGRESS,
     APT_UPDATE_TIMEOUT,
     QUERY_TIMEOUT,
     ProvisionError,
+    apt_meter,
+    log_to_stderr,
+    report,
     run,
 )
 
@@ -223,9 +226,11 @@ class Provisioner:
                 return False
             self._require_root("apt-get update")
             run(
-                ["apt-get", "-q", "update", "-o", "DPkg::Lock::Timeout=300"],
+                ["apt-get", "-q", "update", "-o", "DPkg::Lock::Timeout=300", *APT_PROGRESS],
                 timeout=APT_UPDATE_TIMEOUT,
                 what="apt-get update",
+                meter=apt_meter,
+                total=100,
             )
             stamp.write_text(digest + "\n")
             self._updated_this_run = True
@@ -265,18 +270,20 @@ class Provisioner:
         """
         self._require_root(what)
         self.ensure_apt()
-        cmd = ["apt-get", "-q", "install", "-y", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300"]
+        cmd = ["apt-get", "-q", "install", "-y", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300",
+               *APT_PROGRESS]
         if target_release:
             cmd += ["-t", target_release]
         cmd += list(packages)
         env = {"DEBIAN_FRONTEND": "noninteractive"}
+        label = f"{what}: apt-get install {' '.join(packages)}"
         try:
-            run(cmd, timeout=APT_INSTALL_TIMEOUT, what=what, env=env)
+            run(cmd, timeout=APT_INSTALL_TIMEOUT, what=label, env=env, meter=apt_meter, total=100)
         except ProvisionError as first:
             if not self.apt_update(force=True):
                 raise
             log.warning("%s: retrying after apt-get update (%s)", what, str(first).splitlines()[0])
-            run(cmd, timeout=APT_INSTALL_TIMEOUT, what=what, env=env)
+            run(cmd, timeout=APT_INSTALL_TIMEOUT, what=label, env=env, meter=apt_meter, total=100)
 
     # -- components --------------------------------------------------------------------------------------------
 
@@ -498,11 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the resulting paths as JSON on stdout")
     parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="vgpu-lab: %(message)s",
-        stream=sys.stderr,
-    )
+    log_to_stderr(args.quiet)
     wanted: list[str] = []
     for component in args.components:
         for c in COMPONENTS if component == "all" else (component,):
@@ -515,11 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ProvisionError as exc:
         print(f"vgpu-lab: cannot provision: {exc}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        for key, value in summary.items():
-            log.info("%s: %s", key, value)
+    report(summary, args.json)
     return 0
 
 

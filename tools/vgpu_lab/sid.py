@@ -41,7 +41,7 @@ from typing import Protocol
 
 from vgpu_lab.apt_sources import debian_mirror_uri
 from vgpu_lab.qemu import VHOST_USER_TEST_DEVICE_GPU, QemuConfig
-from vgpu_lab.shell import ProvisionError, run
+from vgpu_lab.shell import APT_PROGRESS, Meter, ProvisionError, apt_meter, line_meter, run
 
 
 class Provisioner(Protocol):
@@ -220,9 +220,11 @@ def _read_record(root: Path) -> SidQemu | None:
     return qemu
 
 
-def _in_chroot(root: Path, argv: Sequence[str], *, what: str, timeout: float) -> str:
+def _in_chroot(root: Path, argv: Sequence[str], *, what: str, timeout: float, meter: Meter | None = None) -> str:
     env = {"DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C.UTF-8", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    return run([*namespace_prefix(root), *argv], timeout=timeout, what=what, env=env).stdout
+    total = 100 if meter is apt_meter else None
+    return run([*namespace_prefix(root), *argv], timeout=timeout, what=what, env=env, meter=meter,
+               total=total).stdout
 
 
 def _debootstrap(provisioner: Provisioner, root: Path) -> None:
@@ -242,7 +244,9 @@ def _debootstrap(provisioner: Provisioner, root: Path) -> None:
         ["unshare", "--mount", "--propagation", "private",
          DEBOOTSTRAP, "--variant=minbase", SUITE, str(root), mirror],
         timeout=DEBOOTSTRAP_TIMEOUT,
-        what="qemu11 (debootstrap sid)",
+        what="qemu11: debootstrap sid (steps)",
+        # One "I: Retrieving/Validating/Extracting/Unpacking/Configuring <package>" line per package and phase.
+        meter=line_meter(r"^I: "),
     )
     stamp.write_text(f"{SUITE} {mirror}\n")
     log.info("qemu11: debootstrap %s into %s took %.1f s", SUITE, root, time.monotonic() - started)
@@ -250,24 +254,25 @@ def _debootstrap(provisioner: Provisioner, root: Path) -> None:
 
 #: sid's Release files carry a ``Valid-Until`` about a week ahead; a mirror that serves a dated snapshot of the
 #: archive (as this machine kind's does) would make apt refuse them as expired. The signatures are still checked.
-APT_OPTIONS = ("-q", "-o", "Acquire::Check-Valid-Until=false", "-o", "DPkg::Lock::Timeout=300")
+APT_OPTIONS = ("-q", "-o", "Acquire::Check-Valid-Until=false", "-o", "DPkg::Lock::Timeout=300", *APT_PROGRESS)
 
 
 def _install_qemu(root: Path) -> None:
     started = time.monotonic()
     # Finish whatever an interrupted earlier install left half-configured, then install.
     _in_chroot(root, ["dpkg", "--configure", "-a"], what="qemu11 (dpkg --configure)", timeout=CHROOT_APT_TIMEOUT)
-    _in_chroot(root, ["apt-get", *APT_OPTIONS, "update"], what="qemu11 (apt-get update in sid)",
-               timeout=CHROOT_APT_TIMEOUT)
+    _in_chroot(root, ["apt-get", *APT_OPTIONS, "update"], what="qemu11: apt-get update in sid",
+               timeout=CHROOT_APT_TIMEOUT, meter=apt_meter)
     install = ["apt-get", *APT_OPTIONS, "install", "-y", "--no-install-recommends", *SID_PACKAGES]
+    what = f"qemu11: apt-get install {' '.join(SID_PACKAGES)} in sid"
     try:
-        _in_chroot(root, install, what="qemu11 (apt-get install in sid)", timeout=CHROOT_APT_TIMEOUT)
+        _in_chroot(root, install, what=what, timeout=CHROOT_APT_TIMEOUT, meter=apt_meter)
     except ProvisionError as first:
         # A run killed while unpacking can leave broken dependencies that only ``-f install`` repairs.
         log.warning("qemu11: repairing the sid chroot's packages (%s)", str(first).splitlines()[-1])
         _in_chroot(root, ["apt-get", *APT_OPTIONS, "-f", "install", "-y", "--no-install-recommends"],
-                   what="qemu11 (apt-get -f install in sid)", timeout=CHROOT_APT_TIMEOUT)
-        _in_chroot(root, install, what="qemu11 (apt-get install in sid)", timeout=CHROOT_APT_TIMEOUT)
+                   what="qemu11: apt-get -f install in sid", timeout=CHROOT_APT_TIMEOUT, meter=apt_meter)
+        _in_chroot(root, install, what=what, timeout=CHROOT_APT_TIMEOUT, meter=apt_meter)
     # The .debs are not needed again (a rebuild downloads them anew); keep the cache small.
     _in_chroot(root, ["apt-get", "clean"], what="qemu11 (apt-get clean)", timeout=CHROOT_QUERY_TIMEOUT)
     log.info("qemu11: apt-get install %s took %.1f s", " ".join(SID_PACKAGES), time.monotonic() - started)
@@ -277,7 +282,7 @@ def install_packages(root: Path, packages: Sequence[str], *, what: str) -> None:
     """Install more of sid's packages into the provisioned chroot: programs a guest runs from it (the guest sees
     the host's root, this chroot included, over 9p)."""
     _in_chroot(root, ["apt-get", *APT_OPTIONS, "install", "-y", "--no-install-recommends", *packages], what=what,
-               timeout=CHROOT_APT_TIMEOUT)
+               timeout=CHROOT_APT_TIMEOUT, meter=apt_meter)
     _in_chroot(root, ["apt-get", "clean"], what=f"{what} (apt-get clean)", timeout=CHROOT_QUERY_TIMEOUT)
 
 

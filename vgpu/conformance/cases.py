@@ -31,10 +31,10 @@ from ..protocol import (
     encode_command,
 )
 from ..protocol import structs as s
+from ..session import DISPLAY_INFO_SIZE, PAGE, Session, hdr
 from .context import CheckContext
 from .errors import CheckFailed
 from .registry import check
-from .session import DISPLAY_INFO_SIZE, PAGE, Session, hdr
 
 E = CtrlType
 ERRORS: Final = tuple(t for t in CtrlType if t.is_error)
@@ -70,7 +70,7 @@ def create(rid: int, w: int = 64, h: int = 64, fmt: int = XRGB) -> bytes:
 def attach(rid: int, size: int = 64 * 64 * 4) -> Callable[[Session], bytes]:
     def build(sess: Session) -> bytes:
         return encode_command(ResourceAttachBacking(hdr(E.CMD_RESOURCE_ATTACH_BACKING), rid,
-                                                    MemEntries.of([(sess.backing(size), size)])))
+                                                    sess.backing(size).entries))
     return build
 
 
@@ -81,13 +81,13 @@ def _attach_far(sess: Session) -> bytes:
 
 def _attach_overlong(sess: Session) -> bytes:
     # nr_entries says 1000, the request carries one entry.
-    gpa = sess.backing(PAGE)
+    gpa = sess.backing(PAGE).gpa
     return struct.pack("<IIQIB3xII", E.CMD_RESOURCE_ATTACH_BACKING, 0, 0, 0, 0, 1, 1000) + struct.pack(
         "<QII", gpa, PAGE, 0)
 
 
 def _guest_blob_short(sess: Session) -> bytes:
-    gpa = sess.backing(PAGE)
+    gpa = sess.backing(PAGE).gpa
     return encode_command(ResourceCreateBlob(hdr(E.CMD_RESOURCE_CREATE_BLOB), 5, BlobMem.BLOB_MEM_GUEST, 0, 0,
                                              2 * PAGE, MemEntries.of([(gpa, PAGE)])))
 

@@ -31,23 +31,18 @@ from ..protocol import (
     ResourceUnref,
     SetScanoutBlob,
     ShmId,
-    SubmitCmd,
 )
 from ..protocol import structs as s
-from ..protocol.cross_domain import CrossDomainGetImageRequirements, CrossDomainImageRequirements, CrossDomainInitV1
+from ..session import MAP_INFO_RESP_SIZE, MAPPABLE, PAGE, CrossDomainGuest, Session, hdr, rtype, type_name
 from ..vhost_user.shm_window import ShmWindow
 from ..vhost_user.wire import ProtocolFeature
 from .checks_gpu import create_context
 from .context import CheckContext
 from .errors import CheckFailed, NotApplicable, expect
 from .registry import check
-from .session import PAGE, Session, hdr, rtype, type_name
 
 E = CtrlType
 ERRORS: Final = tuple(t for t in CtrlType if t.is_error)
-MAPPABLE: Final = int(BlobFlag.BLOB_FLAG_USE_MAPPABLE | BlobFlag.BLOB_FLAG_USE_SHAREABLE)
-MAP_RESP: Final = 32
-XR24: Final = int.from_bytes(b"XR24", "little")
 CTX: Final = 1
 QUERY_RING: Final = 100
 HOST_BLOB: Final = ("virtio:RESOURCE_BLOB", "virtio:VIRGL", "capset:CROSS_DOMAIN", "shm:HOST_VISIBLE")
@@ -156,11 +151,11 @@ def submit_size(ctx: CheckContext) -> str | None:
 
 
 def guest_blob(sess: Session, rid: int, size: int, flags: int = 0, backed: bool = True) -> int:
-    gpa = sess.backing(size)
-    entries = MemEntries.of([(gpa, size)] if backed else [])
+    b = sess.backing(size)
+    entries = b.entries if backed else MemEntries.of([])
     sess.ok(ResourceCreateBlob(hdr(E.CMD_RESOURCE_CREATE_BLOB), rid, BlobMem.BLOB_MEM_GUEST, flags, 0, size,
                                entries), f"guest RESOURCE_CREATE_BLOB {rid}")
-    return gpa
+    return b.gpa
 
 
 @check("GPU-BLOB-HOST3D-NEEDS-VIRGL", "host3d-needs-virgl")
@@ -188,7 +183,7 @@ def guest_blob_late_backing(ctx: CheckContext) -> str | None:
     """A guest blob created with no entries is accepted, and ATTACH_BACKING gives it its pages later."""
     sess = ctx.session()
     guest_blob(sess, 5, 4 * PAGE, backed=False)
-    gpa = sess.backing(4 * PAGE)
+    gpa = sess.backing(4 * PAGE).gpa
     sess.ok(struct.pack("<IIQIB3xIIQII", E.CMD_RESOURCE_ATTACH_BACKING, 0, 0, 0, 0, 5, 1, gpa, 4 * PAGE, 0),
             "ATTACH_BACKING of the blob")
     return None
@@ -221,7 +216,7 @@ def map_implemented(ctx: CheckContext) -> str | None:
     resource they answer an error other than the one an unknown command gets."""
     sess = ctx.session()
     unknown = rtype(sess.cmd(struct.pack("<IIQIB3x", 0x0999, 0, 0, 0, 0) + bytes(16), 24))
-    for what, req, size in (("MAP_BLOB", ResourceMapBlob(hdr(E.CMD_RESOURCE_MAP_BLOB), 77, 0), MAP_RESP),
+    for what, req, size in (("MAP_BLOB", ResourceMapBlob(hdr(E.CMD_RESOURCE_MAP_BLOB), 77, 0), MAP_INFO_RESP_SIZE),
                             ("UNMAP_BLOB", ResourceUnmapBlob(hdr(E.CMD_RESOURCE_UNMAP_BLOB), 77), 24)):
         resp = sess.expect(req, ERRORS, f"{what} of resource 77", size)
         expect(rtype(resp) != unknown, f"{what} answered {type_name(rtype(resp))}, as an unknown command is", resp)
@@ -246,7 +241,8 @@ def map_guest_blob_refused(ctx: CheckContext) -> str | None:
     """A guest blob (even flagged MAPPABLE) has no host buffer to map: MAP_BLOB is refused."""
     sess = ctx.session()
     guest_blob(sess, 5, PAGE, flags=MAPPABLE)
-    sess.expect(ResourceMapBlob(hdr(E.CMD_RESOURCE_MAP_BLOB), 5, 0), ERRORS, "MAP_BLOB of a guest blob", MAP_RESP)
+    sess.expect(ResourceMapBlob(hdr(E.CMD_RESOURCE_MAP_BLOB), 5, 0), ERRORS, "MAP_BLOB of a guest blob",
+                MAP_INFO_RESP_SIZE)
     return _no_mappings(sess)
 
 
@@ -259,11 +255,10 @@ def _no_mappings(sess: Session) -> str | None:
 
 @dataclass
 class HostBlobs:
-    """A cross-domain guest: context, query ring, INIT, image requirements → blob ids and sizes."""
+    """A cross-domain guest on a session that negotiated SHMEM, with the front end's window of region 1."""
 
-    sess: Session
+    guest: CrossDomainGuest
     window: ShmWindow
-    ring: int
 
     @classmethod
     def start(cls, ctx: CheckContext) -> HostBlobs:
@@ -272,30 +267,19 @@ class HostBlobs:
         if not sess.has_proto(ProtocolFeature.SHMEM):
             raise NotApplicable("SHMEM not negotiated")
         window = sess.fe.shm[int(ShmId.SHM_ID_HOST_VISIBLE)]
-        ring = sess.backing(PAGE)
-        sess.ok(CtxCreate(hdr(E.CMD_CTX_CREATE, ctx_id=CTX), 4, int(Capset.CAPSET_CROSS_DOMAIN), b"conf"),
-                "CTX_CREATE cross-domain")
-        sess.ok(ResourceCreateBlob(hdr(E.CMD_RESOURCE_CREATE_BLOB), QUERY_RING, BlobMem.BLOB_MEM_GUEST, 1, 0, PAGE,
-                                   MemEntries.of([(ring, PAGE)])), "query ring blob")
-        sess.ok(CtxAttachResource(hdr(E.CMD_CTX_ATTACH_RESOURCE, ctx_id=CTX), QUERY_RING), "attach the query ring")
-        init = CrossDomainInitV1.build(dict(hdr=dict(cmd=1, ring_idx=0, cmd_size=20), query_ring_id=QUERY_RING,
-                                            channel_ring_id=0, channel_type=0))
-        sess.ok(SubmitCmd(hdr(E.CMD_SUBMIT_3D, ctx_id=CTX), bytes(init)), "cross-domain INIT")
-        return cls(sess, window, ring)
+        guest = CrossDomainGuest(sess, CTX, QUERY_RING, b"conf")
+        guest.start()
+        return cls(guest, window)
+
+    @property
+    def sess(self) -> Session:
+        return self.guest.sess
 
     def blob(self, rid: int, width: int = 64, height: int = 64, flags: int = MAPPABLE) -> int:
-        """A HOST3D blob of a width x height XRGB image; returns its size."""
-        req = CrossDomainGetImageRequirements.build(dict(hdr=dict(cmd=2, ring_idx=0, cmd_size=24), width=width,
-                                                         height=height, drm_format=XR24, flags=0))
-        self.sess.ok(SubmitCmd(hdr(E.CMD_SUBMIT_3D, ctx_id=CTX), bytes(req)), "GET_IMAGE_REQUIREMENTS")
-        reqs = CrossDomainImageRequirements.parse(self.sess.ram.read(self.ring, 64))
-        self.sess.ok(ResourceCreateBlob(hdr(E.CMD_RESOURCE_CREATE_BLOB, ctx_id=CTX), rid, BlobMem.BLOB_MEM_HOST3D,
-                                        flags, reqs.blob_id, reqs.size, MemEntries.of([])), f"HOST3D blob {rid}")
-        size: int = reqs.size
-        return size
+        return self.guest.blob(rid, width, height, flags)
 
     def map(self, rid: int, offset: int) -> bytes:
-        return self.sess.cmd(ResourceMapBlob(hdr(E.CMD_RESOURCE_MAP_BLOB, ctx_id=CTX), rid, offset), MAP_RESP)
+        return self.guest.map(rid, offset)
 
     def map_ok(self, rid: int, offset: int) -> int:
         resp = self.map(rid, offset)

@@ -32,12 +32,7 @@ from ..protocol import (
     encode_command,
 )
 from ..protocol import structs as s
-from ..vhost_user.frontend import Display, DisplayEvent, FrontendError
-from ..vhost_user.wire import GPU_UPDATE_SIZE, GpuRequest
-from .context import CheckContext
-from .errors import CheckFailed, NotApplicable, expect
-from .registry import check
-from .session import (
+from ..session import (
     DISPLAY_INFO_SIZE,
     DISPLAY_MODES,
     EDID_RESP_SIZE,
@@ -45,7 +40,13 @@ from .session import (
     Session,
     hdr,
     make_display,
+    pattern,
 )
+from ..vhost_user.frontend import Display, DisplayEvent, FrontendError
+from ..vhost_user.wire import GPU_UPDATE_SIZE, GpuRequest
+from .context import CheckContext
+from .errors import CheckFailed, NotApplicable, expect, no_display_socket
+from .registry import check
 
 E = CtrlType
 FENCE = int(CtrlFlag.FLAG_FENCE)
@@ -55,11 +56,6 @@ ARGB = Format.FORMAT_B8G8R8A8_UNORM
 WAIT: Final = 3.0
 QUIET: Final = 0.3  # how long we watch for something that must not happen
 EVENTS_CLEAR: Final = 4
-
-
-def pixels(w: int, h: int, seed: int) -> bytes:
-    """Bytes that differ from pixel to pixel and from seed to seed, so any misplaced byte shows."""
-    return bytes(((i * 7 + (i >> 8) * 13 + seed * 31) & 0xFF) for i in range(w * h * 4))
 
 
 def rgb(data: bytes) -> bytes:
@@ -97,7 +93,10 @@ def mark(display: Display) -> int:
 
 
 def need_display(sess: Session) -> Display:
-    return sess.need_display()
+    """The display socket's recorder; a check that watches it does not apply under a profile without one."""
+    if sess.display is None:
+        raise no_display_socket(sess.profile)
+    return sess.display
 
 
 def show(sess: Session, rid: int, scanout: int, r: Rect) -> None:
@@ -165,8 +164,8 @@ def fenced_transfer_complete(ctx: CheckContext) -> str | None:
     overwriting the guest backing right after the answer must not change what the resource holds."""
     sess = ctx.session()
     w = h = 32
-    first, second = pixels(w, h, 1), pixels(w, h, 2)
-    gpa = sess.image_2d(1, w, h, first)
+    first, second = pattern(w, h, 1).tobytes(), pattern(w, h, 2).tobytes()
+    gpa = sess.image_2d(1, w, h, pixels=first, transfer=False).gpa
     req = TransferToHost2D(CtrlHdr(E.CMD_TRANSFER_TO_HOST_2D, FENCE, 41), Rect(0, 0, w, h), 0, 1)
     resp = sess.expect(req, E.RESP_OK_NODATA, "fenced TRANSFER_TO_HOST_2D")
     a = s.ctrl_hdr.parse(resp[:CTRL_HDR_SIZE])
@@ -256,7 +255,7 @@ def feature_gating(ctx: CheckContext) -> str | None:
     sess = ctx.session(features=0)
     errors = tuple(t for t in CtrlType if t.is_error)
     sess.expect(GetEdid(hdr(E.CMD_GET_EDID), 0), errors, "GET_EDID without F_EDID", EDID_RESP_SIZE)
-    gpa = sess.backing(PAGE)
+    gpa = sess.backing(PAGE).gpa
     sess.expect(ResourceCreateBlob(hdr(E.CMD_RESOURCE_CREATE_BLOB), 5, 1, 0, 0, PAGE, MemEntries.of([(gpa, PAGE)])),
                 errors, "RESOURCE_CREATE_BLOB without F_RESOURCE_BLOB")
     sess.expect(CtxCreate(hdr(E.CMD_CTX_CREATE, ctx_id=1), 0, 0, b""), errors, "CTX_CREATE without F_VIRGL")
@@ -270,7 +269,7 @@ def feature_gating(ctx: CheckContext) -> str | None:
 def response_types(ctx: CheckContext) -> str | None:
     """Successful commands without payload answer RESP_OK_NODATA; those with one answer its own OK_* type."""
     sess = ctx.session()
-    sess.image_2d(1, 64, 64, pixels(64, 64, 3))
+    sess.image_2d(1, 64, 64, pixels=pattern(64, 64, 3), transfer=False)
     sess.ok(TransferToHost2D(hdr(E.CMD_TRANSFER_TO_HOST_2D), Rect(0, 0, 64, 64), 0, 1), "TRANSFER_TO_HOST_2D")
     sess.ok(SetScanout(hdr(E.CMD_SET_SCANOUT), Rect(0, 0, 64, 64), 0, 1), "SET_SCANOUT")
     sess.ok(ResourceFlush(hdr(E.CMD_RESOURCE_FLUSH), Rect(0, 0, 64, 64), 1), "RESOURCE_FLUSH")

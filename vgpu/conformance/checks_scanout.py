@@ -24,6 +24,15 @@ from ..protocol import (
     TransferToHost2D,
     UpdateCursor,
 )
+from ..session import (
+    EDID_RESP_SIZE,
+    Session,
+    hdr,
+    make_display,
+    pattern,
+    rtype,
+    type_name,
+)
 from ..vhost_user.frontend import Display
 from ..vhost_user.wire import GPU_UPDATE_SIZE, GpuCursorUpdate, GpuProtocolFeature, GpuRequest, bit
 from .checks_gpu import (
@@ -38,7 +47,6 @@ from .checks_gpu import (
     mark,
     need_display,
     picture,
-    pixels,
     rgb,
     show,
     subimage,
@@ -48,14 +56,6 @@ from .checks_gpu import (
 from .context import CheckContext
 from .errors import CheckFailed, expect
 from .registry import check
-from .session import (
-    EDID_RESP_SIZE,
-    Session,
-    hdr,
-    make_display,
-    rtype,
-    type_name,
-)
 
 
 @check("GPU-2D-UNREF", "unref-frees-id")
@@ -91,7 +91,7 @@ def _wait_disabled(sess: Session, start: int, scanout: int) -> bool:
 def unref_scanned_out(ctx: CheckContext) -> str | None:
     """Unreferencing the resource a scanout shows disables that scanout (the display hears SCANOUT 0x0)."""
     sess = ctx.session()
-    sess.image_2d(1, 64, 64, pixels(64, 64, 4))
+    sess.image_2d(1, 64, 64, pixels=pattern(64, 64, 4), transfer=False)
     show(sess, 1, 0, Rect(0, 0, 64, 64))
     start = mark(need_display(sess))
     sess.ok(ResourceUnref(hdr(E.CMD_RESOURCE_UNREF), 1), "RESOURCE_UNREF of the shown resource")
@@ -133,8 +133,8 @@ def transfer_exact_rect(ctx: CheckContext) -> str | None:
     """TRANSFER_TO_HOST_2D of a sub-rectangle copies exactly it, reading rows `width*4` apart from `offset`."""
     sess = ctx.session()
     w, h = 32, 32
-    data = pixels(w, h, 5)
-    sess.image_2d(1, w, h, data)
+    data = pattern(w, h, 5).tobytes()
+    sess.image_2d(1, w, h, pixels=data, transfer=False)
     sub = Rect(8, 4, 10, 6)
     offset = (sub.y * w + sub.x) * 4
     sess.ok(TransferToHost2D(hdr(E.CMD_TRANSFER_TO_HOST_2D), sub, offset, 1), "TRANSFER of (8,4) 10x6")
@@ -180,8 +180,8 @@ def flush_updates_display(ctx: CheckContext) -> str | None:
     resource's pixels."""
     sess = ctx.session()
     w = h = 64
-    data = pixels(w, h, 6)
-    sess.image_2d(1, w, h, data)
+    data = pattern(w, h, 6).tobytes()
+    sess.image_2d(1, w, h, pixels=data, transfer=False)
     sess.ok(TransferToHost2D(hdr(E.CMD_TRANSFER_TO_HOST_2D), Rect(0, 0, w, h), 0, 1), "TRANSFER_TO_HOST_2D")
     show(sess, 1, 0, Rect(0, 0, w, h))
     r = Rect(8, 8, 16, 16)
@@ -202,7 +202,7 @@ def flush_updates_display(ctx: CheckContext) -> str | None:
 def flush_mirrored(ctx: CheckContext) -> str | None:
     """One resource on scanouts 0 and 1: one RESOURCE_FLUSH updates both."""
     sess = ctx.session()
-    sess.image_2d(1, 64, 64, pixels(64, 64, 7))
+    sess.image_2d(1, 64, 64, pixels=pattern(64, 64, 7), transfer=False)
     show(sess, 1, 0, Rect(0, 0, 64, 64))
     show(sess, 1, 1, Rect(0, 0, 64, 64))
     start = mark(need_display(sess))
@@ -223,8 +223,8 @@ def cursor_cmd(sess: Session, cmd: UpdateCursor | MoveCursor) -> bytes:
 
 
 def cursor_image(sess: Session, rid: int, size: int = 64) -> bytes:
-    data = pixels(size, size, 8)
-    sess.image_2d(rid, size, size, data, ARGB)
+    data = pattern(size, size, 8).tobytes()
+    sess.image_2d(rid, size, size, ARGB, data, transfer=False)
     sess.ok(TransferToHost2D(CtrlHdr(E.CMD_TRANSFER_TO_HOST_2D, FENCE, 1), Rect(0, 0, size, size), 0, rid),
             "fenced TRANSFER of the cursor image")
     return data
@@ -290,7 +290,7 @@ def cursor_update(ctx: CheckContext) -> str | None:
 def cursor_bad(ctx: CheckContext) -> str | None:
     """UPDATE_CURSOR of an unknown or a 32x32 resource changes no cursor image and breaks nothing."""
     sess = ctx.session()
-    sess.image_2d(2, 32, 32, pixels(32, 32, 9), ARGB)
+    sess.image_2d(2, 32, 32, ARGB, pattern(32, 32, 9), transfer=False)
     d = need_display(sess)
     start = mark(d)
     cursor_cmd(sess, UpdateCursor(hdr(E.CMD_UPDATE_CURSOR), CursorPos(0, 1, 1), 999, 0, 0))
@@ -312,7 +312,7 @@ def _display_traffic(ctx: CheckContext, sess: Session) -> None:
     sess.serving()
     if sess.has(GpuFeature.F_EDID.mask):
         sess.cmd(GetEdid(hdr(E.CMD_GET_EDID), 0), EDID_RESP_SIZE)
-    sess.image_2d(1, 64, 64, pixels(64, 64, 10))
+    sess.image_2d(1, 64, 64, pixels=pattern(64, 64, 10), transfer=False)
     sess.ok(TransferToHost2D(hdr(E.CMD_TRANSFER_TO_HOST_2D), Rect(0, 0, 64, 64), 0, 1), "TRANSFER_TO_HOST_2D")
     show(sess, 1, 0, Rect(0, 0, 64, 64))
     flush_and_collect(sess, 1, Rect(0, 0, 64, 64), 0, 64 * 64)

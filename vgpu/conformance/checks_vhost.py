@@ -7,7 +7,7 @@ import os
 import time
 from typing import Final
 
-from ..procfs import wait_until
+from ..procfs import open_fds, wait_until
 from ..protocol import (
     CtrlType,
     CursorPos,
@@ -21,6 +21,7 @@ from ..protocol import (
     TransferToHost2D,
     encode_command,
 )
+from ..session import PAGE, Session, hdr
 from ..vhost_user.driver import DriverQueue, GuestRam
 from ..vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES, Frontend, FrontendError, build_vring_addr
 from ..vhost_user.message import Message, PeerClosed
@@ -42,9 +43,7 @@ from ..vhost_user.wire import (
 )
 from .context import CheckContext
 from .errors import CheckFailed, NotApplicable, expect
-from .process import fd_targets
 from .registry import check
-from .session import PAGE, Session, hdr
 
 R = FrontendRequest
 E = CtrlType
@@ -407,7 +406,7 @@ def mem_slots(ctx: CheckContext) -> str | None:
         sess.ok(ResourceCreate2D(hdr(E.CMD_RESOURCE_CREATE_2D), 9, XRGB, 4, 4), "a command after REM_MEM_REG")
         t = _attach(sess, 2, b.gpa_base)
         expect(t != int(E.RESP_OK_NODATA), "ATTACH_BACKING in the removed region still succeeded")
-        held = [x for x in fd_targets(pid) if "vgpu-conformance-stray" in x]
+        held = [x for x in open_fds(pid) if "vgpu-conformance-stray" in x]
         expect(not held, "the fd sent with REM_MEM_REG is still open in the back end")
         sess.ok(ResourceCreate2D(hdr(E.CMD_RESOURCE_CREATE_2D), 10, XRGB, 4, 4), "drain")
         if _maps_of(pid, "vgpu-conformance-added"):
@@ -552,7 +551,7 @@ def disconnect(ctx: CheckContext) -> str | None:
         expect(proc.returncode == 0, f"the back end exited with {proc.returncode} on disconnect")
         return "exits on disconnect"
     now = b.settled_fds()
-    expect(now == idle, f"{now} fds after the disconnect, {idle} when idle: {sorted(fd_targets(b.pid))}")
+    expect(now == idle, f"{now} fds after the disconnect, {idle} when idle: {sorted(open_fds(b.pid))}")
     sess = ctx.session()
     sess.ok(create_2d(1), "CREATE_2D of an id the previous front end used")
     return "serves the next front end"
@@ -590,7 +589,7 @@ def fd_stable(ctx: CheckContext) -> str | None:
     sess.image_2d(100, 16, 16)
     sess.serving()
     before = ctx.backend.settled_fds()
-    names_before = sorted(fd_targets(pid))
+    names_before = sorted(open_fds(pid))
     for i in range(8):
         rid = i + 1
         sess.image_2d(rid, 16, 16)
@@ -598,7 +597,7 @@ def fd_stable(ctx: CheckContext) -> str | None:
         sess.serving()
         sess.ok(ResourceUnref(hdr(E.CMD_RESOURCE_UNREF), rid), "UNREF")
     after = ctx.backend.settled_fds()
-    grown = sorted(set(fd_targets(pid)) - set(names_before))
+    grown = sorted(set(open_fds(pid)) - set(names_before))
     expect(after <= before, f"fd count grew from {before} to {after}: {grown[:6]}")
     return None
 

@@ -5,16 +5,31 @@ from __future__ import annotations
 import json
 import subprocess
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from ..protocol import VIRTIO_GPU_MAX_SCANOUTS, Capset, CtrlType, GetCapsetInfo, GpuFeature, ShmId
 from ..protocol import structs as s
+from ..session import Session, hdr, make_display, rtype
 from ..vhost_user.frontend import Frontend
 from ..vhost_user.profiles import QEMU, Profile
 from ..vhost_user.wire import ProtocolFeature, bit
-from .errors import NotApplicable
+from .errors import NotApplicable, no_display_socket
 from .process import BackendProcess, without_socket
-from .session import TIMEOUT, Session, hdr, no_display_socket, rtype
+
+#: How long the runner waits for an answer: a stalled back end fails its check rather than the run.
+TIMEOUT: Final = 3.0
+#: Every device feature bit a 2D device and its 3D/blob extensions define (EDID ... CONTEXT_INIT).
+ALL_GPU_FEATURES: Final = 0x3F
+
+
+def open_session(path: str, profile: Profile = QEMU, **kw: Any) -> Session:
+    """The runner's guest, set up as `profile`'s VMM does: every feature offered, QEMU's display (where the profile
+    has a display socket), 32 MiB of RAM, contiguous backing (so what a check observes does not depend on a
+    shuffle of pages), the short timeout; a check overrides what it is about."""
+    opts: dict[str, Any] = dict(features=ALL_GPU_FEATURES, display=make_display(), ram_size=32 << 20,
+                                timeout=TIMEOUT, scatter=False, profile=profile)
+    opts.update(kw)
+    return Session.open(path, **opts)
 
 
 @dataclass
@@ -98,7 +113,7 @@ def probe(backend: BackendProcess, profile: Profile = QEMU) -> Offer:
     `profile`'s VMM sets it up."""
     offer = Offer(capabilities=print_capabilities(backend))
     backend.ensure()
-    sess = Session.open(backend.socket_path, profile=profile)
+    sess = open_session(backend.socket_path, profile=profile)
     try:
         fe = sess.fe
         offer.features, offer.protocol_features = fe.backend_features, fe.backend_protocol_features
@@ -139,7 +154,7 @@ class CheckContext:
 
     def session(self, **kw: Any) -> Session:
         self.backend.ensure()
-        sess = Session.open(self.backend.socket_path, profile=self.profile, **kw)
+        sess = open_session(self.backend.socket_path, profile=self.profile, **kw)
         self._sessions.append(sess)
         return sess
 

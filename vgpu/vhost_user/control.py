@@ -70,8 +70,6 @@ class ControlServer:
         self._sel = selectors.EpollSelector()
         self._sel.register(listener, selectors.EVENT_READ, None)
         self._clients: dict[int, _Client] = {}
-        self.answered = 0
-        self.refused = 0
 
     def fileno(self) -> int:
         return self._sel.fileno()
@@ -113,7 +111,6 @@ class ControlServer:
                 log.warning("control socket: accept failed: %s", e)
                 return
             if len(self._clients) >= self.max_clients:
-                self.refused += 1
                 log.warning("control socket: %d clients already connected; closing a new one", self.max_clients)
                 sock.close()
                 continue
@@ -164,7 +161,6 @@ class ControlServer:
     def _reply(self, c: _Client, doc: Mapping[str, object]) -> None:
         c.inbox.clear()
         c.outbox = memoryview(json.dumps(doc).encode() + b"\n")
-        self.answered += 1
         # Stop reading (what a flooding client sends next is never looked at) and wait until it can take bytes.
         self._sel.modify(c.sock, selectors.EVENT_WRITE, c)
 

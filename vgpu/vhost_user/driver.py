@@ -155,10 +155,6 @@ class DriverQueue:
     def set_no_interrupt(self, on: bool) -> None:
         self._avail[0] = 1 if on else 0
 
-    @property
-    def free_descriptors(self) -> int:
-        return len(self._free_descs)
-
     def add(self, readable: list[bytes], writable: list[int], indirect: bool = False) -> Pending:
         """Place buffers in guest RAM and build a chain (readable first, then writable) without publishing it."""
         bufs: list[tuple[int, int, bool]] = []

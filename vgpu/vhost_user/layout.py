@@ -6,7 +6,8 @@ This is the project's only such derivation: the vhost-user wire (host-endian) an
 package may depend on it without a cycle.
 
 A layout is flattened in declaration order: nested structs contribute their fields, fixed arrays one value per
-element, ``Bytes(n)`` one bytes value, padding nothing (skipped when reading, zeros when writing). Flattened names
+element, ``Bytes(n)`` one bytes value, padding nothing (skipped when reading, zeros when writing), a ``Default``
+its field. ``tools/layoutcheck.py`` reads the same flattening to compare our layouts with the kernel's. Flattened names
 are dotted paths (``hdr.fence_id``, ``r.width``, ``strides.2``) so code generators can pair them with record fields.
 """
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from construct import Array, Bytes, Construct, FormatField, Padded, Pass, Renamed, Struct
+from construct import Array, Bytes, Construct, Default, FormatField, Padded, Pass, Renamed, Struct
 
 
 class LayoutError(TypeError):
@@ -46,7 +47,8 @@ def _is_padding(con: Construct[Any, Any]) -> bool:
 
 
 def _walk(con: Construct[Any, Any], path: str, fmt: list[str], fields: list[str], orders: set[str]) -> None:
-    if isinstance(con, Renamed):
+    if isinstance(con, Renamed | Default):
+        # A default matters only when construct builds without the value; the bytes are the subcon's.
         _walk(con.subcon, path, fmt, fields, orders)
     elif isinstance(con, FormatField):
         # construct's FormatField carries a struct format such as "<I" (little-endian) or "=Q" (native).

@@ -25,12 +25,11 @@ class StopSignal:
     def __init__(self) -> None:
         self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._old = signal.set_wakeup_fd(self.w)
-        self.requested = False
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        self.requested = True
+        pass  # the byte the signal wrote to the wakeup fd is what wakes the loop
 
     def close(self) -> None:
         signal.set_wakeup_fd(self._old)

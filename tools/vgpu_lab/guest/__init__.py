@@ -2,9 +2,10 @@
 
 Why C and static: the guest's userland is only busybox, so a test program must carry its own libc; and the
 ioctls it exercises are the driver's real user ABI, which is best driven the way real clients drive it. Each
-``<name>.c`` in this directory is one program; the headers here (``*.h``) are shared. A build is keyed by a hash
-of every source file and the compiler command, so an unchanged program is never rebuilt and a changed header
-rebuilds everything.
+``<name>.c`` in this directory is one program; the headers here (``*.h``) are shared, and so are the checkout's
+``spec/*.h`` (the proposed ``DMA_BUF_IOCTL_INFO`` UAPI, ``spec/dma-buf-info.h``: one copy, which the layout checks
+read too). A build is keyed by a hash of every source file and the compiler command, so an unchanged program is
+never rebuilt and a changed header rebuilds everything.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+from vgpu_lab import paths
 
 log = logging.getLogger("vgpu_lab")
 
@@ -33,11 +36,17 @@ def program_names() -> list[str]:
     return sorted(p.stem for p in SOURCE_DIR.glob("*.c"))
 
 
+def include_dirs() -> list[Path]:
+    """Where the programs' headers are: beside them, and the checkout's ``spec/``."""
+    return [SOURCE_DIR, paths.project_root() / "spec"]
+
+
 def source_digest(name: str, gcc: Path) -> str:
     """Hash of the program's source, all shared headers and the exact compiler command."""
     digest = hashlib.sha256()
     digest.update(" ".join((str(gcc), *CFLAGS)).encode() + b"\0")
-    for path in [SOURCE_DIR / f"{name}.c", *sorted(SOURCE_DIR.glob("*.h"))]:
+    headers = sorted((h for d in include_dirs() for h in d.glob("*.h")), key=lambda h: h.name)
+    for path in [SOURCE_DIR / f"{name}.c", *headers]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
@@ -60,7 +69,8 @@ def build_program(name: str, cache: Path, *, gcc: Path | None = None) -> Path:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        cmd = [str(compiler), *CFLAGS, "-I", str(SOURCE_DIR), "-o", str(tmp), str(source)]
+        includes = [word for d in include_dirs() for word in ("-I", str(d))]
+        cmd = [str(compiler), *CFLAGS, *includes, "-o", str(tmp), str(source)]
         log.info("guest: $ %s", " ".join(cmd))
         try:
             proc = subprocess.run(

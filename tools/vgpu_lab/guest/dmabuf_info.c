@@ -50,7 +50,7 @@
 #include <linux/dma-heap.h>
 #include <linux/udmabuf.h>
 
-#include "dma_buf_info.h"
+#include "dma-buf-info.h" /* spec/: the proposed UAPI, the one copy */
 #include "drm_uapi.h"
 
 /* drm/drm.h: PRIME export of a GEM handle (absent from this host's linux-libc-dev, like the rest of drm_uapi.h). */

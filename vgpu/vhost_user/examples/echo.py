@@ -103,9 +103,6 @@ class EchoDevice(Device):
             return b"err " + str(e).encode()
         return b"err unknown command"
 
-    def buffer_contents(self, offset: int, length: int) -> bytes:
-        return os.pread(self.buffers[offset], length, 0)
-
     def reset(self) -> None:
         for fd in self.buffers.values():
             os.close(fd)

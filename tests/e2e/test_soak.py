@@ -7,22 +7,20 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_lab_qemu_peer import _component
+from tests.e2e.conftest import component
 from vgpu_lab import provision, soak
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.usefixtures("lab")  # QEMU 10, the kernel, busybox, the guest programs
 
 GUESTS = 3
 
 
 @pytest.mark.parametrize("kind", soak.KINDS)
-def test_one_back_end_serves_guests_in_a_row_and_returns_to_idle(kind: str, tmp_path_factory: pytest.TempPathFactory
-                                                                   ) -> None:
-    p = _component("cache", provision.Provisioner)
-    _component("qemu11" if kind == "qemu11" else "qemu", p.qemu11 if kind == "qemu11" else p.qemu)
-    for name, make in (("kernel", p.guest_kernel), ("busybox", p.busybox), ("guest programs", p.guest_programs)):
-        _component(name, make)
-    run = soak.soak(p, kind, GUESTS, tmp_path_factory.mktemp(f"soak-{kind}"))
+def test_one_back_end_serves_guests_in_a_row_and_returns_to_idle(kind: str, provisioner: provision.Provisioner,
+                                                                   tmp_path_factory: pytest.TempPathFactory) -> None:
+    if kind == "qemu11":
+        component("qemu11 (QEMU >= 11.1 in a sid chroot)", provisioner.qemu11)
+    run = soak.soak(provisioner, kind, GUESTS, tmp_path_factory.mktemp(f"soak-{kind}"))
     for r in run.records:
         print(f"{kind} guest {r.index}: {r.seconds:.1f} s, fds {r.fds_after} (peak {r.fds_peak}), "
               f"RSS {r.rss_after_kib} KiB (peak {r.rss_peak_kib}), maps {r.maps}, ok {r.guest_ok and r.frame_ok}")

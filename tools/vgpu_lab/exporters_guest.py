@@ -1,14 +1,22 @@
-"""End to end: our dma-buf layer, allocators and resolver against the *real* exporters of a 6.12 Linux guest.
+"""Inside a guest: our dma-buf layer, allocators and resolver against the *real* exporters of a 6.12 kernel.
 
-Why a guest: this host's kernel has no udmabuf, no dma-heap and no DRM, so only a guest can give us real dma-buf
-fds with real exporter names and the kernel's real answer to DMA_BUF_IOCTL_INFO (ENOTTY: the proposal was never
-merged). QEMU 10 (TCG) boots the Debian 6.12 kernel with vgem and 9p loaded and no GPU device at all; the host's
-root filesystem is shared read-only over 9p, and the guest chroots into it (with its own /dev, /proc, /sys and a
-scratch tmpfs bound in: :func:`vgpu_lab.dmabuf_guest.chroot_mounts`) to run *this file* with the host's own venv
-Python in ``--guest`` mode. The guest prints one ``VGPU-GUEST dmabuf <json>`` line per finding on the serial
-console; the host side parses and asserts.
+Why a guest: the host's kernel has no udmabuf, no dma-heap and no DRM, so only a guest can give us real dma-buf fds
+with real exporter names and the kernel's real answer to DMA_BUF_IOCTL_INFO (ENOTTY on Debian's kernel: the
+proposal was never merged). QEMU 10 (TCG) boots the Debian 6.12 kernel with vgem and 9p loaded and no GPU device
+at all; the host's root filesystem is shared read-only over 9p, and the guest chroots into it (its own /dev, /proc,
+/sys and a scratch tmpfs bound in: :func:`vgpu_lab.dmabuf_guest.chroot_mounts`) to run this module with the host's
+own venv Python. It prints one ``VGPU-GUEST dmabuf <json>`` line per finding on the serial console:
 
-In CI (CI=true) a missing lab component fails the test; elsewhere it skips, naming the component.
+- ``buffer`` per allocator (udmabuf, dma-heap, vgem, memfd): exporter, fdinfo, sizes, the kernel's answer, the
+  resolved attribute with its provenance, an mmap round trip bracketed by DMA_BUF_IOCTL_SYNC, the same fd
+  resolved from outside (no allocator knowledge), fds left behind;
+- ``errors``: real kernel refusals on the allocation path; ``misc``: the vgem node and the auto allocator;
+- ``cli``: ``vgpu-dmabuf-info`` on its own buffer and on a vgem dma-buf held by another process;
+- ``start`` / ``exception`` / ``done``.
+
+:func:`run_exporters_guest` boots it on the host and returns the records; ``tests/e2e/test_dmabuf_guest.py``
+judges them. ``python -m vgpu_lab.exporters_guest`` is the guest side (it refuses to run elsewhere usefully: it
+needs the guest's exporters).
 """
 
 from __future__ import annotations
@@ -23,21 +31,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import pytest
+from vgpu_lab import dmabuf_guest
+from vgpu_lab.guest_kernel import GuestKernel
+from vgpu_lab.qemu import GuestRun
 
-from vgpu_lab.dmabuf_guest import GUEST_SCRATCH
-from vgpu_lab.shell import ProvisionError
-
-REPO = Path(__file__).resolve().parent.parent
 PREFIX = "VGPU-GUEST dmabuf "
 BOOT_TIMEOUT = 240.0
 SIZE = 64 << 10
 #: Written by the guest side into its scratch tmpfs (the chroot's /tmp is the host's, read-only).
-RULES = f"{GUEST_SCRATCH}/vgpu-cache.toml"
-
-T = TypeVar("T")
+RULES = f"{dmabuf_guest.GUEST_SCRATCH}/vgpu-cache.toml"
 
 
 # ================================================================================================================
@@ -137,6 +141,7 @@ def _guest_errors() -> None:
 
     before = _fds()
     result: dict[str, Any] = {}
+    # Two refusals alike in shape, each by a different party: the kernel's own cap, then our allocator's.
     # Debian's udmabuf caps one buffer at size_limit_mb = 64 MiB: 128 MiB is the kernel's EINVAL.
     with allocators.UdmabufAllocator(max_size=1 << 30) as allocator:
         try:
@@ -203,6 +208,7 @@ def _guest_cli() -> None:
 
 
 def guest_main() -> int:
+    """Every step, each reported even when another failed."""
     started = time.monotonic()
     rules = RULES
     Path(rules).write_text('[exporters]\ndrm = "uncached"\n')
@@ -223,140 +229,21 @@ def guest_main() -> int:
 
 
 # ================================================================================================================
-# host side: pytest
+# host side: boot the guest and collect what it found
+
+def records(lines: list[str]) -> list[dict[str, Any]]:
+    """The guest's findings, in order, from its serial lines."""
+    return [json.loads(line[len(PREFIX):]) for line in lines if line.startswith(PREFIX)]
 
 
-GUEST_SCRIPT = """#!/bin/sh
-set -e
-{mounts}
-echo "VGPU-GUEST dmabuf-chroot uptime=$(cut -d' ' -f1 /proc/uptime)"
-exec chroot {root} /usr/bin/env TMPDIR={scratch} {python} -B {script} --guest
-"""
-
-
-def _component(name: str, make: Callable[[], T]) -> T:
-    # Imported here: this file also runs inside the guest as a script, where `tests` is not importable.
-    from tests.conftest import unavailable
-
-    try:
-        return make()
-    except (ProvisionError, OSError) as exc:
-        message = f"lab component {name!r} unavailable: {exc}"
-        unavailable(message)
-
-
-def _records(lines: list[str]) -> list[dict[str, Any]]:
-    return [json.loads(line[len(PREFIX) :]) for line in lines if line.startswith(PREFIX)]
-
-
-@pytest.mark.e2e
-def test_real_exporters_in_a_guest(tmp_path: Path) -> None:
-    from vgpu_lab import dmabuf_guest, initramfs, provision
-    from vgpu_lab.qemu import QemuConfig, run_guest
-
-    provisioner = _component("cache", provision.Provisioner)
-    qemu = _component("qemu", provisioner.qemu)
-    kernel = _component("kernel", provisioner.guest_kernel)
-    busybox = _component("busybox", provisioner.busybox)
-
-    here = Path(__file__).resolve()
-    hidden = dmabuf_guest.shadowed([here, Path(sys.executable)])
-    assert not hidden, f"the guest's chroot cannot show {hidden} (its own /dev, /proc, /sys cover them)"
-    script = tmp_path / "dmabuf-guest"
-    script.write_text(GUEST_SCRIPT.format(
-        mounts="\n".join(dmabuf_guest.chroot_mounts()), root=dmabuf_guest.GUEST_HOST_ROOT,
-        scratch=dmabuf_guest.GUEST_SCRATCH, python=sys.executable, script=here,
-    ))
-    script.chmod(0o755)
-    modules = (*initramfs.EXTRA_MODULE_SETS["vgem"], *initramfs.EXTRA_MODULE_SETS["9p"])
-    initrd = initramfs.build_initramfs(
-        tmp_path / "initrd.gz",
-        busybox=busybox,
-        command="/bin/dmabuf-guest",
-        modules_dir=kernel.modules_dir,
-        modules=modules,
-        files={"/bin/dmabuf-guest": script},
-        wait_for="/dev/dri/card0",  # vgem's node: the only DRM device (no GPU device is attached)
-    )
-    config = QemuConfig(qemu=qemu.system, device=None, extra_args=dmabuf_guest.host_root_args())
-    guest = run_guest(
-        kernel=kernel.vmlinuz,
-        initrd=initrd,
-        socket_path=None,  # no vhost-user device: the guest needs no GPU for this
-        config=config,
-        timeout=BOOT_TIMEOUT,
-        serial_log=tmp_path / "serial.log",
-    )
-    context = guest.describe()
-    records = _records(guest.guest_lines())
-    print(f"guest run: {guest.elapsed:.2f} s wall")
-    for r in records:
-        print(json.dumps(r, sort_keys=True))
-    assert not guest.timed_out and guest.guest_status == 0, context
-    assert not [r for r in records if r["kind"] == "exception"], context
-    assert records and records[-1]["kind"] == "done", context
-    start = next(r for r in records if r["kind"] == "start")
-    assert start["kernel"].startswith("6.12."), context
-
-    buffers = {r["allocator"]: r for r in records if r["kind"] == "buffer"}
-    expect = {
-        # allocator: (exp_name, DRM driver, resolved attribute)
-        "udmabuf": ("udmabuf", None, "CACHED"),
-        "dma-heap": ("system", None, "CACHED"),
-        "vgem": ("drm", "vgem", "WC"),
-        "memfd": (None, None, "CACHED"),
-    }
-    for name, (exporter, driver, attr) in expect.items():
-        b = buffers[name]
-        assert b["available"], (name, b["reason"])
-        assert (b["exporter"], b["fdinfo_exporter"], b["drm_driver"]) == (exporter, exporter, driver), b
-        assert b["size"] == b["lseek_size"] == SIZE, b
-        if exporter is not None:
-            assert b["fdinfo_size"] == SIZE and f"exp_name:\t{exporter}" in b["raw_fdinfo"], b
-            assert b["sync"] == "ok", b
-        else:
-            assert b["sync"] == "Inappropriate ioctl for device", b
-        assert b["mmap_roundtrip"] is True, b
-        # A stock kernel: the real ENOTTY for the proposed ioctl, whatever the param.
-        assert (b["kernel"], b["kernel_kind"], b["kernel_param99"]) == ("ENOTTY", "ENOTTY", "ENOTTY"), b
-        assert (b["attr"], b["provenance"]) == (attr, "allocator"), b
-        assert f"{name}: " in b["detail"] and "kernel: DMA_BUF_IOCTL_INFO: ENOTTY" in b["detail"], b
-        assert b["fd_leak"] == 0, b
-
-        ext = b["external"]
-        assert "unresolved" in ext["plain"] and "ENOTTY" in ext["plain"]["unresolved"], ext
-        if exporter is None:  # a memfd from outside: nobody can vouch for it, and the heuristic does not guess
-            assert "unresolved" in ext["heuristic"] and "unresolved" in ext["rules"], ext
-            continue
-        # The legacy heuristic keys on the name: "drm" and "udmabuf" and "system" are all "not i915" → WC.
-        assert (ext["heuristic"]["attr"], ext["heuristic"]["provenance"]) == ("WC", "legacy heuristic"), ext
-        assert "ENOTTY" in ext["heuristic"]["detail"], ext
-        if exporter == "drm":
-            assert (ext["rules"]["attr"], ext["rules"]["provenance"]) == ("UNCACHED", "operator rule"), ext
-            assert f"rule exporters.drm = uncached in {RULES}" in ext["rules"]["detail"], ext
-        else:
-            assert ext["rules"]["provenance"] == "legacy heuristic", ext
-
-    errors = next(r for r in records if r["kind"] == "errors")
-    assert "UDMABUF_CREATE of 134217728 bytes: Invalid argument" in errors["udmabuf_128M"], errors
-    assert "over the cap" in errors["vgem_over_cap"], errors
-    assert errors["fd_leak"] == 0, errors
-
-    misc = next(r for r in records if r["kind"] == "misc")
-    assert misc["vgem_node"] == "/dev/dri/card0" and misc["drm_version"]["name"] == "vgem", misc
-    assert misc["auto"] == "udmabuf", misc
-
-    cli = next(r for r in records if r["kind"] == "cli")
-    assert cli["own_status"] == 0 and cli["own"]["exporter"] == "system", cli
-    assert cli["own"]["resolution"]["provenance"] == "allocator" and cli["own"]["resolution"]["map_info"] == 1, cli
-    peer = cli["peer"]
-    assert cli["peer_status"] == 0 and peer["exporter"] == "drm" and peer["kernel"]["answer"] == "ENOTTY", cli
-    assert peer["resolution"]["attr"] == "WC" and peer["resolution"]["provenance"] == "legacy heuristic", cli
-    assert peer["resolution"]["map_info"] == 3, cli
+def run_exporters_guest(*, kernel: GuestKernel, busybox: Path, qemu: Path,
+                        work: Path) -> tuple[GuestRun, list[dict[str, Any]]]:
+    """Boot Debian's kernel with vgem and 9p and run the guest side in a chroot of the host root."""
+    run = dmabuf_guest.run_python_in_chroot("vgpu_lab.exporters_guest", kernel=kernel.vmlinuz, busybox=busybox,
+                                            qemu=qemu, work=work, modules_dir=kernel.modules_dir,
+                                            timeout=BOOT_TIMEOUT)
+    return run, records(run.guest_lines())
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--guest"]:
-        sys.path.insert(0, str(REPO))
-        sys.exit(guest_main())
-    sys.exit(f"usage: {sys.argv[0]} --guest (inside the lab guest; pytest runs the host side)")
+    sys.exit(guest_main())

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.fault_qemu import qemu_kill_with_a_blob_mapped
-from tests.test_e2e_host_blob import provisioner as provisioner  # the fixture, shared
 from vgpu_lab import provision
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.usefixtures("lab", "qemu11")
 
 
 def test_sigkill_of_qemu_with_a_guest_blob_mapped(provisioner: provision.Provisioner, tmp_path: Path) -> None:

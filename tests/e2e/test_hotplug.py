@@ -14,19 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_lab_qemu_peer import _component
 from vgpu_lab import hotplug, provision
 from vgpu_lab.soak import frame_seen
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.usefixtures("lab", "qemu11")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[hotplug.HotplugRun, Path]:
-    p = _component("cache", provision.Provisioner)
-    for name, make in (("qemu11", p.qemu11), ("kernel", p.guest_kernel), ("busybox", p.busybox),
-                       ("guest programs", p.guest_programs)):
-        _component(name, make)
+def run(provisioner: provision.Provisioner, tmp_path_factory: pytest.TempPathFactory
+        ) -> tuple[hotplug.HotplugRun, Path]:
+    p = provisioner
     work = tmp_path_factory.mktemp("hotplug")
     pics = work / "pictures"
     r = hotplug.run_hotplug(p, work, backend_args=(f"--scanout-png={pics}", "--png-rate=10", "--png-history"))

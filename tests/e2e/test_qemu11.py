@@ -13,7 +13,6 @@ the test with a reason naming it.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -24,119 +23,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import fd_count, wait_until
-from tests.test_e2e_vgpu import MARK, rgb_of
-from tests.test_lab_qemu_peer import BOOT_TIMEOUT, _component
+from tests.e2e.conftest import BOOT_TIMEOUT, MARK, rgb_of
 from vgpu.gpu import png
-from vgpu.procfs import settled_fd_count
-from vgpu_lab import initramfs, patterns, provision, sid
-from vgpu_lab.guest_kernel import GuestKernel
+from vgpu.procfs import fd_count, settled_fd_count, wait_until
+from vgpu_lab import initramfs, patterns, provision
 from vgpu_lab.qemu import (
-    VHOST_USER_TEST_DEVICE_GPU,
     Backend,
     GuestRun,
-    QemuConfig,
-    qemu_command,
     run_guest,
     socket_dir,
 )
-from vgpu_lab.shell import ProvisionError
 from vgpu_lab.sid import SidQemu
 
 #: Steps of kms_pattern that must succeed whatever the display path (the cursor ones are reported, see below).
 REQUIRED_STEPS = ("open", "resources", "connector", "crtc", "dumb", "addfb", "modeset", "dirtyfb", "done")
 CURSOR_STEPS = ("cursor", "cursor-move")
-
-
-@dataclass(frozen=True)
-class Lab11:
-    qemu11: SidQemu
-    kernel: GuestKernel
-    busybox: Path
-    guest_programs: dict[str, Path]
-
-
-# -- the chroot wrapper, without QEMU ----------------------------------------------------------------------------
-
-
-def test_namespace_prefix_binds_parents_first_and_execs_chroot() -> None:
-    prefix = sid.namespace_prefix(Path("/c/sid"), [Path("/tmp/a b/c"), Path("/tmp/a b"), Path("/k")])
-    assert prefix[:4] == ("unshare", "--mount", "--propagation", "private")
-    script = prefix[prefix.index("-c") + 1]
-    lines = script.splitlines()
-    assert lines[0] == "set -e" and lines[-1] == 'exec chroot /c/sid "$@"'
-    assert "mount --rbind /dev /c/sid/dev" in lines and "mount -t proc proc /c/sid/proc" in lines
-    binds = [line for line in lines if line.startswith("mount --bind ")]
-    assert binds == ["mount --bind /k /c/sid/k", "mount --bind '/tmp/a b' '/c/sid/tmp/a b'",
-                     "mount --bind '/tmp/a b/c' '/c/sid/tmp/a b/c'"]
-    # Appended words become "$@": the wrapper composes with qemu_command.
-    cmd = qemu_command(kernel=Path("/k/vmlinuz"), initrd=Path("/i"), socket_path=Path("/tmp/s"),
-                       config=QemuConfig(command_prefix=prefix))
-    assert cmd[len(prefix)] == "/usr/bin/qemu-system-x86_64"
-
-
-def test_sid_qemu_config_uses_the_generic_device() -> None:
-    q = sid.SidQemu(root=Path("/c/sid"), version="11.1.3", package_version="1:11.1.3+ds-1")
-    config = q.config([Path("/tmp/x")])
-    assert config.device == VHOST_USER_TEST_DEVICE_GPU and "config_size=16" in VHOST_USER_TEST_DEVICE_GPU
-    assert config.qemu == Path("/usr/bin/qemu-system-x86_64") and config.command_prefix[0] == "unshare"
-
-
-def test_qemu_version_parsing() -> None:
-    text = "QEMU emulator version 11.1.3 (Debian 1:11.1.3+ds-1)\nCopyright (c) 2003-2025 Fabrice Bellard\n"
-    assert sid.parse_qemu_version(text) == (11, 1, 3)
-    assert sid.parse_qemu_version("QEMU emulator version 12.0") == (12, 0, 0)
-    with pytest.raises(ProvisionError):
-        sid.parse_qemu_version("qemu-system-x86_64: not found")
-
-
-def test_mounts_under_reads_mountinfo(tmp_path: Path) -> None:
-    info = tmp_path / "mountinfo"
-    info.write_text(
-        "22 1 0:21 / /proc rw - proc proc rw\n"
-        "90 1 0:5 / /c/sid/dev rw - devtmpfs udev rw\n"
-        "91 1 0:5 / /c/sid\\040x/dev rw - devtmpfs udev rw\n"
-        "92 1 0:5 / /c/sidney rw - tmpfs t rw\n"
-    )
-    assert sid.mounts_under(Path("/c/sid"), info) == ["/c/sid/dev"]
-    assert sid.mounts_under(Path("/c/sid x"), info) == ["/c/sid x/dev"]
-
-
-def test_incomplete_root_is_not_trusted(tmp_path: Path) -> None:
-    root = tmp_path / "sid"
-    (root / "usr" / "bin").mkdir(parents=True)
-    assert sid._read_record(root) is None  # no record at all
-    record = {"format": 1, "root": str(root), "version": "11.1.3", "package_version": "x",
-              "packages": list(sid.SID_PACKAGES)}
-    (tmp_path / "sid.json").write_text(json.dumps(record))
-    assert sid._read_record(root) is None  # record, but no QEMU in the tree
-    (root / "usr" / "bin" / "qemu-system-x86_64").write_text("")
-    (root / "usr" / "bin" / "apt-get").write_text("")
-    assert sid._read_record(root) is None  # the x86 emulator alone: the arm64 guest's is missing
-    (root / "usr" / "bin" / "qemu-system-aarch64").write_text("")
-    cached = sid._read_record(root)
-    assert cached is not None and cached.version == "11.1.3"
-    # A record written before qemu-system-arm joined the packages is redone (apt adds only what is missing).
-    (tmp_path / "sid.json").write_text(json.dumps({**record, "packages": ["qemu-system-x86", "qemu-system-gui"]}))
-    assert sid._read_record(root) is None
-
-
-# -- the boot --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def lab11() -> Lab11:
-    provisioner = _component("cache", provision.Provisioner)
-    started = time.monotonic()
-    result = Lab11(
-        qemu11=_component("qemu11 (QEMU >= 11.1 in a sid chroot)", provisioner.qemu11),
-        kernel=_component("kernel", provisioner.guest_kernel),
-        busybox=_component("busybox", provisioner.busybox),
-        guest_programs=_component("guest programs", provisioner.guest_programs),
-    )
-    q = result.qemu11
-    print(f"provisioning took {time.monotonic() - started:.2f} s (QEMU {q.version} in {q.root})")
-    return result
 
 
 @dataclass(frozen=True)
@@ -157,14 +58,14 @@ class Boot:
 
 
 @pytest.fixture(scope="module")
-def boot(lab11: Lab11, tmp_path_factory: pytest.TempPathFactory) -> Boot:
+def boot(lab: provision.Lab, qemu11: SidQemu, tmp_path_factory: pytest.TempPathFactory) -> Boot:
     work = tmp_path_factory.mktemp("qemu11")
     pics = work / "pictures"
     # fbcon first (text on tty0), then the KMS client; the guest sleeps so fbcon's frame is flushed.
     command = f"/bin/sh -c 'echo {MARK} > /dev/tty0; sleep 1; /bin/kms_pattern 500'"
     initrd = initramfs.build_initramfs(
-        work / "initrd.gz", busybox=lab11.busybox, command=command, modules_dir=lab11.kernel.modules_dir,
-        modules=initramfs.VIRTIO_GPU_MODULES, files={"/bin/kms_pattern": lab11.guest_programs["kms_pattern"]},
+        work / "initrd.gz", busybox=lab.busybox, command=command, modules_dir=lab.kernel.modules_dir,
+        modules=initramfs.VIRTIO_GPU_MODULES, files={"/bin/kms_pattern": lab.guest_programs["kms_pattern"]},
     )
     log_level = os.environ.get("VGPU_E2E_LOG_LEVEL", "info")
     backend = [sys.executable, "-m", "vgpu", "--socket-path={sock}", f"--scanout-png={pics}", "--png-rate=20",
@@ -172,25 +73,24 @@ def boot(lab11: Lab11, tmp_path_factory: pytest.TempPathFactory) -> Boot:
     with socket_dir() as d:
         sock = d / "vgpu.sock"
         # QEMU runs in the chroot: the socket, the kernel and the initrd must be at the same paths in there.
-        config = lab11.qemu11.config([d, lab11.kernel.root, work])
+        config = qemu11.config([d, lab.kernel.root, work])
         with Backend(backend, sock) as proc:
             assert proc.pid is not None
             pid = proc.pid
             # The socket appears before the server is fully set up: take the idle count once it holds still.
             idle = settled_fd_count(pid)
             started = time.monotonic()
-            guest = run_guest(kernel=lab11.kernel.vmlinuz, initrd=initrd, socket_path=sock, config=config,
+            guest = run_guest(kernel=lab.kernel.vmlinuz, initrd=initrd, socket_path=sock, config=config,
                               timeout=BOOT_TIMEOUT, serial_log=work / "serial.log")
             wall = time.monotonic() - started
             # QEMU has exited: the back end must be back to its idle fds (no memory table, rings, sockets).
             released = wait_until(lambda: fd_count(pid) == idle, 10)
             held = sorted(os.listdir(f"/proc/{pid}/fd"))
-    print(f"QEMU {lab11.qemu11.version}: boot + fbcon + KMS + poweroff against vgpu: {wall:.2f} s wall")
+    print(f"QEMU {qemu11.version}: boot + fbcon + KMS + poweroff against vgpu: {wall:.2f} s wall")
     return Boot(guest=guest, backend_output=proc.output, pictures=pics, wall=wall, idle_fds=idle,
                 released=released, held_fds=held)
 
 
-@pytest.mark.e2e
 def test_guest_blobs_fbcon_and_kms_frame_through_qemu11_generic_device(boot: Boot) -> None:
     guest, context = boot.guest, boot.context
     assert not guest.timed_out and guest.returncode == 0 and guest.guest_status == 0, context
@@ -223,7 +123,6 @@ def test_guest_blobs_fbcon_and_kms_frame_through_qemu11_generic_device(boot: Boo
     assert boot.released, f"back end still holds {boot.held_fds} (idle had {boot.idle_fds})\n{context}"
 
 
-@pytest.mark.e2e
 def test_cursor_from_a_guest_blob(boot: Boot) -> None:
     """The cursor bo is a dumb buffer too, so with +resource_blob it is a guest blob (64x64 B8G8R8A8, no 2D size).
 

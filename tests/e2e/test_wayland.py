@@ -22,15 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import pytest
 
 from tests.conftest import require
-from tests.test_e2e_qemu11 import REQUIRED_STEPS, Lab11, lab11  # noqa: F401 (lab11 is a fixture)
-from tests.test_e2e_vgpu import MARK, rgb_of
-from tests.test_lab_qemu_peer import BOOT_TIMEOUT
+from tests.e2e.conftest import BOOT_TIMEOUT, MARK, rgb_of
+from tests.e2e.test_qemu11 import REQUIRED_STEPS
 from vgpu.gpu import png
-from vgpu_lab import initramfs, patterns
+from vgpu_lab import initramfs, patterns, provision
 from vgpu_lab.qemu import Backend, GuestRun, run_guest, socket_dir
+from vgpu_lab.sid import SidQemu
 from vgpu_lab.wayland_capture import Capture, find
 from vgpu_lab.weston import BACKGROUND, WESTON, HeadlessWeston
 
@@ -97,26 +96,25 @@ def save(directory: Path, name: str, rgb: npt.NDArray[np.uint8] | None) -> None:
         (directory / name).write_bytes(png.encode(rgb))
 
 
-@pytest.mark.e2e
-def test_qemu11_guest_console_kms_frame_and_cursor_in_a_weston_window(lab11: Lab11,  # noqa: F811
+def test_qemu11_guest_console_kms_frame_and_cursor_in_a_weston_window(lab: provision.Lab, qemu11: SidQemu,
                                                                       tmp_path: Path) -> None:
     require(str(WESTON), "weston (Debian bookworm), the compositor the display is shown on")
     command = f"/bin/sh -c 'echo {MARK} > /dev/tty0; sleep 2; /bin/kms_pattern {HOLD_MS}; sleep 1'"
     initrd = initramfs.build_initramfs(
-        tmp_path / "initrd.gz", busybox=lab11.busybox, command=command, modules_dir=lab11.kernel.modules_dir,
-        modules=initramfs.VIRTIO_GPU_MODULES, files={"/bin/kms_pattern": lab11.guest_programs["kms_pattern"]},
+        tmp_path / "initrd.gz", busybox=lab.busybox, command=command, modules_dir=lab.kernel.modules_dir,
+        modules=initramfs.VIRTIO_GPU_MODULES, files={"/bin/kms_pattern": lab.guest_programs["kms_pattern"]},
     )
     with HeadlessWeston(width=1920, height=1080) as weston, socket_dir() as d:
         sock = d / "vgpu.sock"
         backend = [sys.executable, "-m", "vgpu", "--socket-path={sock}", "--display=wayland",
                    f"--wayland-display={weston.socket_path}", f"--resolution={WIDTH}x{HEIGHT}", "--log-level=info"]
-        config = lab11.qemu11.config([d, lab11.kernel.root, tmp_path])
+        config = qemu11.config([d, lab.kernel.root, tmp_path])
         done = threading.Event()
         result: list[GuestRun] = []
 
         def boot() -> None:
             try:
-                result.append(run_guest(kernel=lab11.kernel.vmlinuz, initrd=initrd, socket_path=sock,
+                result.append(run_guest(kernel=lab.kernel.vmlinuz, initrd=initrd, socket_path=sock,
                                         config=config, timeout=BOOT_TIMEOUT, serial_log=tmp_path / "serial.log"))
             finally:
                 done.set()

@@ -34,11 +34,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_lab_qemu_peer import BOOT_TIMEOUT, _component, lab  # noqa: F401  (the provisioning fixture)
+from tests.e2e.conftest import BOOT_TIMEOUT, component
 from vgpu_lab import initramfs, provision
 from vgpu_lab.qemu import GUEST_LINE_PREFIX, VHOST_USER_GPU_PCI, Backend, QemuConfig, run_guest, socket_dir
-
-pytestmark = pytest.mark.e2e
 
 #: The size QEMU starts the display at (not our back end's default, so the guest's first mode proves it came
 #: from the front end) and the size the "viewer" asks for.
@@ -67,8 +65,8 @@ echo "{GUEST_LINE_PREFIX} modes-all $(tr '\\n' ' ' < "$conn/modes")"
 
 
 @pytest.fixture(scope="module")
-def dbus() -> tuple[Path, Path]:
-    return _component("dbus", provision.Provisioner().dbus)
+def dbus(provisioner: provision.Provisioner) -> tuple[Path, Path]:
+    return component("dbus", provisioner.dbus)
 
 
 def _wait_for_line(serial: Path, pattern: str, deadline: float) -> re.Match[str] | None:
@@ -84,7 +82,7 @@ def _wait_for_line(serial: Path, pattern: str, deadline: float) -> re.Match[str]
 
 
 def test_guest_sees_a_resize_requested_through_qemus_dbus_display(
-        lab: provision.Lab, dbus: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
+        lab: provision.Lab, dbus: tuple[Path, Path], tmp_path: Path) -> None:
     dbus_daemon, dbus_send = dbus
     script = tmp_path / "resize-guest"
     script.write_text(GUEST_SCRIPT)

@@ -14,30 +14,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
-import pytest
 
-from tests.conftest import fd_count, wait_until
-from tests.test_lab_qemu_peer import BOOT_TIMEOUT, lab  # noqa: F401  (the provisioning fixture)
+from tests.e2e.conftest import BOOT_TIMEOUT, MARK, rgb_of
 from vgpu.gpu import png
+from vgpu.procfs import fd_count, wait_until
 from vgpu_lab import initramfs, patterns, provision
 from vgpu_lab.qemu import Backend, QemuConfig, run_guest, socket_dir
 
-pytestmark = pytest.mark.e2e
 
-MARK = "VGPU-FBCON-TEXT"
-
-
-def rgb_of(xrgb: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint8]:
-    """(h, w) 0xAARRGGBB words as (h, w, 3) R, G, B bytes (what our PNG holds)."""
-    out = np.empty((*xrgb.shape, 3), np.uint8)
-    out[..., 0] = (xrgb >> 16) & 0xFF
-    out[..., 1] = (xrgb >> 8) & 0xFF
-    out[..., 2] = xrgb & 0xFF
-    return out
-
-
-def test_linux_guest_on_our_backend(lab: provision.Lab, tmp_path: Path) -> None:  # noqa: F811
+def test_linux_guest_on_our_backend(lab: provision.Lab, tmp_path: Path) -> None:
     pics = tmp_path / "pictures"
     # fbcon first (text on tty0), then the KMS client; the guest sleeps so fbcon's frame is flushed.
     command = f"/bin/sh -c 'echo {MARK} > /dev/tty0; sleep 1; /bin/kms_pattern 500'"

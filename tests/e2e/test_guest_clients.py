@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_lab_qemu_peer import _component, lab  # noqa: F401  (the provisioning fixture)
+from tests.e2e.conftest import component, shown
 from vgpu.gpu import png
 from vgpu_lab import provision
 from vgpu_lab.guest_clients import (
@@ -33,19 +33,17 @@ from vgpu_lab.guest_clients import (
 )
 from vgpu_lab.qemu import Backend, socket_dir
 
-pytestmark = pytest.mark.e2e
-
 #: Programs whose every subtest runs in seconds under TCG: buffer objects, framebuffers, blobs.
 IGT_SHORT = ("core_getversion", "kms_getfb", "kms_prop_blob", "kms_addfb_basic")
 SIZES = {"smpte-1024x768": (768, 1024), "tiles-800x600": (600, 800), "plain-640x480": (480, 640)}
 
 
 @pytest.fixture(scope="module")
-def clients(lab: provision.Lab) -> Path:  # noqa: F811
+def clients(request: pytest.FixtureRequest, provisioner: provision.Provisioner, lab: provision.Lab) -> Path:
     """modetest on the host (the guest runs it from the shared root), IGT in the sid chroot; the chroot's root."""
-    p = _component("cache", provision.Provisioner)
-    _component("modetest", lambda: provision_clients(p))
-    root: Path = _component("IGT", lambda: provision_sid_clients(p))
+    with shown(request):
+        component("modetest", lambda: provision_clients(provisioner))
+        root: Path = component("IGT", lambda: provision_sid_clients(provisioner))
     return root
 
 
@@ -55,7 +53,7 @@ def _ours(pictures: Path | None = None) -> list[str]:
 
 
 def test_modetest_shows_the_same_pixels_on_our_backend_as_on_qemus(
-        lab: provision.Lab, clients: Path, tmp_path: Path) -> None:  # noqa: F811
+        lab: provision.Lab, clients: Path, tmp_path: Path) -> None:
     pics = tmp_path / "pictures"
     reports = {}
     for which, cmd in (("ours", _ours(pics)), ("qemu", [str(lab.qemu.vhost_user_gpu), "--socket-path={sock}"])):
@@ -80,7 +78,7 @@ def test_modetest_shows_the_same_pixels_on_our_backend_as_on_qemus(
 
 
 def test_igt_gives_the_same_verdicts_on_our_backend_as_on_qemus(
-        lab: provision.Lab, clients: Path, tmp_path: Path) -> None:  # noqa: F811
+        lab: provision.Lab, clients: Path, tmp_path: Path) -> None:
     verdicts = {}
     for which, cmd in (("ours", _ours()), ("qemu", [str(lab.qemu.vhost_user_gpu), "--socket-path={sock}"])):
         with socket_dir() as d, Backend(cmd, d / "gpu.sock") as proc:
@@ -96,7 +94,7 @@ def test_igt_gives_the_same_verdicts_on_our_backend_as_on_qemus(
 
 
 def test_weston_drm_pixman_in_the_guest_shows_what_it_composited(
-        lab: provision.Lab, clients: Path, tmp_path: Path) -> None:  # noqa: F811
+        lab: provision.Lab, clients: Path, tmp_path: Path) -> None:
     """weston (sid's, DRM back end, pixman renderer) with weston-flower on our device: weston's own screenshot of
     its output, QEMU's console and our scanout picture are the same pixels."""
     pics, outbox = tmp_path / "pictures", tmp_path / "outbox"

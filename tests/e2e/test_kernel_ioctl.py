@@ -16,22 +16,12 @@ component must be there; elsewhere a component that cannot be provisioned skips 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
-import pytest
-
-from tests.conftest import unavailable
-from vgpu_lab import dmabuf_guest, guest, kernel_build, provision
+from tests.e2e.conftest import Rig
+from vgpu_lab import dmabuf_guest, kernel_build
 from vgpu_lab.dmabuf_guest import BufferReport, PythonReport
 from vgpu_lab.qemu import GuestRun
-from vgpu_lab.shell import ProvisionError
-
-pytestmark = pytest.mark.e2e
-
-REPO = Path(__file__).resolve().parent.parent
-T = TypeVar("T")
 
 #: exporter → (exp_name, patched kernel's answer, PTE memory type); None = not checked (no mmap truth needed).
 PATCHED_EXPECTED: dict[str, tuple[str, str, str | None]] = {
@@ -53,37 +43,6 @@ ANSWER_PTE = {"CACHED": "WB", "WC": "WC"}
 def answer_pte(code: str) -> str | None:
     """The PTE type an answer (``WC+fixed``, ``CACHED``, an errno name) stands for, or None for a non-answer."""
     return ANSWER_PTE.get(code.split("+")[0])
-
-
-def _component(what: str, make: Callable[[], T]) -> T:
-    """Provision one component; fail in CI, skip (naming it) elsewhere."""
-    try:
-        return make()
-    except (ProvisionError, kernel_build.KernelBuildError, guest.GuestBuildError, OSError) as exc:
-        message = f"{what} unavailable: {exc}"
-        unavailable(message)
-
-
-class Rig:
-    """The lab parts every boot here needs, provisioned once per module."""
-
-    def __init__(self) -> None:
-        self.provisioner = _component("lab cache", provision.Provisioner)
-        self.qemu = _component("QEMU", self.provisioner.qemu)
-        self.busybox = _component("busybox", self.provisioner.busybox)
-        self.program = _component(
-            "guest program dmabuf_info",
-            lambda: guest.build_program("dmabuf_info", self.provisioner.cache, gcc=self.provisioner.toolchain()),
-        )
-        started = time.monotonic()
-        self.patched = _component("patched kernel", lambda: kernel_build.patched_kernel(self.provisioner.cache))
-        self.build_seconds = time.monotonic() - started
-        self.stock = _component("stock guest kernel", self.provisioner.guest_kernel)
-
-
-@pytest.fixture(scope="module")
-def rig() -> Rig:
-    return Rig()
 
 
 def _boot(rig: Rig, tmp_path: Path, *, patched: bool, with_python: bool) -> GuestRun:
@@ -111,26 +70,6 @@ def _reports(run: GuestRun, *, patched: bool) -> dict[str, BufferReport]:
     expected = set(dmabuf_guest.BUFFERS) | (set(dmabuf_guest.TEST_BUFFERS) if patched else set())
     assert set(reports) == expected, f"{dmabuf_guest.failures(lines)}\n{run.describe()}"
     return reports
-
-
-def test_guest_header_is_the_spec() -> None:
-    """The guest program compiles against a copy of spec/dma-buf-info.h; the copy must not drift."""
-    spec = (REPO / "spec" / "dma-buf-info.h").read_bytes()
-    assert (guest.SOURCE_DIR / "dma_buf_info.h").read_bytes() == spec
-
-
-def test_fragment_parsing_catches_dropped_options() -> None:
-    """The olddefconfig check: a fragment option that did not survive is named; ``=n`` may vanish entirely."""
-    fragment = kernel_build.parse_fragment("CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=n\nCONFIG_D=\"x\"\n")
-    assert fragment == {"CONFIG_A": "y", "CONFIG_B": "n", "CONFIG_C": "n", "CONFIG_D": '"x"'}
-    final = kernel_build.parse_dotconfig("CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_D=\"x\"\n")
-    assert kernel_build.dropped_options(fragment, final) == []
-    final = kernel_build.parse_dotconfig("# CONFIG_A is not set\nCONFIG_C=y\n")
-    assert kernel_build.dropped_options(fragment, final) == [
-        "CONFIG_A wanted y, got not set",
-        "CONFIG_C wanted n, got y",
-        'CONFIG_D wanted "x", got not set',
-    ]
 
 
 def test_patched_kernel_is_cached(rig: Rig) -> None:

@@ -20,21 +20,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_lab_qemu_peer import _component
+from tests.e2e.conftest import component, shown
 from vgpu_lab import provision
 from vgpu_lab.arm64.boot import MEMORY_TYPE, Arm64BlobRun, DeviceRun, map_info_devices, run_blob_devices
 from vgpu_lab.arm64.lab import Arm64Lab
-
-pytestmark = pytest.mark.e2e
 
 STEPS = ("params", "context", "ring", "init", "reqs", "blob", "mmap", "pte", "write", "host", "unaligned", "done")
 NAMES = {1: "CACHED", 2: "UNCACHED", 3: "WC"}
 
 
 @pytest.fixture(scope="module")
-def lab() -> Arm64Lab:
-    p = _component("cache", provision.Provisioner)
-    return _component("arm64 (qemu-system-aarch64 in the sid chroot, Debian's arm64 6.12, cross gcc)", p.arm64)
+def arm64(request: pytest.FixtureRequest, provisioner: provision.Provisioner) -> Arm64Lab:
+    with shown(request):
+        lab: Arm64Lab = component("arm64 (qemu-system-aarch64 in the sid chroot, Debian's arm64 6.12, cross gcc)",
+                                  provisioner.arm64)
+    return lab
 
 
 def check_device(run: Arm64BlobRun, d: DeviceRun, map_info: int, provenance: str) -> None:
@@ -62,9 +62,9 @@ def check_device(run: Arm64BlobRun, d: DeviceRun, map_info: int, provenance: str
     assert "unmapped blob" in d.backend_output and d.released, context
 
 
-def test_arm64_memory_types_follow_map_info(lab: Arm64Lab, tmp_path: Path) -> None:
+def test_arm64_memory_types_follow_map_info(arm64: Arm64Lab, tmp_path: Path) -> None:
     devices = map_info_devices(tmp_path)
-    run = run_blob_devices(lab, tmp_path, [d for d, _, _ in devices])
+    run = run_blob_devices(arm64, tmp_path, [d for d, _, _ in devices])
     print(f"arm64 boot with {len(devices)} GPUs: {run.wall:.2f} s wall (QEMU {run.guest.elapsed:.2f} s)")
     for d in run.devices:
         print(f"  {d.device.name}: map_info {d.guest_map_info} -> {d.pte}; unaligned memcpy: signal "

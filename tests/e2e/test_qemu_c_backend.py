@@ -12,46 +12,11 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
-import pytest
-
-from tests.conftest import unavailable
+from tests.e2e.conftest import BOOT_TIMEOUT
 from vgpu_lab import initramfs, provision
 from vgpu_lab.qemu import QemuConfig, run_with_backend
-from vgpu_lab.shell import ProvisionError
-
-pytestmark = pytest.mark.e2e
-
-BOOT_TIMEOUT = 180.0
-
-
-T = TypeVar("T")
-
-
-def _component(name: str, make: Callable[[], T]) -> T:
-    """Provision one component; fail in CI, skip (naming it) elsewhere."""
-    try:
-        return make()
-    except (ProvisionError, OSError) as exc:
-        message = f"lab component {name!r} unavailable: {exc}"
-        unavailable(message)
-
-
-@pytest.fixture(scope="module")
-def lab() -> provision.Lab:
-    provisioner = _component("cache", provision.Provisioner)
-    started = time.monotonic()
-    result = provision.Lab(
-        qemu=_component("qemu", provisioner.qemu),
-        kernel=_component("kernel", provisioner.guest_kernel),
-        busybox=_component("busybox", provisioner.busybox),
-        guest_programs=_component("guest programs", provisioner.guest_programs),
-    )
-    print(f"provisioning took {time.monotonic() - started:.2f} s")
-    return result
 
 
 def test_kms_pattern_against_qemu_vhost_user_gpu(lab: provision.Lab, tmp_path: Path) -> None:

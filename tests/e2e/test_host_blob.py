@@ -16,22 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_lab_qemu_peer import _component
 from vgpu_lab import provision
 from vgpu_lab.hostblob import PAT_TYPE, HostBlobRun, run_host_blob
-
-pytestmark = pytest.mark.e2e
 
 STEPS = ("params", "context", "ring", "init", "reqs", "blob", "mmap", "pat", "write", "host", "done")
 
 
-@pytest.fixture(scope="module")
-def provisioner() -> provision.Provisioner:
-    p = _component("cache", provision.Provisioner)
-    for name, make in (("qemu11 (QEMU >= 11.1 in a sid chroot)", p.qemu11), ("kernel", p.guest_kernel),
-                       ("busybox", p.busybox), ("guest programs", p.guest_programs)):
-        _component(name, make)
-    return p
+# The boots provision through the provisioner; these make a missing component a clear failure or skip first.
+pytestmark = pytest.mark.usefixtures("lab", "qemu11")
 
 
 def check(run: HostBlobRun, map_info: int, provenance: str) -> None:
