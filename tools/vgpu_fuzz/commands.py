@@ -4,9 +4,9 @@ One session lives for the whole run, set up as a front end would (SET_MEM_TABLE 
 back-end channel, both rings): the product's own `Session` and `GpuDevice`, driven through the product's request
 handlers. For each input the driver side (`DriverQueue`, as tests and benchmarks use it) lays each command into
 guest memory as a descriptor chain, and a kick has the session serve the queue exactly as an eventfd kick would.
-After the input the device is reset (what RESET_DEVICE does to it) and the guest pages the input could have
-reached are zeroed, so every input starts from the same device and the same memory, and a reproducer replays
-alone.
+After the input the device is reset (what RESET_DEVICE does to it; that closes the display socket an input may
+have handed over, served by `display.DisplayPeer`) and the guest pages the input could have reached are zeroed,
+so every input starts from the same device and the same memory, and a reproducer replays alone.
 
 The back-end channel is negotiated without REPLY_ACK, so SHMEM_MAP/UNMAP do not wait for an answer; the harness
 reads them off the other end after each input (and closes the buffer fds they carry), as a VMM would.
@@ -47,8 +47,9 @@ from vgpu.vhost_user.wire import (
     build_u64,
 )
 
-from .checks import Failure, Leak
-from .inputs import MAX_SPLIT, SEL_BLOB, SEL_EDID, SEL_UUID, SEL_VIRGL, Chain, parse_commands
+from .checks import Failure, Hang, Leak
+from .display import DisplayPeer
+from .inputs import MAX_SPLIT, SEL_BLOB, SEL_DISPLAY, SEL_EDID, SEL_UUID, SEL_VIRGL, Chain, parse_commands
 
 RAM_SIZE: Final = 16 << 20
 QUEUE_SIZE: Final = 256
@@ -65,6 +66,8 @@ MAX_INPUT_BYTES: Final = 256 << 10
 _VALID_TYPES: Final = frozenset(int(t) for t in CtrlType if 0x1100 <= t < 0x1300)
 _ECHO: Final = int(CtrlFlag.FLAG_FENCE) | int(CtrlFlag.FLAG_INFO_RING_IDX)
 _FALLOC_PUNCH: Final = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+#: How long the display thread may take to see the device close its socket at the end of an input.
+DISPLAY_JOIN: Final = 10.0
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
@@ -101,6 +104,7 @@ class CommandsTarget:
         self.session = Session(self.device, Channel(theirs))
         self._backend_peer, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._backend_peer.setblocking(False)
+        self._display: DisplayPeer | None = None
         self._setup(theirs)
 
     def _send(self, req: FrontendRequest, payload: bytes = b"", fds: list[int] | None = None) -> None:
@@ -138,6 +142,11 @@ class CommandsTarget:
     def run(self, data: bytes) -> int:
         inp = parse_commands(data)
         self._set_features(inp.features)
+        if inp.features & SEL_DISPLAY:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            self._display = DisplayPeer(ours)
+            self._display.start()
+            self._send(FrontendRequest.GPU_SET_SOCKET, fds=[theirs.detach()])
         chains = inp.chains[:MAX_CHAINS]
         while sum(len(c.command) for c in chains) > MAX_INPUT_BYTES:
             chains.pop()
@@ -181,7 +190,12 @@ class CommandsTarget:
 
     def _end_of_input(self) -> None:
         """Reset the device as RESET_DEVICE would, drain what it told the VMM, zero the pages it could reach."""
-        self.device.reset()
+        self.device.reset()  # closes the display socket too
+        if self._display is not None:
+            self._display.join(DISPLAY_JOIN)
+            alive, self._display = self._display.is_alive(), None
+            if alive:
+                raise Hang(f"the display thread still runs {DISPLAY_JOIN:.0f} s after the device closed it")
         self.session.state.memory.collect()
         for q in self.queues:
             q.drop_pool()

@@ -7,7 +7,7 @@ written with exactly the framing the reader takes apart.
 
 Commands (``commands`` entry point)::
 
-    features:u8  then records until the end:
+    features:u8 (which GPU features the driver acks; bit 4: a display socket)  then records until the end:
     op:u8  length:u16le  command bytes
       op bit 0     queue (0 controlq, 1 cursorq)
       op bit 1     kick after this chain (the device serves every chain made available so far)
@@ -44,6 +44,7 @@ SEL_EDID: Final = 1 << 0
 SEL_UUID: Final = 1 << 1
 SEL_BLOB: Final = 1 << 2
 SEL_VIRGL: Final = 1 << 3  # VIRGL and CONTEXT_INIT together, as a driver that uses a context type acks them
+SEL_DISPLAY: Final = 1 << 4  # the VMM hands over a display socket (GPU_SET_SOCKET) before the commands
 
 
 class FdKind(IntEnum):

@@ -76,6 +76,7 @@ from .commands import DRIVER_AREA
 from .inputs import (
     PAGE,
     SEL_BLOB,
+    SEL_DISPLAY,
     SEL_EDID,
     SEL_UUID,
     SEL_VIRGL,
@@ -298,7 +299,8 @@ def framing() -> list[Record]:
 
 def write_all(out: Path | None = None) -> None:
     base = out or HERE / "corpus"
-    commands = [two_d(), guest_blob(), host_blob(), *one_of_each()]
+    shown = [CommandsInput(c.features | SEL_DISPLAY, c.chains) for c in (two_d(), guest_blob())]
+    commands = [two_d(), guest_blob(), host_blob(), *shown, *one_of_each()]
     vhost = [negotiate(), whole_connection(), memory_changes(), display_socket(), framing(),
              *(every_request()[i:i + 5] for i in range(0, 50, 5))]
     for name, blobs in (("commands", [write_commands(c) for c in commands]),
