@@ -205,6 +205,17 @@ def kick_without_fd(fe: Frontend) -> None:
 
 
 @refusal
+def kick_fd_that_cannot_be_polled(fe: Frontend) -> None:
+    """Found by the fuzzer (tools/vgpu_fuzz/reproducers/vhost_user): epoll refuses a memfd, and the kick was
+    recorded before the refusal, so closing the connection raised KeyError and took the process down."""
+    fd = os.memfd_create("not-an-eventfd")
+    try:
+        fe.request(FrontendRequest.SET_VRING_KICK, build_u64(0), fds=[fd], need_reply=True)
+    finally:
+        os.close(fd)
+
+
+@refusal
 def log_fd(fe: Frontend) -> None:
     fd = os.memfd_create("log")
     try:

@@ -421,8 +421,10 @@ class Session(Transport):
         self._selector.register(channel.sock, selectors.EVENT_READ, "backend")
 
     def watch_kick(self, q: Virtqueue) -> None:
-        self._kicks[q.kick_fd] = q
+        # Registered before it is recorded: an fd epoll refuses (a regular file, e.g. a memfd) raises OSError here
+        # and leaves no record that unwatch_kick would try to unregister.
         self._selector.register(q.kick_fd, selectors.EVENT_READ, "kick")
+        self._kicks[q.kick_fd] = q
 
     def unwatch_kick(self, q: Virtqueue) -> None:
         if q.kick_fd >= 0 and self._kicks.pop(q.kick_fd, None) is not None:
