@@ -268,6 +268,27 @@ def test_refusals_get_a_failure_ack_and_leave_nothing_behind(echo_backend: Backe
     assert_no_leak(echo_backend, baseline)
 
 
+def test_a_kick_fd_that_is_no_eventfd_leaves_the_ring_polled(echo_backend: BackendProcess, baseline: int) -> None:
+    """Found by the fuzzer (tools/vgpu_fuzz/reproducers/vhost_user): a pipe as the kick fd, readable at its end,
+    made eventfd_read raise OSError out of the session loop and ended the whole process."""
+    fe = Frontend.connect(echo_backend.socket_path)
+    ram = GuestRam(1 << 20)
+    r, w = os.pipe()
+    os.close(w)  # readable at once: end of file
+    try:
+        fe.negotiate()
+        fe.share_memory(ram)
+        fe.setup_queue(0, 64)
+        fe.request(FrontendRequest.SET_VRING_KICK, build_u64(0), fds=[r], need_reply=True)
+        assert fe.submit(0, b"polled", 8) == b"polled"
+    finally:
+        os.close(r)
+        fe.close()
+        ram.close()
+    assert_no_leak(echo_backend, baseline)
+    still_serving(echo_backend)
+
+
 def test_bad_chains_are_answered_and_the_queue_keeps_going(echo_backend: BackendProcess) -> None:
     fe = Frontend.connect(echo_backend.socket_path)
     ram = GuestRam(1 << 20)

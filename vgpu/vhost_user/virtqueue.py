@@ -360,11 +360,15 @@ class Virtqueue:
                 raise
         return True
 
-    def drain_kick(self) -> None:
+    def drain_kick(self) -> bool:
+        """Consume the kick; False when the kick fd is no eventfd (a pipe or socket at its end, a short read)."""
         try:
             os.eventfd_read(self.kick_fd)
         except BlockingIOError:
             pass
+        except OSError:
+            return False
+        return True
 
     def chains(self, memory: GuestMemory) -> Iterator[DescriptorChain | VirtqueueError]:
         """Every available chain, malformed ones yielded as their error (already returned to the driver)."""
