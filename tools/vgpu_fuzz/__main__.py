@@ -36,6 +36,7 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("paths", nargs="+", type=Path)
     rp.add_argument("--timeout", type=float, default=30.0, help="a hang: stop with every thread's stack")
     rp.add_argument("--save", type=Path, help="write reproducers of failing inputs here")
+    rp.add_argument("--rounds", type=int, default=1, help="replay everything this many times (a memory check)")
     rp.add_argument("--json", action="store_true")
 
     w = sub.add_parser("worker", help=argparse.SUPPRESS)
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         target = args.target or infer_target(args.paths)
         if target is None:
             parser().error("give the target: the paths do not say which entry point they are for")
-        result = replay(target, args.paths, args.timeout, args.save)
+        result = replay(target, args.paths, args.timeout, args.save, args.rounds)
         print_result(result, args.json)
         return 1 if result["failures"] else 0
     if args.cmd == "seeds":

@@ -5,6 +5,11 @@ this parent starts it, waits, and reads what it left: its statistics file, libFu
 ``crash-``, ``oom-``) and our own reproducers (``crash-``, ``leak-``, ``hang-``). Line coverage is measured
 afterwards by replaying the corpus the run grew (every input that reached new code) under coverage.py, without
 atheris: what the fuzzer reached, counted in the product's own lines.
+
+Memory is judged twice. During the run RSS climbs by tens of MB while live Python objects stay flat: libFuzzer and
+atheris grow their own tables as coverage grows, so that figure is reported with a wide slack. The product's own
+growth is measured apart: the grown corpus, which holds every behaviour the run reached, replayed many times over
+in one process without atheris; its RSS after the first and the last round must agree within STEADY_SLACK.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ MAX_LEN: Final = {"commands": 4096, "vhost_user": 8192}
 #: MB), CPython's allocator keeps arenas it once needed, and numpy images of up to the 32 MiB quota come and go.
 RSS_SLACK: Final = 64 << 20
 OBJECTS_SLACK: Final = 0.05
+STEADY_ROUNDS: Final = 20
+STEADY_SLACK: Final = 4 << 20
 FINDINGS: Final = {"crash": "crashes", "hang": "hangs", "timeout": "hangs", "leak": "leaks", "oom": "memory_growth"}
 
 
@@ -57,6 +64,10 @@ def run(target: str, units: int, max_time: float, timeout: int, work: Path | Non
     result = summarise(target, worker, rc, artifacts, log.read_text(errors="replace"))
     result["corpus"] = {"seeds": sum(len(list(d.iterdir())) for d in seeds), "grown": len(list(corpus.iterdir()))}
     result["coverage"] = coverage(target, [corpus, *seeds], work) if measure_coverage else None
+    if measure_coverage:
+        steady = steady_state(target, [corpus, *seeds])
+        result["memory"]["steady_replay"] = steady
+        result["memory_growth"] += int(steady["grew"])
     result["run"] = {"work": str(work), "libfuzzer": libfuzzer[:-1 - len(seeds)], "seed": seed,
                      "command": f"python -m vgpu_fuzz run {target} --units {units}"}
     return result
@@ -115,6 +126,20 @@ def coverage(target: str, dirs: list[Path], work: Path) -> dict[str, Any]:
                 covered += f["summary"]["covered_lines"]
         result[pkg] = {"lines": lines, "covered": covered, "percent": round(100 * covered / lines, 1) if lines else 0}
     return result
+
+
+def steady_state(target: str, dirs: list[Path]) -> dict[str, Any]:
+    """RSS over STEADY_ROUNDS replays of `dirs` in one process (no atheris): the product's memory, alone."""
+    cmd = [sys.executable, "-m", "vgpu_fuzz", "replay", target, *map(str, dirs), "--rounds", str(STEADY_ROUNDS),
+           "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    out = json.loads(p.stdout[p.stdout.index("{"):])
+    rounds = out["rss_bytes"]["rounds"]
+    growth = rounds[-1] - rounds[0]
+    return {"rounds": STEADY_ROUNDS, "inputs": out["inputs"], "failures": len(out["failures"]),
+            "rss_first_round": rounds[0], "rss_last_round": rounds[-1], "growth_bytes": growth,
+            "fds": out["fds"], "grew": growth > STEADY_SLACK or bool(out["failures"]),
+            "rule": f"RSS after the last round within {STEADY_SLACK >> 20} MiB of the first"}
 
 
 def write_report(path: Path, result: dict[str, Any]) -> None:

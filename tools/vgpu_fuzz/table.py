@@ -18,17 +18,21 @@ def _mb(n: int | None) -> str:
 
 def render(report: dict[str, Any]) -> str:
     rows = ["| entry point | executed | inputs | time | crashes | hangs | fd / memory growth | fds warm → end "
-            "| RSS MB warm → end | line coverage gpu / protocol / vhost_user | date |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| RSS MB warm → end (fuzzing) | RSS growth, corpus replayed 20 times "
+            "| line coverage gpu / protocol / vhost_user | date |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in sorted(report.get("targets", {}).items()):
         mem = t["memory"]
         warm, end = mem.get("after_warmup") or {}, mem.get("end") or {}
         cov = t["coverage"]
+        steady = mem.get("steady_replay") or {}
+        replayed = f"{steady['growth_bytes'] / 2**20:+.1f} MB" if steady else "—"
         pct = " / ".join(f"{cov[p]['percent']}%" for p in ("vgpu/gpu", "vgpu/protocol", "vgpu/vhost_user"))
         rows.append(f"| {name} | {t['units_executed']:,} {UNITS[name]} | {t['inputs']:,} | {t['seconds']:,.0f} s "
                     f"| {t['crashes']} | {t['hangs']} | {t['leaks']} / {t['memory_growth']} "
                     f"| {t['fds']['after_warmup']} → {t['fds']['end']} "
-                    f"| {_mb(warm.get('rss_bytes'))} → {_mb(end.get('rss_bytes'))} | {pct} | {t['date'][:10]} |")
+                    f"| {_mb(warm.get('rss_bytes'))} → {_mb(end.get('rss_bytes'))} | {replayed} | {pct} "
+                    f"| {t['date'][:10]} |")
     return "\n".join(rows)
 
 
