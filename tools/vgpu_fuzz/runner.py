@@ -9,7 +9,9 @@ atheris: what the fuzzer reached, counted in the product's own lines.
 Memory is judged twice. During the run RSS climbs by tens of MB while live Python objects stay flat: libFuzzer and
 atheris grow their own tables as coverage grows, so that figure is reported with a wide slack. The product's own
 growth is measured apart: the grown corpus, which holds every behaviour the run reached, replayed many times over
-in one process without atheris; its RSS after the first and the last round must agree within STEADY_SLACK.
+in one process without atheris. Its RSS may step up in the first rounds (the allocator's high-water mark: numpy
+images up to the quota come and go) and must then hold: over the second half of the rounds, thousands of inputs,
+it may move by no more than STEADY_SLACK (a leak of a few hundred bytes per input would show).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ MAX_LEN: Final = {"commands": 4096, "vhost_user": 8192}
 RSS_SLACK: Final = 64 << 20
 OBJECTS_SLACK: Final = 0.05
 STEADY_ROUNDS: Final = 20
-STEADY_SLACK: Final = 4 << 20
+STEADY_SLACK: Final = 2 << 20
 FINDINGS: Final = {"crash": "crashes", "hang": "hangs", "timeout": "hangs", "leak": "leaks", "oom": "memory_growth"}
 
 
@@ -135,11 +137,12 @@ def steady_state(target: str, dirs: list[Path]) -> dict[str, Any]:
     p = subprocess.run(cmd, capture_output=True, text=True, check=False)
     out = json.loads(p.stdout[p.stdout.index("{"):])
     rounds = out["rss_bytes"]["rounds"]
-    growth = rounds[-1] - rounds[0]
+    half = rounds[len(rounds) // 2 - 1]
+    growth = rounds[-1] - half
     return {"rounds": STEADY_ROUNDS, "inputs": out["inputs"], "failures": len(out["failures"]),
-            "rss_first_round": rounds[0], "rss_last_round": rounds[-1], "growth_bytes": growth,
+            "rss_per_round": rounds, "growth_bytes": growth, "growth_from_first_round_bytes": rounds[-1] - rounds[0],
             "fds": out["fds"], "grew": growth > STEADY_SLACK or bool(out["failures"]),
-            "rule": f"RSS after the last round within {STEADY_SLACK >> 20} MiB of the first"}
+            "rule": f"RSS over the second half of the rounds grows by at most {STEADY_SLACK >> 20} MiB"}
 
 
 def write_report(path: Path, result: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ def _mb(n: int | None) -> str:
 
 def render(report: dict[str, Any]) -> str:
     rows = ["| entry point | executed | inputs | time | crashes | hangs | fd / memory growth | fds warm → end "
-            "| RSS MB warm → end (fuzzing) | RSS growth, corpus replayed 20 times "
+            "| RSS MB warm → end (fuzzing) | RSS growth, 2nd half of 20 corpus replays "
             "| line coverage gpu / protocol / vhost_user | date |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in sorted(report.get("targets", {}).items()):
