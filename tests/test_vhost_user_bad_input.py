@@ -170,6 +170,17 @@ def kick_without_fd(fe: Frontend) -> None:
 
 
 @refusal
+def kick_fd_that_cannot_be_polled(fe: Frontend) -> None:
+    """Found by the fuzzer (tools/vgpu_fuzz/reproducers/vhost_user): epoll refuses a memfd, and the kick was
+    recorded before the refusal, so closing the connection raised KeyError and took the process down."""
+    fd = os.memfd_create("not-an-eventfd")
+    try:
+        fe.request(FrontendRequest.SET_VRING_KICK, build_u64(0), fds=[fd], need_reply=True)
+    finally:
+        os.close(fd)
+
+
+@refusal
 def log_fd(fe: Frontend) -> None:
     fd = os.memfd_create("log")
     try:
@@ -220,6 +231,49 @@ def test_refusals_get_a_failure_ack_and_leave_nothing_behind(echo_backend: Backe
     finally:
         fe.close()
     assert_no_leak(echo_backend, baseline)
+
+
+def test_a_kick_fd_that_is_no_eventfd_leaves_the_ring_polled(echo_backend: BackendProcess, baseline: int) -> None:
+    """Found by the fuzzer (tools/vgpu_fuzz/reproducers/vhost_user): a pipe as the kick fd, readable at its end,
+    made eventfd_read raise OSError out of the session loop and ended the whole process."""
+    fe = Frontend.connect(echo_backend.socket_path)
+    ram = GuestRam(1 << 20)
+    r, w = os.pipe()
+    os.close(w)  # readable at once: end of file
+    try:
+        fe.negotiate()
+        fe.share_memory(ram)
+        fe.setup_queue(0, 64)
+        fe.request(FrontendRequest.SET_VRING_KICK, build_u64(0), fds=[r], need_reply=True)
+        assert fe.submit(0, b"polled", 8) == b"polled"
+    finally:
+        os.close(r)
+        fe.close()
+        ram.close()
+    assert_no_leak(echo_backend, baseline)
+    still_serving(echo_backend)
+
+
+def test_a_call_fd_nobody_reads_is_dropped_without_a_traceback(echo_backend: BackendProcess, baseline: int) -> None:
+    """A pipe whose reader is gone as the call fd: the interrupt fails with EPIPE. The chain is answered, the fd is
+    dropped with a warning, and nothing reaches the loop's catch-all for device bugs (a traceback in the log)."""
+    fe = Frontend.connect(echo_backend.socket_path)
+    ram = GuestRam(1 << 20)
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        fe.negotiate()
+        fe.share_memory(ram)
+        fe.setup_queue(0, 64)
+        fe.request(FrontendRequest.SET_VRING_CALL, build_u64(0), fds=[w], need_reply=True)
+        assert fe.submit(0, b"answered", 8) == b"answered"
+        assert fe.submit(0, b"again", 8) == b"again"
+    finally:
+        os.close(w)
+        fe.close()
+        ram.close()
+    assert_no_leak(echo_backend, baseline)
+    assert "call fd" in echo_backend.log() and "Traceback" not in echo_backend.log(), echo_backend.log()
 
 
 def test_bad_chains_are_answered_and_the_queue_keeps_going(echo_backend: BackendProcess) -> None:

@@ -323,7 +323,12 @@ class Session(Transport):
             q = self._kicks.get(key.fd)
             log.debug("kick on fd %d (queue %s)", key.fd, q.index if q is not None else None)
             if q is not None:
-                q.drain_kick()
+                if not q.drain_kick():
+                    # A kick fd that is readable but yields no eventfd counter stays readable for ever: stop
+                    # watching it and poll the ring instead, as for a ring set up without a kick fd.
+                    log.warning("queue %d: kick fd %d is not an eventfd; polling the ring instead", q.index, key.fd)
+                    self.unwatch_kick(q)
+                    q.replace_fd("kick_fd", -1)
                 self._process(q)
         elif key.data == "backend":
             self._drain_backend_channel()
@@ -421,8 +426,10 @@ class Session(Transport):
         self._selector.register(channel.sock, selectors.EVENT_READ, "backend")
 
     def watch_kick(self, q: Virtqueue) -> None:
-        self._kicks[q.kick_fd] = q
+        # Registered before it is recorded: an fd epoll refuses (a regular file, e.g. a memfd) raises OSError here
+        # and leaves no record that unwatch_kick would try to unregister.
         self._selector.register(q.kick_fd, selectors.EVENT_READ, "kick")
+        self._kicks[q.kick_fd] = q
 
     def unwatch_kick(self, q: Virtqueue) -> None:
         if q.kick_fd >= 0 and self._kicks.pop(q.kick_fd, None) is not None:

@@ -299,11 +299,15 @@ class DriverQueue:
         if p.indirect_len:
             self.ram.free(p.indirect_gpa, p.indirect_len)
 
-    def close(self) -> None:
+    def drop_pool(self) -> None:
+        """Give the pooled buffers back to guest RAM (a driver whose chains change size keeps no pool per size)."""
         for length, free in self._pool.items():
             for gpa in free:
                 self.ram.free(gpa, length)
         self._pool.clear()
+
+    def close(self) -> None:
+        self.drop_pool()
         del self._desc, self._avail, self._used, self._used_elems, self._avail_event
         for fd in (self.kick_fd, self.call_fd):
             os.close(fd)

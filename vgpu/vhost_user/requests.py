@@ -338,7 +338,12 @@ class Requests:
         q.replace_fd("kick_fd", fd)
         if fd >= 0:
             os.set_blocking(fd, False)
-            self.loop.watch_kick(q)
+            try:
+                self.loop.watch_kick(q)
+            except OSError as e:
+                # epoll refuses regular files (a memfd, say): a kick fd that can never wake us is no kick fd.
+                q.replace_fd("kick_fd", -1)
+                raise Refused(f"kick fd cannot be polled: {e}") from e
         if not q.mapped:
             q.map(self.state.memory)
         was_started = q.started

@@ -10,6 +10,7 @@ the views also pin the mapping, so a region cannot be unmapped under a ring in u
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import struct
 import threading
@@ -38,6 +39,8 @@ MAX_INDIRECT: Final = 32768
 # Bytes one chain may carry in total.  Real GPU commands are far smaller; the cap keeps a hostile chain from making
 # us gather gigabytes.
 MAX_CHAIN_BYTES: Final = 1 << 28
+
+log = logging.getLogger("vgpu.vhost_user")
 
 
 class VirtqueueError(Exception):
@@ -357,14 +360,21 @@ class Virtqueue:
             os.eventfd_write(self.call_fd, 1)
         except OSError as e:
             if e.errno != errno.EAGAIN:
-                raise
+                # Not an eventfd the driver reads (a pipe nobody reads any more, a file): the front end's fault,
+                # and every later interrupt would fail alike. Drop it, as if the ring had been set up without one.
+                log.warning("queue %d: call fd %d unusable (%s); no more interrupts", self.index, self.call_fd, e)
+                self.replace_fd("call_fd", -1)
         return True
 
-    def drain_kick(self) -> None:
+    def drain_kick(self) -> bool:
+        """Consume the kick; False when the kick fd is no eventfd (a pipe or socket at its end, a short read)."""
         try:
             os.eventfd_read(self.kick_fd)
         except BlockingIOError:
             pass
+        except OSError:
+            return False
+        return True
 
     def chains(self, memory: GuestMemory) -> Iterator[DescriptorChain | VirtqueueError]:
         """Every available chain, malformed ones yielded as their error (already returned to the driver)."""
