@@ -25,7 +25,7 @@ from vgpu.protocol import (
     TransferToHost2D,
     encode_command,
 )
-from vgpu.vhost_user.driver import GuestRam
+from vgpu.vhost_user.driver import GuestRam, Ram
 from vgpu.vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES, Display, Frontend
 
 ALL_FEATURES = GpuFeature.F_EDID.mask | GpuFeature.F_RESOURCE_UUID.mask | GpuFeature.F_RESOURCE_BLOB.mask
@@ -66,7 +66,7 @@ class Backing:
 @dataclass
 class Gpu:
     fe: Frontend
-    ram: GuestRam
+    ram: Ram
     display: Display | None = None
     _rng: random.Random = field(default_factory=lambda: random.Random(7))
 
