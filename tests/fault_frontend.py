@@ -130,7 +130,8 @@ def transfer(sock: str) -> None:
         q.publish(q.add([cmd], [24]))
     start = q.used_idx()
     q.kick(force=True)
-    say("kicked", f"ram_fd={g.ram.fd} used_gpa={q.used_gpa} used_start={start} count={TRANSFERS}")
+    [(_, ram_fd)] = g.ram.regions()
+    say("kicked", f"ram_fd={ram_fd} used_gpa={q.used_gpa} used_start={start} count={TRANSFERS}")
     linger()
 
 

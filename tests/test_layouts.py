@@ -158,6 +158,55 @@ def test_script_runs_standalone() -> None:
     assert "virtio_gpu_ctrl_hdr" in proc.stdout
 
 
+# --- Xen: the driver UAPI as the lab's dom0 kernel compiled it ---------------------------------------------------
+
+
+def test_xen_uapi_matches_the_dom0_kernel() -> None:
+    """Our privcmd, gntdev, gntalloc and grant-table layouts against the DWARF of the dom0 kernel's own objects
+    (built once with the kernel by vgpu_lab.kernel_build, profile xen-dom0)."""
+    from tests.conftest import IN_CI, unavailable
+    from vgpu_lab import kernel_build, xen
+    from vgpu_lab.shell import ProvisionError
+
+    try:
+        # In CI the kernel is built when missing (the Xen end-to-end test needs it too); elsewhere only a finished
+        # build is used: a unit test must not start minutes of compiling.
+        kernel = xen.dom0_kernel() if IN_CI else kernel_build.find_patched_kernel(profile=kernel_build.XEN_DOM0)
+    except (ProvisionError, kernel_build.KernelBuildError, OSError) as exc:
+        unavailable(f"the Xen dom0 kernel: {exc}")
+    if kernel is None:
+        unavailable("the Xen dom0 kernel (python -m vgpu_lab.kernel_build --profile xen-dom0 builds it)")
+    results = lc.check_objects(reg.XEN_REGISTRY, kernel.dwarf_dir)
+    assert {r.entry.c_name: r.problems for r in results if not r.ok} == {}, lc.format_table(results)
+    assert all(r.c_size is not None and r.c_size == r.our_size for r in results)
+
+
+def test_xen_ioctl_numbers_come_from_the_checked_sizes() -> None:
+    """``_IOC(_IOC_NONE, 'P'/'G', nr, sizeof)``, with the sizes the DWARF check above holds us to."""
+    from vgpu.vhost_user import xen_uapi as x
+
+    assert x.IOCTL_PRIVCMD_HYPERCALL == 0x305000
+    assert x.IOCTL_PRIVCMD_MMAPBATCH_V2 == 0x205004
+    assert x.IOCTL_GNTDEV_MAP_GRANT_REF == 0x184700
+    assert x.IOCTL_GNTDEV_UNMAP_GRANT_REF == 0x104701
+    assert x.IOCTL_GNTALLOC_ALLOC_GREF == 0x184705
+    assert x.IOCTL_GNTALLOC_DEALLOC_GREF == 0x104706
+
+
+def test_the_xen_checker_fails_on_a_wrong_layout(tmp_path: Path) -> None:
+    """The object-file path of the checker notices a moved field too (on an object compiled here)."""
+    src = tmp_path / "x.c"
+    src.write_text("struct grant_entry_v1 { unsigned short flags; unsigned short domid; unsigned int frame; };\n"
+                   "struct grant_entry_v1 g;\n")
+    subprocess.run(["gcc", "-g", "-c", "-o", str(tmp_path / "x.o"), str(src)], check=True)
+    wrong = Struct("flags" / Int16ul, "frame" / Int32ul, "domid" / Int16ul)
+    [res] = lc.check_objects([reg.LayoutEntry("x.o", "grant_entry_v1", wrong)], tmp_path)
+    assert any(pr.startswith("domid: C at 2+2") for pr in res.problems), res.problems
+    [res] = lc.check_objects([reg.LayoutEntry("x.o", "grant_entry_v1", "vgpu.vhost_user.xen_uapi:grant_entry_v1")],
+                             tmp_path)
+    assert res.ok, res.problems
+
+
 # --- constants against the header ----------------------------------------------------------------------------
 
 _ENUMS: list[type[IntEnum] | type[IntFlag]] = [

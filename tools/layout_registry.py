@@ -124,3 +124,31 @@ REGISTRY += [
 ]
 if SYSTEM_DRM_H is not None:
     REGISTRY.append(LayoutEntry(SYSTEM_DRM_H, "drm_prime_handle", f"{_BLOB}:drm_prime_handle"))
+
+# --------------------------------------------------------------------------------------------------------------
+# Xen: the vhost-user Xen region (our C rendering of the spec) and the Xen driver UAPI of vgpu/vhost_user/xen_uapi
+
+VHOST_USER_XEN_H = str(_REPO / "spec" / "vhost-user-xen-region.h")
+_REGION = ("guest_phys_addr", "memory_size", "userspace_addr")
+REGISTRY.append(LayoutEntry(
+    VHOST_USER_XEN_H, "vhost_user_memory_region_xen", f"{_WIRE}:XenMemoryRegion",
+    {**{f: f"region.{f}" for f in _REGION}, "mmap_offset": "region.flags_padding"},
+))
+
+_XEN = "vgpu.vhost_user.xen_uapi"
+#: Checked against the DWARF of the lab's Xen dom0 kernel: ``header`` names the object file (of
+#: ``vgpu_lab.kernel_build.XEN_DOM0.dwarf_objects``) whose compilation unit has the struct, as that kernel built it.
+#: Debian's linux-libc-dev cannot be compiled for these: its xen/privcmd.h includes xen/interface/xen.h, which
+#: it does not ship, and the grant-table hypercall structs are no UAPI at all.
+XEN_REGISTRY: list[LayoutEntry] = [
+    LayoutEntry("privcmd.o", "privcmd_hypercall", f"{_XEN}:privcmd_hypercall"),
+    LayoutEntry("privcmd.o", "privcmd_mmapbatch_v2", f"{_XEN}:privcmd_mmapbatch_v2"),
+    LayoutEntry("gntdev.o", "ioctl_gntdev_grant_ref", f"{_XEN}:ioctl_gntdev_grant_ref"),
+    LayoutEntry("gntdev.o", "ioctl_gntdev_map_grant_ref", f"{_XEN}:ioctl_gntdev_map_grant_ref"),
+    LayoutEntry("gntdev.o", "ioctl_gntdev_unmap_grant_ref", f"{_XEN}:ioctl_gntdev_unmap_grant_ref"),
+    LayoutEntry("gntalloc.o", "ioctl_gntalloc_alloc_gref", f"{_XEN}:ioctl_gntalloc_alloc_gref"),
+    LayoutEntry("gntalloc.o", "ioctl_gntalloc_dealloc_gref", f"{_XEN}:ioctl_gntalloc_dealloc_gref"),
+    LayoutEntry("grant-table.o", "gnttab_setup_table", f"{_XEN}:gnttab_setup_table"),
+    LayoutEntry("grant-table.o", "gnttab_query_size", f"{_XEN}:gnttab_query_size"),
+    LayoutEntry("grant-table.o", "grant_entry_v1", f"{_XEN}:grant_entry_v1"),
+]

@@ -350,6 +350,21 @@ def check_entries(entries: Sequence[LayoutEntry], cc: str | None = None) -> list
             dwarf.close()
 
 
+def check_objects(entries: Sequence[LayoutEntry], directory: Path) -> list[Result]:
+    """Entries against already-built objects in ``directory`` (``entry.header`` names the object): the structs as
+    a kernel compiled them, with its own configuration and flags, instead of headers compiled here."""
+    results: dict[int, Result] = {}
+    for name in dict.fromkeys(e.header for e in entries):
+        dwarf = DwarfLayouts(directory / name)
+        try:
+            for i, e in enumerate(entries):
+                if e.header == name:
+                    results[i] = _check_one(e, dwarf)
+        finally:
+            dwarf.close()
+    return [results[i] for i in range(len(entries))]
+
+
 def _check_one(entry: LayoutEntry, dwarf: DwarfLayouts) -> Result:
     c_layout: Layout | None = None
     our_layout: Layout | None = None

@@ -36,6 +36,7 @@ from .vhost_user.shmem_bit import SHMEM_BITS
 
 if TYPE_CHECKING:
     from .display.wayland import WaylandDisplay as WaylandSink
+from .vhost_user.xen_memory import DEFAULT_MAX_GRANT_PAGES, MemoryPolicy, xen_present
 
 log = logging.getLogger("vgpu")
 
@@ -101,6 +102,12 @@ def parser() -> argparse.ArgumentParser:
                             "non-cacheable in the guest whatever the placement, instead of refusing them")
     blobs.add_argument("--map-timeout", type=float, default=GpuConfig.map_timeout, metavar="SECONDS",
                        help="how long to wait for the VMM to ack a blob mapping")
+    xen = p.add_argument_group("Xen (VHOST_USER_PROTOCOL_F_XEN_MMAP: guest memory as foreign frames or grants)")
+    xen.add_argument("--xen-mmap", choices=["auto", "on", "off"], default="auto",
+                     help="offer XEN_MMAP: auto = when /dev/xen/privcmd or /dev/xen/gntdev exists (default)")
+    xen.add_argument("--max-grant-pages", type=int, default=DEFAULT_MAX_GRANT_PAGES, metavar="N",
+                     help="grant pages a guest may have mapped at once through on-demand regions "
+                          f"(default {DEFAULT_MAX_GRANT_PAGES})")
     lim = p.add_argument_group("limits a guest cannot exceed")
     lim.add_argument("--max-resources", type=int, default=Limits.max_resources)
     lim.add_argument("--max-host-memory", type=_bytes, default=Limits.max_host_bytes, metavar="BYTES",
@@ -305,6 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         stack.close()
 
 
+def _memory_policy(args: argparse.Namespace) -> MemoryPolicy:
+    offer = args.xen_mmap == "on" or (args.xen_mmap == "auto" and xen_present())
+    return MemoryPolicy(xen_mmap=offer, max_grant_pages=args.max_grant_pages)
+
+
 def _run(args: argparse.Namespace, factory: Callable[[], Device], stop: StopSignal, services: list[LoopService],
          serving: Serving) -> int:
     if args.fd is not None:
@@ -316,7 +328,7 @@ def _run(args: argparse.Namespace, factory: Callable[[], Device], stop: StopSign
         if not stat.S_ISSOCK(mode):
             log.error("--fd %d is not a socket", args.fd)
             return 1
-        serve_connection(factory(), socket.socket(fileno=args.fd), stop.r, services, serving)
+        serve_connection(factory(), socket.socket(fileno=args.fd), stop.r, services, serving, _memory_policy(args))
         return 0
     path = args.socket_path
     if os.path.exists(path):
@@ -329,7 +341,7 @@ def _run(args: argparse.Namespace, factory: Callable[[], Device], stop: StopSign
         listener.listen(1)
         log.info("listening on %s", path)
         try:
-            serve(factory, listener, stop.r, services=services, serving=serving)
+            serve(factory, listener, stop.r, services=services, serving=serving, memory_policy=_memory_policy(args))
         finally:
             os.unlink(path)
     log.info("stopped")

@@ -46,7 +46,7 @@ from .protocol import (
     responses,
 )
 from .protocol.cross_domain import CrossDomainGetImageRequirements, CrossDomainImageRequirements, CrossDomainInitV1
-from .vhost_user.driver import GuestRam
+from .vhost_user.driver import GuestRam, Ram
 from .vhost_user.frontend import DEFAULT_TIMEOUT, FRONTEND_PROTOCOL_FEATURES, Display, Frontend
 from .vhost_user.profiles import Profile, bring_up
 from .vhost_user.wire import ProtocolFeature
@@ -137,7 +137,7 @@ class Session:
     runner, whose observed bytes should not depend on a shuffle). `profile` is the VMM whose set-up sequence was
     played (None: our front end's plain one)."""
 
-    def __init__(self, fe: Frontend, ram: GuestRam, display: Display | None, scatter: bool = True,
+    def __init__(self, fe: Frontend, ram: Ram, display: Display | None, scatter: bool = True,
                  profile: Profile | None = None) -> None:
         self.fe, self.ram, self.display, self.scatter, self.profile = fe, ram, display, scatter, profile
         self._rng = random.Random(7)

@@ -262,6 +262,7 @@ def init_script(
     wait_for: str | None = "/dev/dri/card0",
     wait_timeout: float = 20.0,
     dump_dmesg: bool = True,
+    shutdown: str = "poweroff -f",
 ) -> str:
     """The busybox ``sh`` script run as PID 1.
 
@@ -269,7 +270,8 @@ def init_script(
     the order given, waits for the device node, runs ``command``, then dumps the kernel log between markers —
     the console runs at ``loglevel=4`` to keep boots fast, so driver info lines only reach the serial log this
     way — and prints ``VGPU-LAB-END rc=<status>`` before powering off. PID 1 must never exit (that panics the
-    guest), hence ``poweroff -f`` as the last word whatever happened.
+    guest), hence ``shutdown`` (``poweroff -f``) as the last word whatever happened. A Xen dom0 ends the run with
+    ``reboot -f`` instead: Xen then reboots and QEMU's ``-no-reboot`` exits, where a powered-off Xen waits forever.
     """
     lines = [
         "#!/bin/sh",
@@ -311,7 +313,7 @@ def init_script(
     lines += [
         f"echo \"{END_MARKER} rc=$rc uptime=$(cut -d' ' -f1 /proc/uptime)\"",
         "sync",
-        "poweroff -f",
+        shutdown,
         "",
     ]
     return "\n".join(lines)
@@ -348,6 +350,7 @@ def build_initramfs(
     wait_timeout: float = 20.0,
     dump_dmesg: bool = True,
     applets: Sequence[str] | None = None,
+    shutdown: str = "poweroff -f",
 ) -> Path:
     """Write a gzip-compressed newc initramfs to ``output`` and return it.
 
@@ -384,7 +387,8 @@ def build_initramfs(
         else:
             archive.add_file(guest_path, source)
 
-    script = init_script(module_files, command, wait_for=wait_for, wait_timeout=wait_timeout, dump_dmesg=dump_dmesg)
+    script = init_script(module_files, command, wait_for=wait_for, wait_timeout=wait_timeout, dump_dmesg=dump_dmesg,
+                         shutdown=shutdown)
     archive.add_file("init", script.encode(), 0o755)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")

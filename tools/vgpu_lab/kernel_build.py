@@ -44,9 +44,38 @@ from vgpu_lab.shell import Meter, ProvisionError, line_meter, log_to_stderr, rep
 
 log = logging.getLogger("vgpu_lab")
 
-#: Our kernel patch and config fragment: the lab's own files, beside this module.
+#: Our kernel patch and config fragments: the lab's own files, beside this module.
 KERNEL_TOOLS = Path(__file__).resolve().parent / "kernel"
 FRAGMENT = KERNEL_TOOLS / "vgpu-guest.config"
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelProfile:
+    """One kind of kernel the lab builds from the same source and patches: its config fragment, where its
+    images are cached (each profile has a directory of its own, its images keyed as the guest kernel's are),
+    and the objects rebuilt with debug info and kept beside the image.
+
+    ``dwarf_objects`` are paths in the build tree (``drivers/xen/privcmd.o``): after ``bzImage`` they are compiled
+    once more with ``-g`` and the kernel's own flags and configuration, so a layout check reads the structs as this
+    very kernel compiled them, without the minutes and gigabytes of a whole-kernel ``DEBUG_INFO`` build."""
+
+    name: str
+    fragment: Path
+    cache_dir: str
+    dwarf_objects: tuple[str, ...] = ()
+
+
+#: The patched guest kernel (the image QEMU boots as the guest of the vhost-user device).
+GUEST = KernelProfile("guest", FRAGMENT, "patched-kernel")
+#: A Xen PV dom0 kernel (see ``kernel/vgpu-xen-dom0.config``): the Xen drivers the back end uses, built in, with the
+#: objects that define their UAPI structs kept with debug info for ``tools/layoutcheck.py``.
+XEN_DOM0 = KernelProfile(
+    "xen-dom0", KERNEL_TOOLS / "vgpu-xen-dom0.config", "xen-dom0-kernel",
+    dwarf_objects=(
+        "drivers/xen/privcmd.o", "drivers/xen/gntdev.o", "drivers/xen/gntdev-dmabuf.o", "drivers/xen/gntalloc.o",
+        "drivers/xen/grant-table.o",
+    ),
+)
 
 SOURCE_PACKAGE = "linux-source-6.12"
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.12.tar.xz")
@@ -81,6 +110,11 @@ class PatchedKernel:
     source_version: str
     build_seconds: float
     cached: bool
+
+    @property
+    def dwarf_dir(self) -> Path:
+        """The profile's ``dwarf_objects``, kept flat by file name (``privcmd.o``)."""
+        return self.bzimage.parent / "dwarf"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -149,13 +183,16 @@ def _tool_version(cmd: Sequence[str]) -> str:
     return proc.stdout.splitlines()[0].strip() if proc.stdout else ""
 
 
-def cache_key(source_version: str, patches: Sequence[Path], fragment: Path, compiler: str) -> str:
+def cache_key(source_version: str, patches: Sequence[Path], fragment: Path, compiler: str,
+              dwarf_objects: Sequence[str] = ()) -> str:
     """Hash of everything that decides the image's bytes (modulo the kernel's own timestamps)."""
     digest = hashlib.sha256()
     for part in (RECIPE_VERSION, ARCH, source_version, compiler):
         digest.update(part.encode() + b"\0")
     for path in (*patches, fragment):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for obj in dwarf_objects:  # none for the guest profile, whose key (and cached image) stays what it was
+        digest.update(b"dwarf\0" + obj.encode() + b"\0")
     return digest.hexdigest()[:20]
 
 
@@ -283,7 +320,8 @@ def _finished(final: Path) -> PatchedKernel | None:
         return None
 
 
-def _build(work: Path, *, patches: Sequence[Path], jobs: int, expected_steps: int) -> tuple[Path, Path, int]:
+def _build(work: Path, *, patches: Sequence[Path], jobs: int, expected_steps: int,
+           profile: KernelProfile = GUEST) -> tuple[Path, Path, int]:
     """Unpack, patch, configure, verify the config, build; returns (bzImage, .config, kbuild steps) in ``work``."""
     log_file = work / "build.log"
     _unpack(SOURCE_TARBALL, work, timeout=TAR_TIMEOUT)
@@ -297,16 +335,17 @@ def _build(work: Path, *, patches: Sequence[Path], jobs: int, expected_steps: in
     make = ["make", f"O={obj}", f"ARCH={ARCH}"]
     _run_logged([*make, "tinyconfig"], cwd=src, log_file=log_file, timeout=CONFIG_TIMEOUT,
                 what="patched kernel: make tinyconfig", meter=line_meter())
-    _run_logged(["scripts/kconfig/merge_config.sh", "-m", "-O", str(obj), str(obj / ".config"), str(FRAGMENT)],
+    fragment = profile.fragment
+    _run_logged(["scripts/kconfig/merge_config.sh", "-m", "-O", str(obj), str(obj / ".config"), str(fragment)],
                 cwd=src, log_file=log_file, timeout=CONFIG_TIMEOUT, what="patched kernel: merge the config fragment",
                 meter=line_meter())
     _run_logged([*make, "olddefconfig"], cwd=src, log_file=log_file, timeout=CONFIG_TIMEOUT,
                 what="patched kernel: make olddefconfig", meter=line_meter())
     dotconfig = obj / ".config"
-    problems = dropped_options(parse_fragment(FRAGMENT.read_text()), parse_dotconfig(dotconfig.read_text()))
+    problems = dropped_options(parse_fragment(fragment.read_text()), parse_dotconfig(dotconfig.read_text()))
     if problems:
         raise KernelBuildError(
-            f"config: olddefconfig dropped options of {FRAGMENT.name} (missing dependencies?): " + "; ".join(problems)
+            f"config: olddefconfig dropped options of {fragment.name} (missing dependencies?): " + "; ".join(problems)
         )
     steps = 0
 
@@ -322,30 +361,38 @@ def _build(work: Path, *, patches: Sequence[Path], jobs: int, expected_steps: in
     bzimage = obj / "arch" / "x86" / "boot" / "bzImage"
     if not bzimage.is_file():
         raise KernelBuildError(f"make bzImage: finished without {bzimage} (log {log_file})")
+    if profile.dwarf_objects:
+        # The image is built: these objects are compiled again, now with debug info (and every type kept), for
+        # the layout check only; the image is not relinked.
+        _run_logged([*make, f"-j{jobs}", "KCFLAGS=-g -fno-eliminate-unused-debug-types", *profile.dwarf_objects],
+                    cwd=src, log_file=log_file, timeout=BUILD_TIMEOUT, what="patched kernel: debug-info objects",
+                    meter=line_meter())
     return bzimage, dotconfig, steps
 
 
-def find_patched_kernel(cache: Path | None = None) -> PatchedKernel | None:
-    """The cached patched kernel for the current inputs (this checkout's patches), or None; never builds.
+def find_patched_kernel(cache: Path | None = None, *, profile: KernelProfile = GUEST) -> PatchedKernel | None:
+    """The cached kernel of ``profile`` for the current inputs (this checkout's patches), or None; never builds.
 
     Keyed like :func:`patched_kernel`, so a cache shared by checkouts with other patches never hands out theirs."""
     provisioner = provision.Provisioner(cache)
     version = provisioner.installed_versions((SOURCE_PACKAGE,)).get(SOURCE_PACKAGE)
     if version is None:
         return None
-    key = cache_key(version, patch_files(), FRAGMENT, _tool_version(["gcc", "--version"]))
-    return _finished(provisioner.cache / "patched-kernel" / key)
+    key = cache_key(version, patch_files(), profile.fragment, _tool_version(["gcc", "--version"]),
+                    profile.dwarf_objects)
+    return _finished(provisioner.cache / profile.cache_dir / key)
 
 
-def patched_kernel(cache: Path | None = None, *, jobs: int | None = None) -> PatchedKernel:
-    """The cached patched kernel, built first when the cache holds none for the current inputs."""
+def patched_kernel(cache: Path | None = None, *, jobs: int | None = None,
+                   profile: KernelProfile = GUEST) -> PatchedKernel:
+    """The cached patched kernel of ``profile``, built first when the cache holds none for the current inputs."""
     provisioner = provision.Provisioner(cache)
-    root = provisioner.cache / "patched-kernel"
+    root = provisioner.cache / profile.cache_dir
     with _locked(root):
         source_version = ensure_build_packages(provisioner)
         patches = patch_files()
         compiler = _tool_version(["gcc", "--version"])
-        key = cache_key(source_version, patches, FRAGMENT, compiler)
+        key = cache_key(source_version, patches, profile.fragment, compiler, profile.dwarf_objects)
         final = root / key
         done = _finished(final)
         if done is not None:
@@ -359,7 +406,7 @@ def patched_kernel(cache: Path | None = None, *, jobs: int | None = None) -> Pat
         work.mkdir()
         started = time.monotonic()
         bzimage, dotconfig, steps = _build(work, patches=patches, jobs=jobs or os.cpu_count() or 1,
-                                           expected_steps=_make_steps_before(root))
+                                           expected_steps=_make_steps_before(root), profile=profile)
         seconds = time.monotonic() - started
         staging = root / f".staging-{key}"
         if staging.exists():
@@ -368,12 +415,18 @@ def patched_kernel(cache: Path | None = None, *, jobs: int | None = None) -> Pat
         shutil.copy2(bzimage, staging / "bzImage")
         shutil.copy2(dotconfig, staging / "config")
         shutil.copy2(work / "build.log", staging / "build.log")
+        if profile.dwarf_objects:
+            (staging / "dwarf").mkdir()
+            for name in profile.dwarf_objects:
+                shutil.copy2(work / "obj" / name, staging / "dwarf" / Path(name).name)
         record = {
             "key": key,
+            "profile": profile.name,
             "source_package": SOURCE_PACKAGE,
             "source_version": source_version,
             "patches": [p.name for p in patches],
-            "fragment": FRAGMENT.name,
+            "fragment": profile.fragment.name,
+            "dwarf_objects": list(profile.dwarf_objects),
             "compiler": compiler,
             "build_seconds": round(seconds, 1),
             "make_steps": steps,
@@ -393,9 +446,13 @@ def patched_kernel(cache: Path | None = None, *, jobs: int | None = None) -> Pat
         )
 
 
-def build_patched_kernel(cache: Path | None = None, *, jobs: int | None = None) -> Path:
+def build_patched_kernel(cache: Path | None = None, *, jobs: int | None = None,
+                         profile: KernelProfile = GUEST) -> Path:
     """Path of the patched kernel's bzImage, built (about 6 minutes on 2 cores) only when not cached."""
-    return patched_kernel(cache, jobs=jobs).bzimage
+    return patched_kernel(cache, jobs=jobs, profile=profile).bzimage
+
+
+PROFILES = {p.name: p for p in (GUEST, XEN_DOM0)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -403,13 +460,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vgpu_lab.kernel_build", description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, help="cache directory (default $VGPU_LAB_CACHE or $VGPU_ROOT/.cache/lab)")
     parser.add_argument("--jobs", type=int, help="parallel make jobs (default: number of CPUs)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=GUEST.name,
+                        help="which kernel: the patched guest (default) or the Xen dom0")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
     args = parser.parse_args(argv)
     log_to_stderr(args.quiet)
     started = time.monotonic()
     try:
-        kernel = patched_kernel(args.cache, jobs=args.jobs)
+        kernel = patched_kernel(args.cache, jobs=args.jobs, profile=PROFILES[args.profile])
     except (KernelBuildError, ProvisionError, OSError) as exc:
         print(f"vgpu-lab: cannot build the patched kernel: {exc}", file=sys.stderr)
         return 1

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias
 import numpy as np
 
 from ..protocol import MemEntries
-from ..vhost_user.alias import Alias, AliasRefused
+from ..vhost_user.alias import AliasRefused, Contiguous
 from ..vhost_user.memory import GuestMemory, GuestMemoryError, MappedRegion
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ class _Table:
     sizes: npt.NDArray[np.uint64]
     skews: I64
     files: bool  # every region is a file an alias can map again
+    on_demand: bool  # some region is never mapped whole (Xen grants mapped on demand)
 
 
 _TABLES: weakref.WeakKeyDictionary[GuestMemory, _Table] = weakref.WeakKeyDictionary()
@@ -78,7 +79,8 @@ def _table(memory: GuestMemory) -> _Table:
     t = _Table(memory.generation, regions,
                np.array([m.desc.guest_phys_addr for m in regions], dtype=np.uint64),
                np.array([m.desc.memory_size for m in regions], dtype=np.uint64),
-               np.array([m.skew for m in regions], dtype=np.int64), all(m.fd >= 0 for m in regions))
+               np.array([m.skew for m in regions], dtype=np.int64), all(m.file_backed for m in regions),
+               any(m.on_demand for m in regions))
     _TABLES[memory] = t
     return t
 
@@ -98,6 +100,7 @@ class _Plan:
     run_offset: I64  # offset of each run inside its region's mapping
     page_rows: I64 | None  # page row, in the one region's mapping, of each backing page; None unless that layout
     aliasable: bool  # runs can be mapped back to back (page aligned, every region a file)
+    on_demand: bool  # in regions that are never mapped whole (Xen grants): reachable only through a held mapping
 
     @property
     def runs(self) -> int:
@@ -121,7 +124,9 @@ class Backing:
     #: See ALIAS_AFTER_PIECES_PER_RUN; a test or benchmark may set it (0: alias at the first copy).
     alias_after: int = field(default=ALIAS_AFTER_PIECES_PER_RUN, init=False)
     _plan: _Plan | None = field(default=None, init=False, repr=False)
-    _alias: Alias | None = field(default=None, init=False, repr=False)
+    #: A contiguous mapping of the backing: an alias of file pages (made once copies have paid for it), or, in
+    #: Xen grant regions mapped on demand, the backing's grants mapped when it was attached and held until closed.
+    _alias: Contiguous | None = field(default=None, init=False, repr=False)
     _moved: int = field(default=0, init=False, repr=False)  # runs copied the slow way since the last alias attempt
 
     #: The guest-physical span [lo, hi) of all entries: a cheap first test of whether removed memory touches it.
@@ -179,7 +184,7 @@ class Backing:
             return
         if self.length.min() == 0:
             raise BackingError("zero-length backing entry")
-        self._resolve(memory)
+        self._ready(memory)
         if forbidden:
             # Inside guest memory now, so addr + length cannot wrap.  All ranges at once: (entries, ranges).
             lo, hi = np.array(forbidden, dtype=np.uint64).T
@@ -277,6 +282,8 @@ class Backing:
     def file_ranges(self, memory: GuestMemory, size: int) -> list[tuple[int, int, int]]:
         """(region fd, offset in that file, length) covering the first `size` bytes: what a udmabuf is made of."""
         r = self._checked(memory, 0, size)
+        if not all(region.file_backed for region in r.region):
+            raise BackingError("guest memory mapped through Xen (grants, foreign frames) is no file to wrap")
         out = []
         pos = i = 0
         while pos < size:
@@ -322,8 +329,16 @@ class Backing:
     def _checked(self, memory: GuestMemory, start: int, n: int) -> _Plan:
         if start < 0 or n < 0 or start + n > self.size:
             raise BackingError(f"range [{start}, +{n}) is past the {self.size}-byte backing")
+        return self._ready(memory)
+
+    def _ready(self, memory: GuestMemory) -> _Plan:
+        """The plan, and for memory mapped on demand the held mapping of every page (map and hold: made at
+        attach, again only after the memory table changed)."""
         try:
-            return self._resolve(memory)
+            p = self._resolve(memory)
+            if p.on_demand and not self.has_alias:
+                self._alias = memory.pin(self.addr, self.length)
+            return p
         except GuestMemoryError as e:
             raise BackingError(str(e)) from e
 
@@ -429,8 +444,9 @@ def _plan(memory: GuestMemory, t: _Table, offset: I64, idx: I64, length: I64, en
     else:
         head = int(run_offset[0]) % PAGE
         aliasable = bool(((run_offset[1:] % PAGE == 0) & ((head + run_ends[:-1]) % PAGE == 0)).all()) and t.files
+    on_demand = t.on_demand and any(t.regions[i].on_demand for i in np.unique(run_region).tolist())
     return _Plan(memory, memory.generation, t.regions, offset, idx, run_ends, run_len, run_region, run_offset,
-                 page_rows, aliasable)
+                 page_rows, aliasable, on_demand)
 
 
 def _rows(src: U8, start: int, stride: int, row_bytes: int, rows: int) -> U8:

@@ -28,7 +28,7 @@ import mmap
 import os
 import weakref
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, Protocol
 
 import numpy as np
 
@@ -41,6 +41,22 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _MAP_FIXED: Final = 0x10
 _MAP_FAILED: Final = ctypes.c_void_p(-1).value
+
+
+class Contiguous(Protocol):
+    """A backing's bytes mapped back to back in one range: an :class:`Alias` of file pages, or a held mapping of
+    Xen grants (vgpu/vhost_user/xen_memory.py)."""
+
+    size: int
+
+    @property
+    def is_open(self) -> bool: ...
+
+    def view(self) -> memoryview: ...
+
+    def write(self, pos: int, data: bytes) -> None: ...
+
+    def release(self) -> None: ...
 
 
 class AliasRefused(Exception):

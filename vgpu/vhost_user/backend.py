@@ -33,6 +33,7 @@ from .state import ConnectionState
 from .virtqueue import DescriptorChain, Virtqueue
 from .wire import (
     FLAG_NEED_REPLY,
+    MAX_MEM_SLOTS,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_VERSION,
     VIRTIO_F_VERSION_1,
@@ -44,6 +45,7 @@ from .wire import (
     bit,
     parse_u64,
 )
+from .xen_memory import FILES_ONLY, GrantBudget, MemoryPolicy
 
 log = logging.getLogger("vgpu.vhost_user")
 
@@ -94,15 +96,17 @@ class Session(Transport):
     """The event loop of one front-end connection, and the transport the device sees."""
 
     def __init__(self, device: Device, channel: Channel, stop_fd: int | None = None,
-                 services: Sequence[LoopService] = ()) -> None:
+                 services: Sequence[LoopService] = (), memory_policy: MemoryPolicy = FILES_ONLY) -> None:
         self.device = device
         self.channel = channel
+        xen = bit(ProtocolFeature.XEN_MMAP) if memory_policy.xen_mmap else 0
         self.state = ConnectionState(
             offered_features=TRANSPORT_FEATURES | device.device_features(),
-            offered_protocol=shmem_bit.to_wire(TRANSPORT_PROTOCOL_FEATURES | device.protocol_features(),
+            offered_protocol=shmem_bit.to_wire(TRANSPORT_PROTOCOL_FEATURES | device.protocol_features() | xen,
                                                device.shmem_feature_bit),
             queues=[Virtqueue(i, device.max_queue_size) for i in range(device.num_queues)],
             shmem_bit=shmem_bit.check(device.shmem_feature_bit),
+            memory=GuestMemory(MAX_MEM_SLOTS, GrantBudget(memory_policy.max_grant_pages)),
         )
         self._memory = self.state.memory
         self._queues = self.state.queues

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import itertools
 import mmap
 import os
 import select
 import time
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 
@@ -37,8 +38,36 @@ def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
+class Ram(Protocol):
+    """Guest RAM as a driver queue and a front end use it (:class:`GuestRam`, or Xen's ``XenSelfRam``)."""
+
+    size: int
+
+    @property
+    def map(self) -> mmap.mmap: ...
+
+    def offset(self, gpa: int, length: int) -> int: ...
+
+    def alloc(self, size: int, align: int = 64) -> int: ...
+
+    def free(self, gpa: int, size: int) -> None: ...
+
+    def write(self, gpa: int, data: bytes) -> None: ...
+
+    def read(self, gpa: int, length: int) -> bytes: ...
+
+    def uva_of(self, gpa: int) -> int: ...
+
+    def regions(self, split: int = 1) -> list[tuple[dict[str, int], int]]: ...
+
+    def close(self) -> None: ...
+
+
 class GuestRam:
-    """A memfd that plays guest RAM: guest-physical addresses start at `gpa_base`."""
+    """A memfd that plays guest RAM: guest-physical addresses start at `gpa_base`.
+
+    What a driver queue uses of it — `map`, `offset`, `alloc`/`free`, `read`/`write`, `uva_of` — is also what
+    :class:`vgpu.vhost_user.xen_driver.XenSelfRam` offers, where guest addresses are not one linear range."""
 
     def __init__(self, size: int, gpa_base: int = 0, name: str = "vgpu-guest-ram") -> None:
         self.size = _align(size, PAGE_SIZE)
@@ -75,10 +104,15 @@ class GuestRam:
                 merged.append((s, n))
         self._free = merged
 
-    def view(self, gpa: int, length: int) -> memoryview:
+    def offset(self, gpa: int, length: int) -> int:
+        """Where guest-physical [gpa, gpa + length) lies in `map` (one linear range here)."""
         off = gpa - self.gpa_base
         if off < 0 or off + length > self.size:
             raise ValueError(f"gpa {gpa:#x} +{length:#x} outside guest RAM")
+        return off
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        off = self.offset(gpa, length)
         return memoryview(self.map)[off:off + length]
 
     def write(self, gpa: int, data: bytes) -> None:
@@ -91,6 +125,14 @@ class GuestRam:
 
     def uva_of(self, gpa: int) -> int:
         return self.uva + gpa - self.gpa_base
+
+    def regions(self, split: int = 1) -> list[tuple[dict[str, int], int]]:
+        """How a VMM describes this RAM to a back end: region fields and the fd to send with each; `split` cuts
+        it into that many regions of the same memfd at page-aligned offsets."""
+        pages = self.size // PAGE_SIZE
+        cuts = [pages * i // split * PAGE_SIZE for i in range(split + 1)]
+        return [(dict(guest_phys_addr=self.gpa_base + a, memory_size=b - a, userspace_addr=self.uva + a,
+                      mmap_offset=a), self.fd) for a, b in itertools.pairwise(cuts)]
 
     def close(self) -> None:
         try:
@@ -117,7 +159,7 @@ class Pending:
 class DriverQueue:
     """The driver side of one split virtqueue laid out in `ram`."""
 
-    def __init__(self, ram: GuestRam, index: int, size: int, event_idx: bool = False) -> None:
+    def __init__(self, ram: Ram, index: int, size: int, event_idx: bool = False) -> None:
         if size & (size - 1) or not 0 < size <= 32768:
             raise ValueError("queue size must be a power of two")
         self.ram, self.index, self.size, self.event_idx = ram, index, size, event_idx
@@ -128,13 +170,13 @@ class DriverQueue:
         for gpa, n in ((self.desc_gpa, dsz), (self.avail_gpa, asz), (self.used_gpa, usz)):
             ram.write(gpa, bytes(n))
         m = ram.map
-        base = ram.gpa_base
-        self._desc: np.ndarray[Any, Any] = np.frombuffer(m, _DESC, size, self.desc_gpa - base)
-        self._avail: np.ndarray[Any, Any] = np.frombuffer(m, np.dtype("<u2"), size + 3, self.avail_gpa - base)
-        self._used: np.ndarray[Any, Any] = np.frombuffer(m, np.dtype("<u2"), 2, self.used_gpa - base)
-        self._used_elems: np.ndarray[Any, Any] = np.frombuffer(m, _USED, size, self.used_gpa - base + 4)
-        self._avail_event: np.ndarray[Any, Any] = np.frombuffer(
-            m, np.dtype("<u2"), 1, self.used_gpa - base + 4 + 8 * size)
+        desc, avail, used = ram.offset(self.desc_gpa, dsz), ram.offset(self.avail_gpa, asz), ram.offset(
+            self.used_gpa, usz)
+        self._desc: np.ndarray[Any, Any] = np.frombuffer(m, _DESC, size, desc)
+        self._avail: np.ndarray[Any, Any] = np.frombuffer(m, np.dtype("<u2"), size + 3, avail)
+        self._used: np.ndarray[Any, Any] = np.frombuffer(m, np.dtype("<u2"), 2, used)
+        self._used_elems: np.ndarray[Any, Any] = np.frombuffer(m, _USED, size, used + 4)
+        self._avail_event: np.ndarray[Any, Any] = np.frombuffer(m, np.dtype("<u2"), 1, used + 4 + 8 * size)
         self._free_descs = list(range(size - 1, -1, -1))
         self.avail_idx = 0
         self.last_used = 0
@@ -155,17 +197,24 @@ class DriverQueue:
     def set_no_interrupt(self, on: bool) -> None:
         self._avail[0] = 1 if on else 0
 
+    @property
+    def free_descriptors(self) -> int:
+        """Descriptors not in any chain the device holds (the fuzzer kicks before a chain would not fit)."""
+        return len(self._free_descs)
+
     def add(self, readable: list[bytes], writable: list[int], indirect: bool = False) -> Pending:
         """Place buffers in guest RAM and build a chain (readable first, then writable) without publishing it."""
         bufs: list[tuple[int, int, bool]] = []
-        m, base = self.ram.map, self.ram.gpa_base
+        m, at = self.ram.map, self.ram.offset
         for data in readable:
             gpa = self._buffer(len(data))
-            m[gpa - base:gpa - base + len(data)] = data
+            off = at(gpa, len(data))
+            m[off:off + len(data)] = data
             bufs.append((gpa, len(data), False))
         for n in writable:
             gpa = self._buffer(n)
-            m[gpa - base:gpa - base + n] = bytes(n)
+            off = at(gpa, n)
+            m[off:off + n] = bytes(n)
             bufs.append((gpa, n, True))
         p = self.add_raw(bufs, indirect)
         p.pooled = True
@@ -184,7 +233,7 @@ class DriverQueue:
         if indirect:
             n = len(bufs)
             table_gpa = self.ram.alloc(16 * n, 16)
-            table = np.frombuffer(self.ram.map, _DESC, n, table_gpa - self.ram.gpa_base)
+            table = np.frombuffer(self.ram.map, _DESC, n, self.ram.offset(table_gpa, 16 * n))
             for i, (gpa, length, w) in enumerate(bufs):
                 flags = (VRING_DESC_F_WRITE if w else 0) | (VRING_DESC_F_NEXT if i + 1 < n else 0)
                 if flags_override and i in flags_override:

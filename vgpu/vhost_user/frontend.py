@@ -8,7 +8,6 @@ main loop while the vCPUs wait, so a back end that blocks on us never blocks the
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import select
@@ -20,8 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .driver import DriverQueue, GuestRam
-from .memory import PAGE_SIZE
+from .driver import DriverQueue, Ram
 from .message import Channel, Message, ProtocolError
 from .shm_window import ShmMapping, ShmWindow, WindowError
 from .wire import (
@@ -46,6 +44,8 @@ from .wire import (
     ShmemConfig,
     SingleMemoryRegion,
     VringAddr,
+    XenMemoryTable,
+    XenSingleMemoryRegion,
     bit,
     build,
     build_u64,
@@ -164,7 +164,7 @@ class Frontend:
         self.protocol_features = 0
         self.backend_features = 0
         self.backend_protocol_features = 0
-        self.ram: GuestRam | None = None
+        self.ram: Ram | None = None
         self.queues: dict[int, DriverQueue] = {}
         self.shm: dict[int, ShmWindow] = {}
         self.display: Display | None = None
@@ -328,22 +328,20 @@ class Frontend:
         self.request(FrontendRequest.SET_CONFIG,
                      build(ConfigHeader, offset=offset, size=len(data), flags=0) + data)
 
-    def share_memory(self, ram: GuestRam, use_add_mem_reg: bool | None = None, regions: int = 1) -> None:
-        """Give the back end the guest RAM: ADD_MEM_REG with CONFIGURE_MEM_SLOTS, else SET_MEM_TABLE; `regions`
-        splits the RAM into that many table entries of the same memfd at page-aligned offsets (as crosvm lays
-        out RAM below and above the PCI hole), each entry with its own copy of the fd."""
+    def share_memory(self, ram: Ram, use_add_mem_reg: bool | None = None, regions: int = 1) -> None:
+        """Give the back end the guest RAM: ADD_MEM_REG per region with CONFIGURE_MEM_SLOTS, else SET_MEM_TABLE
+        (in the 40-byte Xen layout when XEN_MMAP was negotiated); `regions` splits a memfd RAM into that many
+        table entries (as crosvm lays out RAM below and above the PCI hole), each with its own copy of the fd."""
         self.ram = ram
+        xen = self.has(ProtocolFeature.XEN_MMAP)
         add = self.has(ProtocolFeature.CONFIGURE_MEM_SLOTS) if use_add_mem_reg is None else use_add_mem_reg
         if add:
-            region = dict(guest_phys_addr=ram.gpa_base, memory_size=ram.size, userspace_addr=ram.uva,
-                          mmap_offset=0)
-            self.request(FrontendRequest.ADD_MEM_REG, _single_region(region), fds=[ram.fd])
+            for region, fd in ram.regions():
+                self.request(FrontendRequest.ADD_MEM_REG, _single_region(region, xen), fds=[fd])
             return
-        pages = ram.size // PAGE_SIZE
-        cuts = [pages * i // regions * PAGE_SIZE for i in range(regions + 1)]
-        table = [dict(guest_phys_addr=ram.gpa_base + a, memory_size=b - a, userspace_addr=ram.uva + a,
-                      mmap_offset=a) for a, b in itertools.pairwise(cuts)]
-        self.request(FrontendRequest.SET_MEM_TABLE, _mem_table(table), fds=[ram.fd] * regions)
+        table = ram.regions(regions)
+        self.request(FrontendRequest.SET_MEM_TABLE, _mem_table([r for r, _ in table], xen),
+                     fds=[fd for _, fd in table])
 
     def add_mem_reg(self, gpa: int, size: int, uva: int, mmap_offset: int, fd: int) -> None:
         region = dict(guest_phys_addr=gpa, memory_size=size, userspace_addr=uva, mmap_offset=mmap_offset)
@@ -542,9 +540,20 @@ def build_vring_addr(index: int, desc: int, used: int, avail: int, flags: int = 
                  avail_user_addr=avail, log_guest_addr=log)
 
 
-def _single_region(region: dict[str, int]) -> bytes:
-    return SingleMemoryRegion.build({"region": region})
+def _region(region: dict[str, int], xen: bool) -> dict[str, int]:
+    """The region's fields in the layout negotiated: the Xen fields default to 0 (a plain file region) with
+    XEN_MMAP, and must be absent without it."""
+    if xen:
+        return {"xen_mmap_flags": 0, "domid": 0, **region}
+    if region.get("xen_mmap_flags") or region.get("domid"):
+        raise FrontendError("a Xen region needs XEN_MMAP negotiated")
+    return {k: v for k, v in region.items() if k not in ("xen_mmap_flags", "domid")}
 
 
-def _mem_table(regions: list[dict[str, int]]) -> bytes:
-    return MemoryTable.build({"num_regions": len(regions), "regions": regions})
+def _single_region(region: dict[str, int], xen: bool = False) -> bytes:
+    return (XenSingleMemoryRegion if xen else SingleMemoryRegion).build({"region": _region(region, xen)})
+
+
+def _mem_table(regions: list[dict[str, int]], xen: bool = False) -> bytes:
+    return (XenMemoryTable if xen else MemoryTable).build(
+        {"num_regions": len(regions), "regions": [_region(r, xen) for r in regions]})

@@ -12,127 +12,24 @@ into it remains.  Contiguous aliases made from the regions (alias.py) are droppe
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
-import platform
-import stat
 from bisect import bisect_right
-from dataclasses import dataclass, field
-from typing import Final
 
-from .alias import AliasTable
+import numpy as np
+import numpy.typing as npt
 
-PAGE_SIZE: Final = mmap.PAGESIZE
+from .alias import AliasTable, Contiguous
+from .region import PAGE_SIZE, GuestMemoryError, MappedRegion, RegionDesc, map_shared
+from .xen_memory import GrantBudget, open_xen_region, pin_grants
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_MAP_FIXED: Final = 0x10
-# The mmap module names MAP_NORESERVE only from Python 3.13; 0x4000 is its value in the generic Linux ABI (x86, arm,
-# riscv, s390, loongarch).  Elsewhere the placeholder below goes without it and is merely charged while it exists.
-_GENERIC_ABI: Final = ("x86_64", "i686", "aarch64", "armv7l", "riscv64", "s390x", "loongarch64")
-_MAP_NORESERVE: Final[int] = getattr(mmap, "MAP_NORESERVE", 0x4000 if platform.machine() in _GENERIC_ABI else 0)
+__all__ = ["PAGE_SIZE", "GuestMemory", "GuestMemoryError", "MappedRegion", "RegionDesc", "map_shared"]
 
 
-class GuestMemoryError(Exception):
-    """An address range that no region covers, or a region the front end should not have sent."""
-
-
-def map_shared(fd: int, length: int, offset: int) -> mmap.mmap:
-    """``mmap.mmap(fd, length, MAP_SHARED, offset=offset)`` read-write, without a second fd.
-
-    ``mmap.mmap(fd, ...)`` dup()s the fd it maps (CPython before 3.13 cannot be told not to), so a region that
-    keeps its fd — it must: udmabuf creation over guest RAM names the memfd — would hold two per region.  So the
-    mmap object is made anonymous (no fd) over the right length and the file is mapped over the very same
-    addresses with MAP_FIXED: the object still exports buffers, refuses ``close()`` while a view pins it, and its
-    ``close()`` unmaps the file's pages.  The placeholder must be writable for the object to export writable
-    buffers; it is never touched and asks for no commit charge (MAP_NORESERVE: a guest's RAM may be as large as
-    the host's, which the kernel's overcommit heuristic refuses to charge at once), so it costs no memory.
-    """
-    mm = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
-    anchor = ctypes.c_char.from_buffer(mm)
-    addr = ctypes.addressof(anchor)
-    del anchor  # releases the buffer export again: the object must stay closable
-    res = _libc.mmap(addr, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED, fd, offset)
-    if res != addr:  # with MAP_FIXED that is MAP_FAILED, and the placeholder is still in place
-        err = ctypes.get_errno()
-        mm.close()
-        raise OSError(err, f"mmap of fd {fd} at offset {offset:#x}: {os.strerror(err)}")
-    return mm
-
-
-@dataclass(frozen=True, slots=True)
-class RegionDesc:
-    """A region as described on the wire (SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG)."""
-
-    guest_phys_addr: int
-    memory_size: int
-    userspace_addr: int
-    mmap_offset: int
-
-
-@dataclass(eq=False)
-class MappedRegion:
-    """One mapped region; owns its fd (the only one it holds: see :func:`map_shared`) and its mapping."""
-
-    desc: RegionDesc
-    fd: int
-    _map: mmap.mmap | None = field(default=None, repr=False)
-    _skew: int = 0
-
-    @classmethod
-    def open(cls, desc: RegionDesc, fd: int) -> MappedRegion:
-        """Map `fd`; takes ownership of `fd` whether or not the mapping succeeds."""
-        try:
-            if desc.memory_size <= 0:
-                raise GuestMemoryError("zero-sized memory region")
-            if desc.memory_size > (1 << 48) or desc.mmap_offset > (1 << 62):
-                raise GuestMemoryError("memory region size or offset out of range")
-            # mmap offsets must be page aligned; map from the page below and remember the skew.
-            skew = desc.mmap_offset % PAGE_SIZE
-            base = desc.mmap_offset - skew
-            st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode) and desc.mmap_offset + desc.memory_size > st.st_size:
-                raise GuestMemoryError(
-                    f"region [{desc.mmap_offset:#x}, +{desc.memory_size:#x}) is past the end of its file "
-                    f"({st.st_size:#x} bytes)"
-                )
-            try:
-                mm = map_shared(fd, desc.memory_size + skew, base)
-            except (OSError, ValueError, OverflowError) as e:
-                raise GuestMemoryError(f"cannot map region: {e}") from e
-            return cls(desc, fd, mm, skew)
-        except BaseException:
-            os.close(fd)
-            raise
-
-    def view(self, offset: int, length: int) -> memoryview:
-        assert self._map is not None
-        start = self._skew + offset
-        return memoryview(self._map)[start:start + length]
-
-    @property
-    def mapping(self) -> mmap.mmap:
-        assert self._map is not None
-        return self._map
-
-    @property
-    def skew(self) -> int:
-        return self._skew
-
-    def try_close(self) -> bool:
-        """Unmap and close the fd; False while some view still pins the mapping."""
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:
-                return False
-            self._map = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        return True
+def open_region(desc: RegionDesc, fd: int, budget: GrantBudget) -> MappedRegion:
+    """Map one region the front end described; takes ownership of `fd` whether or not that succeeds."""
+    if desc.xen_mmap_flags:
+        return open_xen_region(desc, fd, budget)
+    return MappedRegion.open(desc, fd)
 
 
 class _Index:
@@ -155,8 +52,13 @@ class _Index:
 class GuestMemory:
     """The region table of one front-end connection."""
 
-    def __init__(self, max_regions: int) -> None:
+    def __init__(self, max_regions: int, grant_budget: GrantBudget | None = None) -> None:
         self.max_regions = max_regions
+        #: Grant pages mapped because the guest asked (on-demand views and held backings), against their cap.
+        self.grant_budget = grant_budget or GrantBudget()
+        #: With XEN_MMAP the ring addresses are guest-physical: a Xen front end has no mapping of its own to name
+        #: (the user address of a Xen region means nothing to the back end).
+        self.rings_by_gpa = False
         self._regions: list[MappedRegion] = []
         self._retired: list[MappedRegion] = []
         self._gpa = _Index([], "guest_phys_addr")
@@ -213,7 +115,7 @@ class GuestMemory:
         try:
             for i, (d, fd) in enumerate(zip(descs, fds, strict=True)):
                 try:
-                    new.append(MappedRegion.open(d, fd))
+                    new.append(open_region(d, fd, self.grant_budget))
                 except GuestMemoryError:
                     for rest in fds[i + 1:]:
                         os.close(rest)
@@ -235,7 +137,7 @@ class GuestMemory:
         except GuestMemoryError:
             os.close(fd)
             raise
-        self._regions.append(MappedRegion.open(desc, fd))
+        self._regions.append(open_region(desc, fd, self.grant_budget))
         self._rebuild()
 
     def remove(self, desc: RegionDesc) -> None:
@@ -260,7 +162,8 @@ class GuestMemory:
         """Close retired regions and dropped aliases nothing points into any more; returns how many are still
         pinned."""
         self._retired = [r for r in self._retired if not r.try_close()]
-        return len(self._retired) + self.aliases.collect()
+        live = sum(r.collect() for r in self._regions)
+        return len(self._retired) + live + self.aliases.collect()
 
     def close(self) -> None:
         """Drop everything.  Views still alive keep their mapping until they are released and collected."""
@@ -276,6 +179,8 @@ class GuestMemory:
             off = addr - hot[0]
             return hot[2][off:off + length]
         r, off = self._gpa.find(addr, length)
+        if r.on_demand:
+            return r.view(off, length)  # its own mapping, released (and unmapped by collect) with the view
         start = r.desc.guest_phys_addr
         self._drop_hot()
         self._hot = (start, start + r.desc.memory_size, r.view(0, r.desc.memory_size))
@@ -291,6 +196,24 @@ class GuestMemory:
         """Region and offset (relative to the region start) of front-end user address range."""
         return self._uva.find(addr, length)
 
+    def ring(self, addr: int, length: int) -> tuple[MappedRegion, int]:
+        """Region and offset of a ring address from SET_VRING_ADDR (see `rings_by_gpa`)."""
+        return (self._gpa if self.rings_by_gpa else self._uva).find(addr, length)
+
+    def pin(self, addr: npt.NDArray[np.uint64], length: npt.NDArray[np.uint32]) -> Contiguous | None:
+        """A held, contiguous mapping of a scatter list that lies in on-demand (grant) regions — map-and-hold for
+        a resource's backing — or None when its regions are mapped whole anyway.  Raises GuestMemoryError when
+        the list mixes kinds, is not page-shaped, or would pass the grant cap."""
+        if len(addr) == 0:
+            return None
+        found = [self._gpa.find(int(a), int(n)) for a, n in zip(addr.tolist(), length.tolist(), strict=True)]
+        kinds = {r.on_demand for r, _ in found}
+        if kinds == {False}:
+            return None
+        if len(kinds) > 1:
+            raise GuestMemoryError("a backing mixes memory mapped on demand with memory mapped whole")
+        return pin_grants([(r, off, int(n)) for (r, off), n in zip(found, length.tolist(), strict=True)],
+                          self.grant_budget)
 
     def uva_to_gpa(self, addr: int, length: int) -> int:
         r, off = self._uva.find(addr, length)

@@ -44,6 +44,9 @@ from .wire import (
     VringAddr,
     VringState,
     VringStateC,
+    XenMemoryRegion,
+    XenMemoryTable,
+    XenSingleMemoryRegion,
     bit,
     build,
     build_u64,
@@ -197,6 +200,7 @@ class Requests:
         if features & ~self.state.offered_protocol:
             raise Refused(f"protocol features {features & ~self.state.offered_protocol:#x} were never offered")
         self.state.protocol_features = shmem_bit.from_wire(features, self.state.shmem_bit)
+        self.state.memory.rings_by_gpa = self.state.has_protocol(ProtocolFeature.XEN_MMAP)
 
     def _on_set_owner(self, msg: Message) -> None:
         self._no_payload(msg)
@@ -241,38 +245,52 @@ class Requests:
 
     # memory
 
+    def _xen(self) -> bool:
+        """XEN_MMAP negotiated: every region description carries xen_mmap_flags and domid (40 bytes, not 32)."""
+        return self.state.has_protocol(ProtocolFeature.XEN_MMAP)
+
+    @staticmethod
+    def _desc(r: Any, mmap_offset: int | None = None) -> RegionDesc:
+        return RegionDesc(r.guest_phys_addr, r.memory_size, r.userspace_addr,
+                          r.mmap_offset if mmap_offset is None else mmap_offset,
+                          r.get("xen_mmap_flags", 0), r.get("domid", 0))
+
     def _on_set_mem_table(self, msg: Message) -> None:
         fds = msg.take_fds()
+        region, table_struct = (XenMemoryRegion, XenMemoryTable) if self._xen() else (MemoryRegion, MemoryTable)
         try:
             if len(msg.payload) < MEMORY_TABLE_FIXED:
                 raise ProtocolError("SET_MEM_TABLE payload too short")
             n = int.from_bytes(msg.payload[:4], "little")
-            if n > MAX_MEM_TABLE_REGIONS or len(msg.payload) != MEMORY_TABLE_FIXED + n * MemoryRegion.sizeof():
+            if n > MAX_MEM_TABLE_REGIONS or len(msg.payload) != MEMORY_TABLE_FIXED + n * region.sizeof():
                 raise ProtocolError(f"SET_MEM_TABLE with {n} regions in {len(msg.payload)} bytes")
-            table = MemoryTable.parse(msg.payload)
+            table = table_struct.parse(msg.payload)
         except ProtocolError:
             for fd in fds:
                 os.close(fd)
             raise
-        descs = [RegionDesc(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
-                 for r in table.regions]
+        descs = [self._desc(r) for r in table.regions]
         self.state.memory.set_table(descs, fds)
         log.info("memory table set: %s", ", ".join(_region(d) for d in descs) or "no regions")
         self._memory_changed()
 
+    def _single(self, msg: Message) -> Any:
+        # Exact: 40 bytes, or 48 with XEN_MMAP.
+        return self._payload(msg, XenSingleMemoryRegion if self._xen() else SingleMemoryRegion).region
+
     def _on_add_mem_reg(self, msg: Message) -> None:
-        region = self._payload(msg, SingleMemoryRegion).region  # exact: 40 bytes unless XEN_MMAP (never offered)
+        region = self._single(msg)
         fd = msg.take_fd()
-        desc = RegionDesc(region.guest_phys_addr, region.memory_size, region.userspace_addr, region.mmap_offset)
+        desc = self._desc(region)
         self.state.memory.add(desc, fd)
         log.info("memory region added: %s (%d regions)", _region(desc), len(self.state.memory.regions))
         self._memory_changed()
 
     def _on_rem_mem_reg(self, msg: Message) -> None:
-        region = self._payload(msg, SingleMemoryRegion).region
+        region = self._single(msg)
         if msg.fds:
             log.warning("REM_MEM_REG carried %d fds; closing them unused", len(msg.fds))
-        desc = RegionDesc(region.guest_phys_addr, region.memory_size, region.userspace_addr, 0)
+        desc = self._desc(region, mmap_offset=0)
         self.state.memory.remove(desc)
         log.info("memory region removed: %s (%d regions)", _region(desc), len(self.state.memory.regions))
         self._memory_changed()
@@ -427,7 +445,8 @@ class Requests:
 
 def _region(d: RegionDesc) -> str:
     """A region as an operator reads it in the log (memory hot-plug shows up as these lines)."""
-    return f"gpa {d.guest_phys_addr:#x} +{d.memory_size:#x} (uva {d.userspace_addr:#x})"
+    xen = f", xen flags {d.xen_mmap_flags:#x} domid {d.domid:#x}" if d.xen_mmap_flags else ""
+    return f"gpa {d.guest_phys_addr:#x} +{d.memory_size:#x} (uva {d.userspace_addr:#x}{xen})"
 
 
 def _stream_socket(fd: int) -> socket.socket:

@@ -15,6 +15,7 @@ from .device import Device
 from .heap import release_freed_memory
 from .message import Channel
 from .services import LoopService, run_service, service_due, sleep_limit
+from .xen_memory import FILES_ONLY, MemoryPolicy
 
 log = logging.getLogger("vgpu.vhost_user")
 
@@ -56,9 +57,10 @@ class Serving:
 
 
 def serve_connection(device: Device, sock: socket.socket, stop_fd: int | None = None,
-                     services: Sequence[LoopService] = (), serving: Serving | None = None) -> bool:
+                     services: Sequence[LoopService] = (), serving: Serving | None = None,
+                     memory_policy: MemoryPolicy = FILES_ONLY) -> bool:
     """Serve one front end to the end; returns False if we were asked to stop."""
-    session = Session(device, Channel(sock), stop_fd, services)
+    session = Session(device, Channel(sock), stop_fd, services, memory_policy)
     if serving is not None:
         serving.session = session
         serving.connections += 1
@@ -79,6 +81,7 @@ def serve(
     max_connections: int | None = None,
     services: Sequence[LoopService] = (),
     serving: Serving | None = None,
+    memory_policy: MemoryPolicy = FILES_ONLY,
 ) -> None:
     """Accept front ends one at a time, each with a fresh device, until stopped.  `services` (a control socket)
     are served throughout: between front ends by this loop, during one by the session's."""
@@ -106,7 +109,7 @@ def serve(
             conn.set_inheritable(False)
             served += 1
             log.info("front end connected")
-            if not serve_connection(device_factory(), conn, stop_fd, services, serving):
+            if not serve_connection(device_factory(), conn, stop_fd, services, serving, memory_policy):
                 return
     finally:
         sel.close()

@@ -179,9 +179,9 @@ class Virtqueue:
         if self.desc_addr % 16 or self.avail_addr % 2 or self.used_addr % 4:
             raise VirtqueueError(f"queue {self.index} ring addresses are misaligned")
         try:
-            dr, doff = memory.uva(self.desc_addr, dsz)
-            ar, aoff = memory.uva(self.avail_addr, asz)
-            ur, uoff = memory.uva(self.used_addr, usz)
+            dr, doff = memory.ring(self.desc_addr, dsz)
+            ar, aoff = memory.ring(self.avail_addr, asz)
+            ur, uoff = memory.ring(self.used_addr, usz)
         except GuestMemoryError as e:
             raise VirtqueueError(f"queue {self.index}: {e}") from e
         self._desc = dr.view(doff, dsz)

@@ -215,6 +215,12 @@ MemoryTable = Struct(
     "regions" / Array(this.num_regions, MemoryRegion),
 )
 MEMORY_TABLE_FIXED: Final = 8
+# The same with XEN_MMAP negotiated: 40-byte regions.
+XenMemoryTable = Struct(
+    "num_regions" / Int32un,
+    Padding(4),
+    "regions" / Array(this.num_regions, XenMemoryRegion),
+)
 
 # ADD_MEM_REG / REM_MEM_REG.
 SingleMemoryRegion = Struct(Padding(8), "region" / MemoryRegion)
