@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from vgpu.session import Session
     from vgpu.vhost_user.xen_driver import Mode, XenSelfRam
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PREFIX = "VGPU-GUEST xen "
 SCRATCH = Path(GUEST_SCRATCH)
 #: Pages dom0 shares per session; the grant cap sits between what a session maps and what the attack asks for.
