@@ -371,6 +371,9 @@ GpuEdidRequest = Struct("scanout_id" / Int32un)
 HEADER_ST: Final = struct_of(Header)
 _U64_ST: Final = struct_of(U64)
 _MMAP_REQUEST_ST: Final = struct_of(MMapRequest)
+# The display messages a frame or a cursor move sends (RESOURCE_FLUSH, MOVE_CURSOR): one per command.
+GPU_UPDATE_ST: Final = struct_of(GpuUpdate)
+GPU_CURSOR_POS_ST: Final = struct_of(GpuCursorPos)
 
 
 def parse_u64(payload: bytes) -> int:
