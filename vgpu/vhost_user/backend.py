@@ -279,6 +279,8 @@ class Session(Transport):
         heapq.heappush(self._timers, (time.monotonic() + delay, self._timer_seq, callback))
 
     def _run_timers(self) -> None:
+        if not self._timers:
+            return
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now and not self._busy:
             _, _, callback = heapq.heappop(self._timers)
@@ -290,8 +292,9 @@ class Session(Transport):
             self._run_deferred()
 
     def _timeout(self) -> float | None:
-        if any(q.ready and q.kick_fd < 0 for q in self._queues):
-            return 0.001
+        for q in self._queues:
+            if q.kick_fd < 0 and q.ready:
+                return 0.001
         timeout = max(0.0, self._timers[0][0] - time.monotonic()) if self._timers else None
         return sleep_limit(timeout, self._services) if self._services else timeout
 
@@ -363,7 +366,7 @@ class Session(Transport):
 
     def _poll_kickless(self) -> None:
         for q in self._queues:
-            if q.ready and q.kick_fd < 0 and q.has_pending():
+            if q.kick_fd < 0 and q.ready and q.has_pending():
                 self._process(q)
 
     def _process(self, q: Virtqueue) -> None:
@@ -376,13 +379,19 @@ class Session(Transport):
             # Never re-enter the device: a kick seen while it waits for an ack is served when it returns.
             self._pending.add(q.index)
             return
-        with self._busy_scope():
-            try:
-                self.device.process_queue(q)
-            except Exception:
-                log.exception("device failed while processing queue %d", q.index)
-        self._memory.collect()
-        self._run_deferred()
+        # _busy_scope written out: this runs once per kick, and the context manager's generator costs more than
+        # the rest of the bookkeeping around the device.
+        self._busy += 1
+        try:
+            self.device.process_queue(q)
+        except Exception:
+            log.exception("device failed while processing queue %d", q.index)
+        finally:
+            self._busy -= 1
+        if self._memory.has_garbage:
+            self._memory.collect()
+        if self._deferred or self._pending:
+            self._run_deferred()
 
     def _drain_backend_channel(self) -> None:
         ch = self.state.backend_channel
