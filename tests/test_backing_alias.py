@@ -86,7 +86,8 @@ def _aliased(b: Backing, ram: Ram) -> Backing:
 
 
 @pytest.mark.parametrize("aliased", [False, True])
-@pytest.mark.parametrize(("start", "n"), [(0, 96 * PAGE), (100, 5000), (PAGE - 1, 40 * PAGE + 2), (7, 3)])
+@pytest.mark.parametrize(("start", "n"), [(0, 96 * PAGE), (3 * PAGE, 20 * PAGE), (100, 5000), (PAGE - 1, 40 * PAGE + 2),
+                                        (7, 3)])
 def test_gather_matches_the_guest_bytes(ram: Ram, aliased: bool, start: int, n: int) -> None:
     b, want = _scattered(ram, 96)
     if aliased:

@@ -443,6 +443,11 @@ class Backing:
         mapping = _bytes(p.region[int(p.run_region[0])])
         pages = mapping[: len(mapping) // PAGE * PAGE].reshape(-1, PAGE)
         n = len(out)
+        if not (start | n) % PAGE:
+            # Whole pages (a whole-resource transfer): one take, no partial first and last page.
+            np.take(pages, p.page_rows[start // PAGE:(start + n) // PAGE], axis=0, out=out.reshape(-1, PAGE),
+                    mode="clip")
+            return
         rows = p.page_rows[start // PAGE:(start + n - 1) // PAGE + 1]
         skip = start % PAGE
         head = PAGE - skip
