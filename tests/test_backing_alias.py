@@ -348,7 +348,8 @@ def test_forbidden_finds_the_first_entry_over_any_range_as_a_full_comparison_doe
         rings: list[tuple[int, int]], entries: list[tuple[int, int]]) -> None:
     # Rings may overlap, nest, touch or be empty: merged once, one sorted search per entry must still find exactly
     # the entries that share a byte with some range.
-    want = next((i for i, (a, n) in enumerate(entries) if any(a < hi and lo < a + n for lo, hi in rings)), None)
+    want = next((i for i, (a, n) in enumerate(entries) if any(a < hi and lo < a + n and lo < hi for lo, hi in rings)),
+                None)
     addr = np.array([a for a, _ in entries], dtype=np.uint64)
     length = np.array([n for _, n in entries], dtype=np.uint32)
     assert Forbidden(rings).first_overlap(addr, length) == want
