@@ -10,8 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from vgpu.gpu.backing import Backing, BackingError
+from vgpu.gpu.backing import Backing, BackingError, Forbidden
 from vgpu.vhost_user.alias import AliasRefused, AliasTable
 from vgpu.vhost_user.memory import GuestMemory, RegionDesc
 
@@ -84,7 +86,8 @@ def _aliased(b: Backing, ram: Ram) -> Backing:
 
 
 @pytest.mark.parametrize("aliased", [False, True])
-@pytest.mark.parametrize(("start", "n"), [(0, 96 * PAGE), (100, 5000), (PAGE - 1, 40 * PAGE + 2), (7, 3)])
+@pytest.mark.parametrize(("start", "n"), [(0, 96 * PAGE), (3 * PAGE, 20 * PAGE), (100, 5000), (PAGE - 1, 40 * PAGE + 2),
+                                        (7, 3)])
 def test_gather_matches_the_guest_bytes(ram: Ram, aliased: bool, start: int, n: int) -> None:
     b, want = _scattered(ram, 96)
     if aliased:
@@ -322,16 +325,34 @@ def test_an_entry_outside_guest_memory_is_refused_whatever_its_arithmetic(ram: R
         b = Backing(np.array([a for a, _ in entries], dtype=np.uint64),
                     np.array([n for _, n in entries], dtype=np.uint32))
         with pytest.raises(BackingError, match=f"entry {len(entries) - 1} at {addr:#x} .* is not inside guest memory"):
-            b.validate(ram.memory, [])
+            b.validate(ram.memory, Forbidden([]))
 
 
 def test_entries_over_a_ring_are_refused_and_the_rest_accepted(ram: Ram) -> None:
     rings = [(0x20000, 0x20100), (0x30000, 0x31000)]
     ok = Backing(np.array([0x10000, 0x21000], dtype=np.uint64), np.full(2, PAGE, dtype=np.uint32))
-    ok.validate(ram.memory, rings)
+    ok.validate(ram.memory, Forbidden(rings))
     bad = Backing(np.array([0x10000, 0x30000 - PAGE + 1], dtype=np.uint64), np.full(2, PAGE, dtype=np.uint32))
     with pytest.raises(BackingError, match=f"entry 1 at {0x30000 - PAGE + 1:#x} overlaps a virtqueue ring"):
-        bad.validate(ram.memory, rings)
+        bad.validate(ram.memory, Forbidden(rings))
+
+
+_ranges = st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 1 << 14)).map(lambda t: (t[0], t[0] + t[1])),
+                   max_size=8)
+_entries = st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 1 << 14)), min_size=1, max_size=16)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rings=_ranges, entries=_entries)
+def test_forbidden_finds_the_first_entry_over_any_range_as_a_full_comparison_does(
+        rings: list[tuple[int, int]], entries: list[tuple[int, int]]) -> None:
+    # Rings may overlap, nest, touch or be empty: merged once, one sorted search per entry must still find exactly
+    # the entries that share a byte with some range.
+    want = next((i for i, (a, n) in enumerate(entries) if any(a < hi and lo < a + n and lo < hi for lo, hi in rings)),
+                None)
+    addr = np.array([a for a, _ in entries], dtype=np.uint64)
+    length = np.array([n for _, n in entries], dtype=np.uint32)
+    assert Forbidden(rings).first_overlap(addr, length) == want
 
 
 def test_an_entry_whose_end_wraps_past_2_to_the_64_is_refused() -> None:
@@ -340,6 +361,6 @@ def test_an_entry_whose_end_wraps_past_2_to_the_64_is_refused() -> None:
     try:
         b = Backing(np.array([(1 << 64) - 0x10], dtype=np.uint64), np.array([PAGE], dtype=np.uint32))
         with pytest.raises(BackingError, match="is not inside guest memory"):
-            b.validate(ram.memory, [])
+            b.validate(ram.memory, Forbidden([]))
     finally:
         ram.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from vgpu.blob import uapi
+from vgpu.vhost_user.layout import struct_of
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = REPO / "tools"
@@ -103,6 +104,16 @@ def test_ioctl_numbers_pinned() -> None:
 def test_dma_buf_info_pad_defaults_to_zero() -> None:
     raw = uapi.dma_buf_info.build({"param": uapi.DMA_BUF_INFO_MAP_ATTR, "value": 0})
     assert raw == (2).to_bytes(4, "little") + bytes(12)
+
+
+@pytest.mark.parametrize(("param", "pad", "value"), [(1, 0, 0), (0xFFFFFFFF, 7, (1 << 64) - 1), (2, 0, 1 << 40)])
+def test_dma_buf_info_struct_codec_agrees_with_construct(param: int, pad: int, value: int) -> None:
+    # The ioctl's hot path packs and unpacks through the struct derived from the construct layout (Default
+    # included): both must give the same 16 bytes.
+    st = struct_of(uapi.dma_buf_info)
+    raw = uapi.dma_buf_info.build({"param": param, "pad": pad, "value": value})
+    assert st.pack(param, pad, value) == raw
+    assert st.unpack(raw) == (param, pad, value)
 
 
 @pytest.mark.parametrize("size", [-1, 1 << 14])

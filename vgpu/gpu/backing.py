@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 PAGE: Final = 4096
+_U64_MAX: Final = (1 << 64) - 1
 #: Runs touched through the region mappings, per run of the backing, before an alias is built: about where an
 #: alias run's cost (10-40 us) meets what it saves per copy (50-600 ns, see above).
 ALIAS_AFTER_PIECES_PER_RUN: Final = 128
@@ -54,6 +55,34 @@ class BackingError(Exception):
     """The scatter list names memory the guest does not own, or a range past its end."""
 
 
+class Forbidden:
+    """Guest-physical ranges no backing may touch (the rings), merged into disjoint sorted ranges once, so that an
+    attach asks one sorted search rather than comparing every entry with every range."""
+
+    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+        merged: list[list[int]] = []
+        for lo, hi in sorted(r for r in ranges if r[0] < r[1]):
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        self.ranges = [(lo, hi) for lo, hi in merged]
+        self._lo = np.array([r[0] for r in merged], dtype=np.uint64)
+        self._hi = np.array([r[1] for r in merged], dtype=np.uint64)
+
+    def first_overlap(self, addr: npt.NDArray[np.uint64], length: npt.NDArray[np.uint32]) -> int | None:
+        """The first entry [addr, addr + length) that overlaps a range, or None.  The entries lie inside guest
+        memory (checked first), so addr + length does not wrap."""
+        if not self.ranges:
+            return None
+        # The only range an entry can overlap first is the first one ending after the entry's start (the ranges
+        # are disjoint and sorted); it overlaps if it also starts before the entry's end.
+        i = np.searchsorted(self._hi, addr, side="right")
+        inside = i < len(self._hi)
+        hit = inside & (self._lo[np.minimum(i, len(self._hi) - 1)] < addr + length)
+        return int(np.argmax(hit)) if hit.any() else None
+
+
 @dataclass(frozen=True)
 class _Table:
     """One generation of the memory table as arrays (regions by guest-physical address), built once per table
@@ -63,6 +92,7 @@ class _Table:
     regions: list[MappedRegion]
     starts: npt.NDArray[np.uint64]
     sizes: npt.NDArray[np.uint64]
+    ends: npt.NDArray[np.uint64]
     skews: I64
     files: bool  # every region is a file an alias can map again
     on_demand: bool  # some region is never mapped whole (Xen grants mapped on demand)
@@ -79,6 +109,10 @@ def _table(memory: GuestMemory) -> _Table:
     t = _Table(memory.generation, regions,
                np.array([m.desc.guest_phys_addr for m in regions], dtype=np.uint64),
                np.array([m.desc.memory_size for m in regions], dtype=np.uint64),
+               # (A region reaching the very top of the address space ends at the last address: an entry ending
+               # exactly there then wraps and is refused, which costs nothing real.)
+               np.array([min(m.desc.guest_phys_addr + m.desc.memory_size, _U64_MAX) for m in regions],
+                        dtype=np.uint64),
                np.array([m.skew for m in regions], dtype=np.int64), all(m.file_backed for m in regions),
                any(m.on_demand for m in regions))
     _TABLES[memory] = t
@@ -129,15 +163,19 @@ class Backing:
     _alias: Contiguous | None = field(default=None, init=False, repr=False)
     _moved: int = field(default=0, init=False, repr=False)  # runs copied the slow way since the last alias attempt
 
-    #: The guest-physical span [lo, hi) of all entries: a cheap first test of whether removed memory touches it.
-    lo: int = field(default=0, init=False)
-    hi: int = field(default=0, init=False)
+    _span: tuple[int, int] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.ends = np.cumsum(self.length, dtype=np.int64)
-        if len(self.addr):
-            self.lo = int(self.addr.min())
-            self.hi = int((self.addr + self.length.astype(np.uint64)).max())
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """The guest-physical span [lo, hi) of all entries: a cheap first test of whether removed memory touches
+        it.  Worked out when first asked (memory removal, a debug log line), not for every attach."""
+        if self._span is None:
+            self._span = (int(self.addr.min()), int((self.addr + self.length.astype(np.uint64)).max())) \
+                if len(self.addr) else (0, 0)
+        return self._span
 
     @classmethod
     def from_entries(cls, entries: MemEntries) -> Backing:
@@ -158,11 +196,13 @@ class Backing:
 
     def describe(self) -> str:
         """For the log: where in guest memory this backing lies (memory hot-plug is checked against these)."""
-        return f"{len(self.addr)} entries, {self.size} bytes, gpa [{self.lo:#x}, {self.hi:#x})"
+        lo, hi = self.span
+        return f"{len(self.addr)} entries, {self.size} bytes, gpa [{lo:#x}, {hi:#x})"
 
     def touches(self, start: int, size: int) -> bool:
         """Whether any entry overlaps guest-physical [start, start + size)."""
-        if self.hi <= start or start + size <= self.lo:
+        first, last = self.span
+        if last <= start or start + size <= first:
             return False
         # Unsigned throughout (guest addresses may use all 64 bits): an entry ends after `start` if it begins at or
         # after it, or begins less than its length before it.
@@ -178,20 +218,16 @@ class Backing:
             return False
         return True
 
-    def validate(self, memory: GuestMemory, forbidden: list[tuple[int, int]]) -> None:
-        """Every entry non-empty, inside one region, and clear of `forbidden` guest-physical ranges (rings)."""
+    def validate(self, memory: GuestMemory, forbidden: Forbidden) -> None:
+        """Every entry non-empty, inside one region, and clear of the `forbidden` guest-physical ranges (rings)."""
         if len(self.addr) == 0:
             return
         if self.length.min() == 0:
             raise BackingError("zero-length backing entry")
         self._ready(memory)
-        if forbidden:
-            # Inside guest memory now, so addr + length cannot wrap.  All ranges at once: (entries, ranges).
-            lo, hi = np.array(forbidden, dtype=np.uint64).T
-            hit = (self.addr[:, None] < hi) & ((self.addr + self.length)[:, None] > lo)
-            if hit.any():
-                i = int(np.argmax(hit.any(axis=1)))
-                raise BackingError(f"backing entry {i} at {int(self.addr[i]):#x} overlaps a virtqueue ring")
+        i = forbidden.first_overlap(self.addr, self.length)
+        if i is not None:
+            raise BackingError(f"backing entry {i} at {int(self.addr[i]):#x} overlaps a virtqueue ring")
 
     # --- copies -----------------------------------------------------------------------------------------------
 
@@ -306,17 +342,21 @@ class Backing:
             raise BackingError("no guest memory")
         addr, length = self.addr, self.length.astype(np.uint64)
         if len(t.regions) == 1:
+            # One region [start, end): an entry is inside if it starts at or after start and ends by end; an end
+            # that wraps past 2**64 is smaller than its start, and so outside too.
+            start = t.starts[0]
+            stop = addr + length
+            outside = (addr < start) | (stop > t.ends[0]) | (stop < addr)
             idx = np.zeros(len(addr), dtype=np.int64)
-            off = addr - t.starts[0]
-            room = t.sizes[0]
+            off = addr - start
         else:
             # The last region starting at or below each entry; an entry below all of them gets index -1, whose
             # region starts above it, so its offset wraps and fails the check below like any other outsider.
             idx = np.searchsorted(t.starts, addr, side="right").astype(np.int64) - 1
             off = addr - t.starts[idx]
             room = t.sizes[idx]
-        # In unsigned arithmetic that cannot wrap: the entry fits its region if length <= room and off <= room - length.
-        outside = (length > room) | (off > room - np.minimum(length, room))
+            # In unsigned arithmetic that cannot wrap: the entry fits if length <= room and off <= room - length.
+            outside = (length > room) | (off > room - np.minimum(length, room))
         if outside.any():
             i = int(np.argmax(outside))
             raise BackingError(f"backing entry {i} at {int(addr[i]):#x} +{int(length[i]):#x} is not inside guest "
@@ -403,6 +443,11 @@ class Backing:
         mapping = _bytes(p.region[int(p.run_region[0])])
         pages = mapping[: len(mapping) // PAGE * PAGE].reshape(-1, PAGE)
         n = len(out)
+        if not (start | n) % PAGE:
+            # Whole pages (a whole-resource transfer): one take, no partial first and last page.
+            np.take(pages, p.page_rows[start // PAGE:(start + n) // PAGE], axis=0, out=out.reshape(-1, PAGE),
+                    mode="clip")
+            return
         rows = p.page_rows[start // PAGE:(start + n - 1) // PAGE + 1]
         skip = start % PAGE
         head = PAGE - skip

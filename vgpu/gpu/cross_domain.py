@@ -37,6 +37,8 @@ HEADER_SIZE: Final = CrossDomainHeader.sizeof()
 _HEADER: Final = flatten(CrossDomainHeader).st
 _GET_IMAGE_REQUIREMENTS: Final = flatten(CrossDomainGetImageRequirements).st
 _IMAGE_REQUIREMENTS: Final = flatten(CrossDomainImageRequirements).st
+# INIT's three forms by size (construct's sizeof walks the layout each time it is asked).
+_INIT_FORMS: Final = {form.sizeof(): form for form in (CrossDomainInit, CrossDomainInitV1, CrossDomainInitLegacy)}
 PAGE: Final = 4096
 STRIDE_ALIGN: Final = 64  # what dma-buf importers (scanout, media) commonly need; guests use the stride we return
 MAX_DIMENSION: Final = 16384
@@ -127,9 +129,7 @@ class CrossDomainContext(Context):
             pos += size
 
     def _init(self, body: bytes) -> None:
-        forms = {CrossDomainInit.sizeof(): CrossDomainInit, CrossDomainInitV1.sizeof(): CrossDomainInitV1,
-                 CrossDomainInitLegacy.sizeof(): CrossDomainInitLegacy}
-        form = forms.get(len(body))
+        form = _INIT_FORMS.get(len(body))
         if form is None:
             raise CommandError(_INVALID, f"INIT of {len(body)} bytes (16, 20 or 36 expected)")
         msg = form.parse(body)
@@ -145,7 +145,7 @@ class CrossDomainContext(Context):
         self.query_ring = msg.query_ring_id
 
     def _image_requirements(self, body: bytes) -> None:
-        if len(body) != CrossDomainGetImageRequirements.sizeof():
+        if len(body) != _GET_IMAGE_REQUIREMENTS.size:
             raise CommandError(_INVALID, f"GET_IMAGE_REQUIREMENTS of {len(body)} bytes")
         if self.query_ring is None:
             raise CommandError(_INVALID, "GET_IMAGE_REQUIREMENTS before INIT")

@@ -69,7 +69,7 @@ from ..protocol import (
 from ..vhost_user.device import BackendChannelError, Device, DeviceRefused
 from ..vhost_user.virtqueue import Virtqueue, VirtqueueError, ring_sizes
 from ..vhost_user.wire import GPU_CURSOR_SIZE, BackendRequest, ProtocolFeature, bit
-from .backing import Backing, BackingError
+from .backing import Backing, BackingError, Forbidden
 from .blobs import BlobEngine
 from .config import GpuConfig
 from .formats import BPP, supported, to_bgra
@@ -107,7 +107,7 @@ class GpuDevice(Device):
         self.events_read = 0
         self.acked = 0
         # (memory generation and ring addresses, the rings' guest-physical ranges): see _ring_ranges.
-        self._rings: tuple[tuple[object, ...], list[tuple[int, int]]] | None = None
+        self._rings: tuple[tuple[object, ...], Forbidden] | None = None
         self.resources = ResourceTable(config.limits)
         self.blobs = BlobEngine(self.resources, config.context_types, config.host_visible_size, allocator, resolver,
                                 config.limits.max_contexts, config.map_timeout, lambda: self.transport)
@@ -361,7 +361,7 @@ class GpuDevice(Device):
         self.blobs.release(res)
         self.resources.remove(res)
 
-    def _ring_ranges(self) -> list[tuple[int, int]]:
+    def _ring_ranges(self) -> Forbidden:
         """Guest-physical ranges of every ring: backing there would let the host scribble over them.  Worked out
         again only when the memory table or a ring moves (every attach asks)."""
         mem = self.transport.memory
@@ -380,8 +380,9 @@ class GpuDevice(Device):
                 except Exception:
                     continue
                 out.append((gpa, gpa + size))
-        self._rings = (key, out)
-        return out
+        forbidden = Forbidden(out)
+        self._rings = (key, forbidden)
+        return forbidden
 
     def _new_backing(self, entries: MemEntries) -> Backing:
         if len(entries) > self.cfg.limits.max_backing_entries:
@@ -400,7 +401,8 @@ class GpuDevice(Device):
         if not len(cmd.entries):
             raise CommandError(_INVALID, "ATTACH_BACKING with no entries")
         res.backing = self._new_backing(cmd.entries)
-        log.debug("resource %d backing: %s", res.id, res.backing.describe())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("resource %d backing: %s", res.id, res.backing.describe())
 
     def _detach_backing(self, cmd: ResourceDetachBacking) -> None:
         res = self.resources.get(cmd.resource_id)
@@ -467,7 +469,7 @@ class GpuDevice(Device):
             if backing.size < cmd.size:
                 raise CommandError(_INVALID, f"entries cover {backing.size} bytes of a {cmd.size}-byte blob")
         self.resources.create_guest_blob(cmd.resource_id, cmd.blob_mem, cmd.blob_flags, cmd.size, backing)
-        if backing is not None:
+        if backing is not None and log.isEnabledFor(logging.DEBUG):
             log.debug("resource %d backing: %s", cmd.resource_id, backing.describe())
 
     # --- scanouts ---------------------------------------------------------------------------------------------

@@ -60,7 +60,13 @@ def parse_edid(data: bytes) -> bytes | None:
     return bytes(blob[:size])
 
 
+# OK_NODATA to a request that echoes nothing (no fence, no ring index, context 0): most of what a guest sends.
+_PLAIN_OK_NODATA = _HDR.pack(*_hdr_values(None, _OK_NODATA))
+
+
 def ok_nodata(hdr: CtrlHdr) -> bytes:
+    if not (hdr.flags & _ECHO or hdr.ctx_id):
+        return _PLAIN_OK_NODATA
     return _HDR.pack(*_hdr_values(hdr, _OK_NODATA))
 
 

@@ -184,6 +184,10 @@ class AliasTable:
         for alias in list(self._live):
             self._release(alias)
 
+    @property
+    def has_garbage(self) -> bool:
+        return bool(self._retired)
+
     def collect(self) -> int:
         """Unmap dropped aliases no view pins any more; returns how many are still pinned."""
         self._retired = [a for a in self._retired if not a.try_close()]

@@ -15,6 +15,8 @@ from __future__ import annotations
 import errno
 import heapq
 import logging
+import math
+import select
 import selectors
 import socket
 import time
@@ -238,24 +240,30 @@ class Session(Transport):
                 self._selector.unregister(channel.sock)
 
     def wait_writable(self, sock: socket.socket, timeout: float) -> None:
-        # A selector of its own: the loop's has the socket registered for reading already (a display's answers).
+        # A poll set of its own (the loop's selector has the socket registered for reading already: a display's
+        # answers).  poll, not a selector: a frame sent to a display socket waits here once per socket buffer's
+        # worth (26 times for a 1080p frame through a 208 KiB buffer), and a new epoll set costs a create, a
+        # register per fd and a close each time.  Any event on the socket (writable, or an error or hang-up that
+        # the next send will report) ends the wait.
         deadline = time.monotonic() + timeout
-        with self._busy_scope(), selectors.DefaultSelector() as sel:
-            sel.register(sock, selectors.EVENT_WRITE, "writable")
-            sel.register(self.channel.sock, selectors.EVENT_READ, "frontend")
-            if self._stop_fd is not None:
-                sel.register(self._stop_fd, selectors.EVENT_READ, "stop")
+        target, frontend = sock.fileno(), self.channel.fileno()
+        poller = select.poll()
+        poller.register(target, select.POLLOUT)
+        poller.register(frontend, select.POLLIN)
+        if self._stop_fd is not None:
+            poller.register(self._stop_fd, select.POLLIN)
+        with self._busy_scope():
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise BackendChannelError(f"fd {sock.fileno()} took no bytes within {timeout:.1f} s")
-                ready = {key.data for key, _ in sel.select(remaining)}
-                if "writable" in ready:
+                    raise BackendChannelError(f"fd {target} took no bytes within {timeout:.1f} s")
+                ready = {fd for fd, _ in poller.poll(max(1, math.ceil(remaining * 1000)))}
+                if target in ready:
                     return
-                if "stop" in ready:
+                if self._stop_fd is not None and self._stop_fd in ready:
                     self.stopping = True
                     raise BackendChannelError("stopping")
-                if "frontend" in ready:
+                if frontend in ready:
                     self._serve_frontend()
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
@@ -271,6 +279,8 @@ class Session(Transport):
         heapq.heappush(self._timers, (time.monotonic() + delay, self._timer_seq, callback))
 
     def _run_timers(self) -> None:
+        if not self._timers:
+            return
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now and not self._busy:
             _, _, callback = heapq.heappop(self._timers)
@@ -282,8 +292,9 @@ class Session(Transport):
             self._run_deferred()
 
     def _timeout(self) -> float | None:
-        if any(q.ready and q.kick_fd < 0 for q in self._queues):
-            return 0.001
+        for q in self._queues:
+            if q.kick_fd < 0 and q.ready:
+                return 0.001
         timeout = max(0.0, self._timers[0][0] - time.monotonic()) if self._timers else None
         return sleep_limit(timeout, self._services) if self._services else timeout
 
@@ -355,7 +366,7 @@ class Session(Transport):
 
     def _poll_kickless(self) -> None:
         for q in self._queues:
-            if q.ready and q.kick_fd < 0 and q.has_pending():
+            if q.kick_fd < 0 and q.ready and q.has_pending():
                 self._process(q)
 
     def _process(self, q: Virtqueue) -> None:
@@ -368,13 +379,19 @@ class Session(Transport):
             # Never re-enter the device: a kick seen while it waits for an ack is served when it returns.
             self._pending.add(q.index)
             return
-        with self._busy_scope():
-            try:
-                self.device.process_queue(q)
-            except Exception:
-                log.exception("device failed while processing queue %d", q.index)
-        self._memory.collect()
-        self._run_deferred()
+        # _busy_scope written out: this runs once per kick, and the context manager's generator costs more than
+        # the rest of the bookkeeping around the device.
+        self._busy += 1
+        try:
+            self.device.process_queue(q)
+        except Exception:
+            log.exception("device failed while processing queue %d", q.index)
+        finally:
+            self._busy -= 1
+        if self._memory.has_garbage:
+            self._memory.collect()
+        if self._deferred or self._pending:
+            self._run_deferred()
 
     def _drain_backend_channel(self) -> None:
         ch = self.state.backend_channel

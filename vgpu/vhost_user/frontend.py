@@ -26,6 +26,7 @@ from .wire import (
     CONFIG_HEADER_SIZE,
     FLAG_NEED_REPLY,
     GPU_UPDATE_SIZE,
+    MMAP_REQUEST_SIZE,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_VERSION,
     VIRTIO_F_VERSION_1,
@@ -39,7 +40,6 @@ from .wire import (
     GpuRequest,
     GpuUpdate,
     MemoryTable,
-    MMapRequest,
     ProtocolFeature,
     ShmemConfig,
     SingleMemoryRegion,
@@ -49,6 +49,7 @@ from .wire import (
     bit,
     build,
     build_u64,
+    parse_mmap_request,
     parse_u64,
 )
 
@@ -476,15 +477,15 @@ class Frontend:
 
     def _shmem(self, msg: Message, is_map: bool) -> bool:
         """Map or unmap as asked; False (with the reason in service_errors) when the window cannot."""
-        if len(msg.payload) != MMapRequest.sizeof():
+        if len(msg.payload) != MMAP_REQUEST_SIZE:
             self.service_errors.append(f"SHMEM request of {len(msg.payload)} bytes")
             return False
-        r = MMapRequest.parse(msg.payload)
-        window = self.shm.get(r.shmid)
+        shmid, fd_offset, shm_offset, length, flags = parse_mmap_request(msg.payload)
+        window = self.shm.get(shmid)
         if window is None:
-            self.service_errors.append(f"SHMEM request for unknown shmid {r.shmid}")
+            self.service_errors.append(f"SHMEM request for unknown shmid {shmid}")
             return False
-        m = ShmMapping(r.shm_offset, r.len, r.fd_offset, r.flags)
+        m = ShmMapping(shm_offset, length, fd_offset, flags)
         try:
             if is_map:
                 if not msg.fds:

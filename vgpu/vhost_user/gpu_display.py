@@ -17,8 +17,9 @@ from typing import Final
 from .device import BackendChannelError, Transport
 from .message import Buffer, Channel, ProtocolError
 from .wire import (
+    GPU_CURSOR_POS_ST,
     GPU_CURSOR_SIZE,
-    GpuCursorPos,
+    GPU_UPDATE_ST,
     GpuCursorUpdate,
     GpuDmabufScanout,
     GpuDmabufScanout2,
@@ -26,7 +27,6 @@ from .wire import (
     GpuProtocolFeature,
     GpuRequest,
     GpuScanout,
-    GpuUpdate,
     bit,
     build,
     build_u64,
@@ -158,12 +158,11 @@ class DisplayClient:
 
     def update(self, scanout_id: int, x: int, y: int, width: int, height: int, pixels: Buffer) -> None:
         """`pixels`: height rows of width x8r8g8b8 pixels, any buffer (sent as is, not copied into the message)."""
-        hdr = build(GpuUpdate, scanout_id=scanout_id, x=x, y=y, width=width, height=height)
-        self._send(GpuRequest.UPDATE, (hdr, pixels))
+        self._send(GpuRequest.UPDATE, (GPU_UPDATE_ST.pack(scanout_id, x, y, width, height), pixels))
 
     def cursor_pos(self, scanout_id: int, x: int, y: int, hide: bool = False) -> None:
         req = GpuRequest.CURSOR_POS_HIDE if hide else GpuRequest.CURSOR_POS
-        self._send(req, build(GpuCursorPos, scanout_id=scanout_id, x=x, y=y))
+        self._send(req, GPU_CURSOR_POS_ST.pack(scanout_id, x, y))
 
     def cursor_update(self, scanout_id: int, x: int, y: int, hot_x: int, hot_y: int, argb: bytes) -> None:
         if len(argb) != GPU_CURSOR_SIZE * GPU_CURSOR_SIZE * 4:
@@ -185,8 +184,7 @@ class DisplayClient:
 
     def dmabuf_update(self, scanout_id: int, x: int, y: int, width: int, height: int) -> None:
         """DMABUF_UPDATE waits for the front end's (empty) reply: it has finished reading the buffer."""
-        self._query(GpuRequest.DMABUF_UPDATE,
-                    build(GpuUpdate, scanout_id=scanout_id, x=x, y=y, width=width, height=height))
+        self._query(GpuRequest.DMABUF_UPDATE, GPU_UPDATE_ST.pack(scanout_id, x, y, width, height))
 
     def close(self) -> None:
         if not self.channel.closed:

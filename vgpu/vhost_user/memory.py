@@ -158,6 +158,11 @@ class GuestMemory:
         self._regions = []
         self._rebuild()
 
+    @property
+    def has_garbage(self) -> bool:
+        """Whether collect() has anything to look at (the loop asks after every kick)."""
+        return bool(self._retired) or self.aliases.has_garbage
+
     def collect(self) -> int:
         """Close retired regions and dropped aliases nothing points into any more; returns how many are still
         pinned."""

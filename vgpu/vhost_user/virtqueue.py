@@ -131,6 +131,8 @@ class Virtqueue:
         self.addr_flags = 0
         self.has_addr = False
         self.last_avail_idx = 0
+        # The driver's avail idx as last read: chains before it are published and need no new look at the ring.
+        self._avail_seen = 0
         self.used_idx = 0
         self.signalled_used = 0
         self.signalled_used_valid = False
@@ -167,6 +169,7 @@ class Virtqueue:
     def set_base(self, base: int) -> None:
         # For a split ring only the avail index travels; the used index is read back from the ring when mapped.
         self.last_avail_idx = base & 0xFFFF
+        self._avail_seen = self.last_avail_idx
         self.signalled_used_valid = False
 
     def map(self, memory: GuestMemory) -> None:
@@ -189,6 +192,7 @@ class Virtqueue:
         self._used = ur.view(uoff, usz)
         self.used_idx = _U16.unpack_from(self._used, 2)[0]
         self._notified_used = self.used_idx
+        self._avail_seen = self.last_avail_idx
 
     def unmap(self) -> None:
         for v in (self._desc, self._avail, self._used):
@@ -218,7 +222,7 @@ class Virtqueue:
 
     @property
     def ready(self) -> bool:
-        return self.started and self.enabled and self.mapped and not self.broken
+        return self.started and self.enabled and self._desc is not None and not self.broken
 
     def avail_idx(self) -> int:
         assert self._avail is not None
@@ -234,14 +238,18 @@ class Virtqueue:
         avail = self._avail
         if avail is None:
             return None
-        if self.event_idx:
-            full_fence()  # our avail_event store (previous pop) before this load of the driver's avail idx
-        idx = _U16.unpack_from(avail, 2)[0]
-        pending = (idx - self.last_avail_idx) & 0xFFFF
-        if pending == 0:
-            return None
-        if pending > self.size:
-            raise RingBroken(f"queue {self.index}: avail index moved by {pending} > queue size {self.size}")
+        if self._avail_seen == self.last_avail_idx:
+            # Everything the driver had published when we last looked is taken: look again.  (Chains up to an
+            # index already read stay published, so a batch of 64 costs one read of the index and one fence.)
+            if self.event_idx:
+                full_fence()  # our avail_event store (previous pop) before this load of the driver's avail idx
+            idx = _U16.unpack_from(avail, 2)[0]
+            pending = (idx - self.last_avail_idx) & 0xFFFF
+            if pending == 0:
+                return None
+            if pending > self.size:
+                raise RingBroken(f"queue {self.index}: avail index moved by {pending} > queue size {self.size}")
+            self._avail_seen = idx
         head: int = _U16.unpack_from(avail, 4 + 2 * (self.last_avail_idx % self.size))[0]
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if self.event_idx and self._used is not None:

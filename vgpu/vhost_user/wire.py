@@ -371,6 +371,9 @@ GpuEdidRequest = Struct("scanout_id" / Int32un)
 HEADER_ST: Final = struct_of(Header)
 _U64_ST: Final = struct_of(U64)
 _MMAP_REQUEST_ST: Final = struct_of(MMapRequest)
+# The display messages a frame or a cursor move sends (RESOURCE_FLUSH, MOVE_CURSOR): one per command.
+GPU_UPDATE_ST: Final = struct_of(GpuUpdate)
+GPU_CURSOR_POS_ST: Final = struct_of(GpuCursorPos)
 
 
 def parse_u64(payload: bytes) -> int:
@@ -389,6 +392,16 @@ def build_header(request: int, flags: int, size: int) -> bytes:
 def build_mmap_request(shmid: int, fd_offset: int, shm_offset: int, length: int, flags: int) -> bytes:
     """SHMEM_MAP / SHMEM_UNMAP payload (one per host-blob mapping)."""
     return _MMAP_REQUEST_ST.pack(shmid, fd_offset, shm_offset, length, flags)
+
+
+MMAP_REQUEST_SIZE: Final = _MMAP_REQUEST_ST.size
+
+
+def parse_mmap_request(payload: bytes) -> tuple[int, int, int, int, int]:
+    """(shmid, fd_offset, shm_offset, len, flags) of a SHMEM_MAP / SHMEM_UNMAP payload of exactly
+    MMAP_REQUEST_SIZE bytes (a front end handles one per mapping: construct's parse costs 20-40 us of it)."""
+    shmid, fd_offset, shm_offset, length, flags = _MMAP_REQUEST_ST.unpack(payload)
+    return shmid, fd_offset, shm_offset, length, flags
 
 
 def build(struct: Any, **fields: Any) -> bytes:

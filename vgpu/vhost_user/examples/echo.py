@@ -17,16 +17,19 @@ import sys
 from ..device import BackendChannelError, Device
 from ..server import StopSignal, serve, serve_connection
 from ..virtqueue import Virtqueue, VirtqueueError
-from ..wire import MMAP_FLAG_READ_WRITE, BackendRequest, MMapRequest, ProtocolFeature, bit, build
+from ..wire import MMAP_FLAG_READ_WRITE, BackendRequest, ProtocolFeature, bit, build_mmap_request
 
 log = logging.getLogger("vgpu.vhost_user.echo")
 
 SHMID = 1
 
 
+_PATTERN_UNIT = bytes((i * 7 + 3) & 0xFF for i in range(256))
+
+
 def pattern(length: int) -> bytes:
     """The bytes a mapped echo buffer starts with: a repeating, position-dependent pattern a test can predict."""
-    return bytes((i * 7 + 3) & 0xFF for i in range(256)) * (length // 256) + bytes(length % 256)
+    return _PATTERN_UNIT * (length // 256) + bytes(length % 256)
 
 
 class EchoDevice(Device):
@@ -80,8 +83,7 @@ class EchoDevice(Device):
                 self.transport.backend_request(BackendRequest.CONFIG_CHANGE_MSG, b"")
                 return b"ok"
             offset, length = int(words[1]), int(words[2])
-            req = build(MMapRequest, shmid=SHMID, fd_offset=0, shm_offset=offset, len=length,
-                        flags=MMAP_FLAG_READ_WRITE)
+            req = build_mmap_request(SHMID, 0, offset, length, MMAP_FLAG_READ_WRITE)
             if words[0] == b"map":
                 fd = os.memfd_create("echo-buffer", os.MFD_CLOEXEC)
                 try:
