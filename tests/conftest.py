@@ -27,11 +27,9 @@ from hypothesis.configuration import set_hypothesis_home_dir
 
 from vgpu.conformance.process import BackendProcess
 from vgpu.procfs import open_fds
-from vgpu.protocol import CtrlType, Format, Rect, SetScanoutBlob
-from vgpu.session import CROSS_DOMAIN_FEATURES, CrossDomainGuest, Session, hdr, make_display
+from vgpu.session import CROSS_DOMAIN_FEATURES, CrossDomainGuest, Session, make_display
 from vgpu.vhost_user.driver import GuestRam
-from vgpu.vhost_user.frontend import Display, Frontend
-from vgpu.vhost_user.wire import GPU_UPDATE_SIZE, GpuRequest
+from vgpu.vhost_user.frontend import Frontend
 from vgpu_lab import paths
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,13 +72,6 @@ def host_blob_options(**extra: str) -> list[str]:
     args = {"--context-types": "cross-domain", "--allocator": "memfd", "--host-visible-size": str(WINDOW),
             "--max-host-memory": "32M", "--map-timeout": "1", "--log-level": "info", **extra}
     return [f"{k}={v}" for k, v in args.items()]
-
-
-def updates(g: Session, count: int) -> list[tuple[tuple[int, int, int, int, int], bytes]]:
-    """The first `count` UPDATEs the session's display received: ((scanout, x, y, w, h), pixels)."""
-    assert g.display is not None
-    evs = g.display.wait_for(GpuRequest.UPDATE, count)
-    return [(Display.update_rect(e.payload), e.payload[GPU_UPDATE_SIZE:]) for e in evs]
 
 
 def raw(b: BackendProcess) -> socket.socket:
@@ -138,13 +129,6 @@ def backend_buffer_with(pid: int, needle: bytes) -> bytes | None:
         if needle in data:
             return data
     return None
-
-
-def scanout_blob(rid: int, w: int, h: int, stride: int, offset: int = 0, r: Rect | None = None,
-                 fmt: int = Format.FORMAT_B8G8R8X8_UNORM, scanout: int = 0) -> SetScanoutBlob:
-    """SET_SCANOUT_BLOB of a w x h single-plane image at `offset` with `stride`."""
-    return SetScanoutBlob(hdr(CtrlType.CMD_SET_SCANOUT_BLOB), r or Rect(0, 0, w, h), scanout, rid, w, h, fmt,
-                          (stride, 0, 0, 0), (offset, 0, 0, 0))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import updates
 from vgpu.conformance.process import BackendProcess
 from vgpu.gpu import png
 from vgpu.procfs import fd_count, wait_until
@@ -33,7 +32,7 @@ from vgpu.protocol import (
     TransferToHost2D,
     UpdateCursor,
 )
-from vgpu.session import Session, hdr, make_display, pattern, rtype
+from vgpu.session import Session, hdr, make_display, pattern, rtype, updates
 from vgpu.vhost_user.wire import GpuRequest
 
 E = CtrlType

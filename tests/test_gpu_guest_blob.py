@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import scanout_blob, updates
 from vgpu.conformance.process import BackendProcess
 from vgpu.protocol import (
     BlobMem,
@@ -21,7 +20,7 @@ from vgpu.protocol import (
     ResourceFlush,
     TransferToHost2D,
 )
-from vgpu.session import ALL_FEATURES, PAGE, Session, hdr, pattern
+from vgpu.session import ALL_FEATURES, PAGE, Session, hdr, pattern, scanout_blob, updates
 
 pytestmark = pytest.mark.vgpu(display=True)
 

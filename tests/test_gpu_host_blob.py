@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import VGPU, WINDOW, backend_buffer_with, host_blob_options, start_backend, updates
+from tests.conftest import VGPU, WINDOW, backend_buffer_with, host_blob_options, start_backend
 from vgpu.conformance.process import BackendProcess
 from vgpu.procfs import fd_count, wait_until
 from vgpu.protocol import (
@@ -47,6 +47,7 @@ from vgpu.session import (
     make_display,
     pattern,
     rtype,
+    updates,
 )
 from vgpu.vhost_user.shm_window import ShmMapping
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import scanout_blob, start_backend, updates
+from tests.conftest import start_backend
 from vgpu.conformance.process import BackendProcess
 from vgpu.procfs import fd_count, open_fds, wait_until
 from vgpu.protocol import (
@@ -34,7 +34,7 @@ from vgpu.protocol import (
     ResourceUnref,
     TransferToHost2D,
 )
-from vgpu.session import PAGE, Backing, Session, hdr, make_display, pattern, rtype
+from vgpu.session import PAGE, Backing, Session, hdr, make_display, pattern, rtype, scanout_blob, updates
 from vgpu.vhost_user.driver import GuestRam
 
 E = CtrlType

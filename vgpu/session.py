@@ -39,6 +39,7 @@ from .protocol import (
     ResourceFlush,
     ResourceMapBlob,
     SetScanout,
+    SetScanoutBlob,
     SubmitCmd,
     TransferToHost2D,
     build_edid,
@@ -49,7 +50,7 @@ from .protocol.cross_domain import CrossDomainGetImageRequirements, CrossDomainI
 from .vhost_user.driver import GuestRam, Ram
 from .vhost_user.frontend import DEFAULT_TIMEOUT, FRONTEND_PROTOCOL_FEATURES, Display, Frontend
 from .vhost_user.profiles import Profile, bring_up
-from .vhost_user.wire import ProtocolFeature
+from .vhost_user.wire import GPU_UPDATE_SIZE, GpuRequest, ProtocolFeature
 
 PAGE: Final = 4096
 #: EDID, resource UUIDs and blobs: what a modern Linux guest acks of a 2D device.
@@ -269,6 +270,20 @@ class Session:
         self.fe.close()
         self.ram.close()
 
+
+
+def updates(g: Session, count: int) -> list[tuple[tuple[int, int, int, int, int], bytes]]:
+    """The first `count` UPDATEs the session's display received: ((scanout, x, y, w, h), pixels)."""
+    assert g.display is not None
+    evs = g.display.wait_for(GpuRequest.UPDATE, count)
+    return [(Display.update_rect(e.payload), e.payload[GPU_UPDATE_SIZE:]) for e in evs]
+
+
+def scanout_blob(rid: int, w: int, h: int, stride: int, offset: int = 0, r: Rect | None = None,
+                 fmt: int = Format.FORMAT_B8G8R8X8_UNORM, scanout: int = 0) -> SetScanoutBlob:
+    """SET_SCANOUT_BLOB of a w x h single-plane image at `offset` with `stride`."""
+    return SetScanoutBlob(hdr(CtrlType.CMD_SET_SCANOUT_BLOB), r or Rect(0, 0, w, h), scanout, rid, w, h, fmt,
+                          (stride, 0, 0, 0), (offset, 0, 0, 0))
 
 def _name(request: bytes | Command) -> str:
     return type(request).__name__ if not isinstance(request, bytes) else f"request of {len(request)} bytes"
