@@ -40,6 +40,20 @@ VGPU = [sys.executable, "-m", "vgpu"]
 #: The host-visible window the cross-domain back ends offer (small: tests map a few blobs).
 WINDOW = 64 << 20
 
+# Bytecode: this machine kind sets PYTHONDONTWRITEBYTECODE, so each of the hundreds of back-end processes the tests
+# start would compile the package from source again (0.38 s to import vgpu.cli instead of 0.20 s); an installed back
+# end has its bytecode from pip. It is cached outside the tree, for this process and every child.
+if not os.environ.get("PYTHONPYCACHEPREFIX"):
+    os.environ["PYTHONPYCACHEPREFIX"] = str(Path(tempfile.gettempdir()) / f"vgpu-pycache-{os.getuid()}")
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"]
+sys.dont_write_bytecode = False
+# For every process the tests start (xdist's workers, back ends, benchmark and fuzz runs), before they import numpy:
+# no test does linear algebra, and OpenBLAS's thread pool costs each process about 0.1 s of CPU at its start (the
+# back end's own entry point, vgpu/__main__.py, sets the same).
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
 # Hypothesis keeps its storage (the failing examples it replays first, a constants cache) in .hypothesis/ under the
 # current directory unless told otherwise; tests write only to temporary directories, so it lives there.
 if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
@@ -133,6 +147,20 @@ def backend_buffer_with(pid: int, needle: bytes) -> bytes | None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vgpu(*options, display=False): how the module's `vgpu` back end starts")
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """Two workers per core: a test mostly waits on the back end it started (a socket, a timeout), so two cores
+    keep four modules going."""
+    return 2 * (os.cpu_count() or 1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups; after tests/e2e's own (registered later)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test without a worker group runs on the worker of its module, so module fixtures start once."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ command's, its result committed)."""
 from __future__ import annotations
 
 import json
-import re
 import select
 import socket
 import sys
@@ -16,21 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QEMU_GPU_BACKEND, REPO, require
 from vgpu.conformance import catalogue as cat
 from vgpu.conformance import cli
 from vgpu.conformance.process import BackendProcess, socket_option, split_template, without_socket
 from vgpu.conformance.registry import all_checks
-from vgpu.conformance.report import markdown, ours_command, qemu_command
-from vgpu.conformance.runner import FAIL, NA, PASS, Run, retry_timeouts, run
+from vgpu.conformance.report import ours_command
+from vgpu.conformance.runner import FAIL, NA, PASS, run
 from vgpu.vhost_user.frontend import Frontend
-from vgpu.vhost_user.profiles import CROSVM
 from vgpu.vhost_user.wire import VHOST_USER_VERSION
 
 CATALOGUE = cat.load()
-# Findings about our own back end, reported to the owners of vgpu/gpu and vgpu/vhost_user (not fixed here).  Each
-# must keep failing until fixed, so this list cannot silently outlive the bug.
-OURS_KNOWN_FAILURES: set[str] = set()
 
 
 def rule_ids() -> set[str]:
@@ -108,10 +102,6 @@ def broken(mode: str) -> str:
     return f"{sys.executable} -m tests.conformance_broken_vgpu --mode={mode} --socket-path={{sock}}"
 
 
-def verdicts(r: Run) -> dict[str, str]:
-    return {x.requirement.id: x.status for x in r.results}
-
-
 BROKEN = {
     "wrong-type": {"GPU-RESP-TYPES", "GPU-2D-UNREF", "GPU-SCANOUT-DISABLE"},
     "drop-fence": {"GPU-FENCE-ECHO", "GPU-FENCE-DONE"},
@@ -123,7 +113,7 @@ BROKEN = {
 def unbroken(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The control, once for every mode's checks: the same device unbroken passes them all."""
     every = set().union(*BROKEN.values())
-    return verdicts(run(broken("none"), CATALOGUE, every, tmp_path_factory.mktemp("unbroken")))
+    return run(broken("none"), CATALOGUE, every, tmp_path_factory.mktemp("unbroken")).verdicts()
 
 
 @pytest.mark.parametrize("mode", list(BROKEN))
@@ -131,7 +121,7 @@ def test_a_deliberately_broken_device_fails_its_checks(mode: str, unbroken: dict
     failing = BROKEN[mode]
     assert {unbroken[i] for i in failing} == {PASS}, unbroken
     result = run(broken(mode), CATALOGUE, failing, tmp_path)
-    assert verdicts(result) == dict.fromkeys(failing, FAIL), result.to_json()
+    assert result.verdicts() == dict.fromkeys(failing, FAIL), result.to_json()
     # Each fails for its fault, not by timing out, and says what it saw.
     assert all(r.detail and "Timeout" not in r.detail for r in result.results), result.to_json()
 
@@ -184,72 +174,3 @@ def test_unknown_request_check_when_the_close_wins_the_race(tmp_path: Path, monk
     assert waited == ["closed"], f"after request 201 the back end sent {waited}: this test lost its premise"
     (r,) = result.results
     assert (r.status, r.detail) == (PASS, "failure ack, closed on one without"), result.to_json()
-
-
-def report_rows(text: str) -> dict[str, list[str]]:
-    """Requirement id → the cells of its row in a report's table (in the table's order)."""
-    rows = [line for line in text.splitlines() if re.match(r"\| [A-Z]+-[A-Z0-9-]+ \|", line)]
-    return {row.split(" | ")[0][2:]: re.split(r"(?<!\\)\|", row)[1:-1] for row in rows}
-
-
-def verdict(cell: str) -> str:
-    """A report cell's verdict as the runner names it: "pass (...)" → pass, "n/a: ..." → n/a, "**FAIL**: ..." → fail."""
-    word = cell.strip().split(" ")[0].split(":")[0]
-    return FAIL if word == "**FAIL**" else word
-
-
-#: QEMU's C back end is judged on these in the suite (the report's command judges it on everything): checks it
-#: passes, checks that are n/a for it, and findings (failures with observed bytes), one of each area.
-QEMU_SAMPLE = ("VU-FEATURES", "GPU-2D-TRANSFER-EXACT", "GPU-MAP-INFO", "GPU-BLOB-GUEST-LATE-BACKING", "GPU-HDR-SHORT",
-               "GPU-CFG-SCANOUTS", "VU-REPLY-ACK")
-
-
-def test_report_ours_and_qemu_side_by_side(tmp_path: Path) -> None:
-    """Ours on every requirement, set up as QEMU and as crosvm set it up, and the committed report
-    (spec/conformance.md, written by ``python -m vgpu.conformance.report``, which judges QEMU's C back end on
-    everything too) still says what this run found; QEMU's back end on a sample, and the page rendered from the
-    three well formed."""
-    qemu = require(QEMU_GPU_BACKEND, "QEMU's C vhost-user-gpu back end (Debian qemu-system-gui)")
-    ours = run(ours_command(), CATALOGUE)
-    as_crosvm = run(ours_command(), CATALOGUE, profile=CROSVM)
-    # Ours: every applicable check passes, but for the known findings (which must still fail when deterministic).
-    failing = {r.requirement.id: r.detail for r in ours.results if r.status == FAIL}
-    assert set(failing) <= OURS_KNOWN_FAILURES, failing
-    assert set(failing) >= OURS_KNOWN_FAILURES, "a known finding was fixed: drop it from OURS_KNOWN_FAILURES"
-    # Nothing of ours is re-run: a timeout is a failure (a stall after set-up was found and fixed this way).
-    assert not ours.retried, ours.retried
-    assert ours.seconds < 120
-    # Under crosvm's set-up the same back end fails nothing either; what it cannot be judged on is n/a, each with
-    # its reason (no display socket, or a protocol feature crosvm never asks for).
-    assert not [r.requirement.id for r in as_crosvm.results if r.status == FAIL], as_crosvm.to_json()
-    na = {r.requirement.id: r.detail for r in as_crosvm.results if r.status == NA}
-    assert "display socket" in na["VUG-SOCKET-FIRST"] and "display socket" in na["GPU-CURSOR-MOVE"]
-    assert "never asked by the crosvm front end" in na["VU-MEM-SLOTS"]
-    assert as_crosvm.profile.name == "crosvm" and as_crosvm.counts()[PASS] > 60
-    # The committed report is current: the catalogue's requirements, and our verdicts on each (as QEMU and as
-    # crosvm set us up) as this run found them.
-    committed = report_rows((REPO / "spec" / "conformance.md").read_text())
-    assert list(committed) == [r.id for r in CATALOGUE.requirements], "spec/conformance.md is stale: run " \
-        "python -m vgpu.conformance.report"
-    stale = {(r.requirement.id, col): (verdict(committed[r.requirement.id][col]), r.status)
-             for col, run_ in ((3, ours), (5, as_crosvm)) for r in run_.results
-             if verdict(committed[r.requirement.id][col]) != r.status}
-    assert not stale, f"spec/conformance.md is stale (committed, now: {stale}): run python -m vgpu.conformance.report"
-    theirs = retry_timeouts(run(qemu_command(qemu), CATALOGUE, QEMU_SAMPLE), CATALOGUE)
-    text = markdown(CATALOGUE, ours, theirs, as_crosvm)
-    # Written where a failure can be inspected; the committed report is regenerated by its command only.
-    (tmp_path / "conformance.md").write_text(text)
-    # Well formed: one row per requirement all three were judged on, six cells each, every verdict one of ours.
-    rows = report_rows(text)
-    assert list(rows) == [r.id for r in CATALOGUE.requirements if r.id in QEMU_SAMPLE]
-    for cells in rows.values():
-        assert len(cells) == 6, cells
-        for cell in cells[3:]:
-            assert re.match(r" (pass|n/a: |\*\*FAIL\*\*: )", cell), cells
-    # QEMU's back end was really driven: it passed the 2D basics and the transport, and blobs are n/a for it; its
-    # verdicts are the committed report's.
-    v = verdicts(theirs)
-    assert v["GPU-2D-TRANSFER-EXACT"] == PASS and v["VU-FEATURES"] == PASS
-    assert v["GPU-MAP-INFO"] == NA and v["GPU-BLOB-GUEST-LATE-BACKING"] == NA
-    assert {i: verdict(committed[i][4]) for i in QEMU_SAMPLE} == v
-    assert "## Findings" in text and "observed" in text

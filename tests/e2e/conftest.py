@@ -34,10 +34,14 @@ MARK = "VGPU-FBCON-TEXT"
 T = TypeVar("T")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if HERE in item.path.parents:
             item.add_marker(pytest.mark.e2e)
+            # One worker boots the guests one after another: they share the session's lab components, and two
+            # emulated guests at once on two cores would only slow each other past their timeouts.
+            item.add_marker(pytest.mark.xdist_group("e2e"))
 
 
 def component(name: str, make: Callable[[], T]) -> T:

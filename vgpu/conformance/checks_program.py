@@ -48,7 +48,7 @@ def print_capabilities(ctx: CheckContext) -> str | None:
 def socket_and_fd_refused(ctx: CheckContext) -> str | None:
     """--socket-path together with --fd is refused at startup with a non-zero status."""
     a, b = socket.socketpair()
-    path = str(ctx.backend.workdir / "both.sock")
+    path = str(ctx.backend.socket_dir / "both.sock")
     try:
         argv = [*without_socket(ctx.backend.argv_template), *socket_option(ctx.backend.argv_template, path),
                 f"--fd={b.fileno()}"]
@@ -115,7 +115,7 @@ def virgl_unavailable(ctx: CheckContext) -> str | None:
     """Asked for virgl on a host without a render node, the program fails at startup with a non-zero status."""
     if glob.glob("/dev/dri/renderD*"):
         raise NotApplicable("this host has a render node, so virgl may be available")
-    path = str(ctx.backend.workdir / "virgl.sock")
+    path = str(ctx.backend.socket_dir / "virgl.sock")
     argv = [*without_socket(ctx.backend.argv_template), *socket_option(ctx.backend.argv_template, path), "--virgl"]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
@@ -16,6 +19,19 @@ from typing import IO
 from ..procfs import fd_count, settled_fd_count, wait_until
 
 SOCKET_PLACEHOLDER = "{sock}"
+# sockaddr_un.sun_path holds 108 bytes with its NUL; room is kept for the longest socket name placed beside the
+# back end's own ("virgl.sock" in the conformance checks).
+_SUN_PATH_MAX = 107
+_SOCKET_NAME_ROOM = 24
+
+
+def socket_dir(workdir: Path) -> Path:
+    """Where sockets for a back end working in `workdir` go: `workdir` itself, or, when its path is too long for
+    AF_UNIX (a deep pytest or CI temp dir), a short private directory under the system's temp dir that is removed
+    when the returned path's owner is collected (see BackendProcess)."""
+    if len(os.fsencode(workdir)) + 1 + _SOCKET_NAME_ROOM <= _SUN_PATH_MAX:
+        return workdir
+    return Path(tempfile.mkdtemp(prefix="vgpu-"))
 
 
 class BackendStartError(Exception):
@@ -69,7 +85,11 @@ class BackendProcess:
         self.name = name
         self.start_timeout = start_timeout
         self.cwd = cwd
-        self.socket_path = str(workdir / f"{name}.sock")
+        #: Sockets live here: `workdir`, unless its path is too long for AF_UNIX.
+        self.socket_dir = socket_dir(workdir)
+        if self.socket_dir != workdir:
+            weakref.finalize(self, shutil.rmtree, self.socket_dir, True)
+        self.socket_path = str(self.socket_dir / f"{name}.sock")
         self.log_path = workdir / f"{name}.log"
         #: The last process started (kept after it stopped, for its exit status).
         self.proc: subprocess.Popen[bytes] | None = None

@@ -81,6 +81,10 @@ class Run:
     # The VMM whose set-up sequence every session followed.
     profile: Profile = QEMU
 
+    def verdicts(self) -> dict[str, str]:
+        """Each requirement's status, by its id."""
+        return {r.requirement.id: r.status for r in self.results}
+
     def counts(self) -> dict[str, int]:
         out = {PASS: 0, FAIL: 0, NA: 0}
         for r in self.results:
