@@ -2,8 +2,9 @@
 
 `python -m tests.conformance_broken_vgpu --mode=MODE --socket-path=PATH` serves our GPU device with one fault:
 `wrong-type` answers RESP_OK_NODATA successes as RESP_OK_DISPLAY_INFO, `drop-fence` answers fenced requests
-without FLAG_FENCE and fence_id, `leak-fd` opens (and never closes) a file per command, `none` is the device as it
-is (the control that shows the same checks pass without the fault).
+without FLAG_FENCE and fence_id, `leak-fd` opens (and never closes) a file per command, `slow-exit` serves one
+front end as QEMU's C back end does and then takes 1.5 s to exit (not a fault: the runner must cope), `none` is the
+device as it is (the control that shows the same checks pass without the fault).
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ import os
 import socket
 import struct
 import sys
+import time
 
 from vgpu.gpu.config import GpuConfig
 from vgpu.gpu.device import GpuDevice
 from vgpu.protocol import CtrlFlag, CtrlType
 from vgpu.vhost_user.device import Device
-from vgpu.vhost_user.server import StopSignal, serve
+from vgpu.vhost_user.server import StopSignal, serve, serve_connection
 
-MODES = ("none", "wrong-type", "drop-fence", "leak-fd")
+MODES = ("none", "wrong-type", "drop-fence", "leak-fd", "slow-exit")
+#: How long `slow-exit` lingers after its front end left: longer than the conformance probe's 1 s wait.
+SLOW_EXIT_S = 1.5
 
 
 class DeliberatelyBrokenGpu(GpuDevice):
@@ -57,7 +61,14 @@ def main() -> int:
             listener.bind(args.socket_path)
             listener.listen(1)
             try:
-                serve(factory, listener, stop.r)
+                if args.mode == "slow-exit":
+                    # One front end, then no listener (a later connect is refused) and a slow exit.
+                    conn, _ = listener.accept()
+                    listener.close()
+                    serve_connection(factory(), conn, stop.r)
+                    time.sleep(SLOW_EXIT_S)
+                else:
+                    serve(factory, listener, stop.r)
             finally:
                 os.unlink(args.socket_path)
     finally:

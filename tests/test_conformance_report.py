@@ -83,7 +83,7 @@ def test_report_ours_and_qemu_side_by_side(tmp_path: Path) -> None:
     # QEMU's back end was really driven: it passed the 2D basics and the transport, and blobs are n/a for it; its
     # verdicts are the committed report's.
     v = theirs.verdicts()
-    assert v["GPU-2D-TRANSFER-EXACT"] == PASS and v["VU-FEATURES"] == PASS
+    assert v["GPU-2D-TRANSFER-EXACT"] == PASS and v["VU-FEATURES"] == PASS, theirs.to_json()
     assert v["GPU-MAP-INFO"] == NA and v["GPU-BLOB-GUEST-LATE-BACKING"] == NA
     assert {i: verdict(committed[i][4]) for i in QEMU_SAMPLE} == v
     assert "## Findings" in text and "observed" in text

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
+from ..procfs import wait_until
 from ..protocol import VIRTIO_GPU_MAX_SCANOUTS, Capset, CtrlType, GetCapsetInfo, GpuFeature, ShmId
 from ..protocol import structs as s
 from ..session import Session, hdr, make_display, rtype
@@ -15,6 +17,8 @@ from ..vhost_user.profiles import QEMU, Profile
 from ..vhost_user.wire import ProtocolFeature, bit
 from .errors import NotApplicable, no_display_socket
 from .process import BackendProcess, without_socket
+
+T = TypeVar("T")
 
 #: How long the runner waits for an answer: a stalled back end fails its check rather than the run.
 TIMEOUT: Final = 3.0
@@ -153,8 +157,7 @@ class CheckContext:
             raise NotApplicable(why)
 
     def session(self, **kw: Any) -> Session:
-        self.backend.ensure()
-        sess = open_session(self.backend.socket_path, profile=self.profile, **kw)
+        sess = self._connected(lambda: open_session(self.backend.socket_path, profile=self.profile, **kw))
         self._sessions.append(sess)
         return sess
 
@@ -165,10 +168,24 @@ class CheckContext:
 
     def frontend(self) -> Frontend:
         """A bare connection: nothing negotiated, for checks of the vhost-user conversation itself."""
-        self.backend.ensure()
-        fe = Frontend.connect(self.backend.socket_path, timeout=TIMEOUT)
+        fe = self._connected(lambda: Frontend.connect(self.backend.socket_path, timeout=TIMEOUT))
         self._frontends.append(fe)
         return fe
+
+    def _connected(self, connect: Callable[[], T]) -> T:
+        """`connect()` to the back end, started first if it is not running. The probe judges a back end that exits
+        when its front end leaves (QEMU's) by waiting a second for it to exit; under load it may take longer, and
+        then the next check finds it still running, about to exit, and is refused. Once it has exited, the offer
+        is corrected for the rest of the run and a fresh process takes the connection."""
+        self.backend.ensure()
+        try:
+            return connect()
+        except (ConnectionRefusedError, FileNotFoundError):  # no listener, or its socket removed at exit
+            if not wait_until(lambda: not self.backend.alive(), 2.0):
+                raise
+            self.offer.exits_on_disconnect = True
+            self.backend.start()
+            return connect()
 
     def drop(self, sess: Session) -> None:
         """Close a session before the check ends (a disconnect is part of what it tests)."""
