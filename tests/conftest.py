@@ -25,6 +25,7 @@ from typing import NoReturn
 import pytest
 from hypothesis.configuration import set_hypothesis_home_dir
 
+from vgpu.__main__ import one_blas_thread
 from vgpu.conformance.process import BackendProcess
 from vgpu.procfs import open_fds
 from vgpu.session import CROSS_DOMAIN_FEATURES, CrossDomainGuest, Session, make_display
@@ -48,11 +49,8 @@ if not os.environ.get("PYTHONPYCACHEPREFIX"):
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"]
 sys.dont_write_bytecode = False
-# For every process the tests start (xdist's workers, back ends, benchmark and fuzz runs), before they import numpy:
-# no test does linear algebra, and OpenBLAS's thread pool costs each process about 0.1 s of CPU at its start (the
-# back end's own entry point, vgpu/__main__.py, sets the same).
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+# The back end's thread settings, for every process the tests start (xdist's workers, benchmark and fuzz runs too).
+one_blas_thread()
 
 # Hypothesis keeps its storage (the failing examples it replays first, a constants cache) in .hypothesis/ under the
 # current directory unless told otherwise; tests write only to temporary directories, so it lives there.

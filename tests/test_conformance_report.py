@@ -8,12 +8,10 @@ import re
 from pathlib import Path
 
 from tests.conftest import QEMU_GPU_BACKEND, REPO, require
-from vgpu.conformance import catalogue as cat
+from tests.test_conformance import CATALOGUE
 from vgpu.conformance.report import markdown, ours_command, qemu_command
 from vgpu.conformance.runner import FAIL, NA, PASS, retry_timeouts, run
 from vgpu.vhost_user.profiles import CROSVM
-
-CATALOGUE = cat.load()
 
 # Findings about our own back end, reported to the owners of vgpu/gpu and vgpu/vhost_user (not fixed here).  Each
 # must keep failing until fixed, so this list cannot silently outlive the bug.

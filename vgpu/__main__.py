@@ -3,10 +3,16 @@
 import os
 import sys
 
-# Before numpy is imported: the back end does no linear algebra, and OpenBLAS's thread pool would cost every start
-# about 0.1 s of CPU (its threads spin up) and a thread per core for nothing. An operator's own setting is kept.
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+
+def one_blas_thread() -> None:
+    """Before numpy is imported: the back end does no linear algebra, and OpenBLAS's thread pool would cost every
+    start about 0.1 s of CPU (its threads spin up) and a thread per core for nothing. An operator's own setting is
+    kept."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+
+
+one_blas_thread()
 
 from .cli import main  # noqa: E402 - after the thread settings above
 
