@@ -352,7 +352,8 @@ def test_forbidden_finds_the_first_entry_over_any_range_as_a_full_comparison_doe
                 None)
     addr = np.array([a for a, _ in entries], dtype=np.uint64)
     length = np.array([n for _, n in entries], dtype=np.uint32)
-    assert Forbidden(rings).first_overlap(addr, length) == want
+    span = (min(a for a, _ in entries), max(a + n for a, n in entries))
+    assert Forbidden(rings).first_overlap(addr, length, span) == want
 
 
 def test_an_entry_whose_end_wraps_past_2_to_the_64_is_refused() -> None:

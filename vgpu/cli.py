@@ -30,6 +30,7 @@ from .gpu.device import GpuDevice
 from .gpu.resources import Limits
 from .vhost_user.control import ControlError, ControlServer
 from .vhost_user.device import Device
+from .vhost_user.polling import DEFAULT_MAX_US, MAX_POLL_US
 from .vhost_user.server import Serving, StopSignal, serve, serve_connection
 from .vhost_user.services import LoopService
 from .vhost_user.shmem_bit import SHMEM_BITS
@@ -53,6 +54,16 @@ def _size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
 
 
+def _poll_us(text: str) -> float:
+    try:
+        us = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected microseconds, got {text!r}") from None
+    if not 0 <= us <= MAX_POLL_US:
+        raise argparse.ArgumentTypeError(f"{us:g} us is outside 0..{MAX_POLL_US}")
+    return us
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhost-user-vgpu", description=__doc__)
     where = p.add_mutually_exclusive_group()
@@ -62,6 +73,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--status-socket", metavar="PATH",
                    help="answer status queries (vgpu-status PATH) on this Unix socket, mode 0600")
+    p.add_argument("--poll-max-us", type=_poll_us, default=DEFAULT_MAX_US, metavar="US",
+                   help="look for the next request without sleeping for up to US microseconds, a window earned "
+                        "only while requests come that close together (0: always sleep; default %(default)s)")
     p.add_argument("--scanouts", type=int, default=1, help="number of scanouts (1..16)")
     p.add_argument("--resolution", type=_size, default=(1280, 800), metavar="WxH",
                    help="display size when the VMM gives none")
@@ -328,7 +342,8 @@ def _run(args: argparse.Namespace, factory: Callable[[], Device], stop: StopSign
         if not stat.S_ISSOCK(mode):
             log.error("--fd %d is not a socket", args.fd)
             return 1
-        serve_connection(factory(), socket.socket(fileno=args.fd), stop.r, services, serving, _memory_policy(args))
+        serve_connection(factory(), socket.socket(fileno=args.fd), stop.r, services, serving, _memory_policy(args),
+                         args.poll_max_us)
         return 0
     path = args.socket_path
     if os.path.exists(path):
@@ -341,7 +356,8 @@ def _run(args: argparse.Namespace, factory: Callable[[], Device], stop: StopSign
         listener.listen(1)
         log.info("listening on %s", path)
         try:
-            serve(factory, listener, stop.r, services=services, serving=serving, memory_policy=_memory_policy(args))
+            serve(factory, listener, stop.r, services=services, serving=serving, memory_policy=_memory_policy(args),
+                  poll_max_us=args.poll_max_us)
         finally:
             os.unlink(path)
     log.info("stopped")

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias
 
 import numpy as np
 
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 
 PAGE: Final = 4096
 _U64_MAX: Final = (1 << 64) - 1
+#: A one-region table ending at or below this cannot hold an entry (of at most 2**32 - 1 bytes) that wraps.
+_NO_WRAP: Final = (1 << 64) - (1 << 32)
 #: Runs touched through the region mappings, per run of the backing, before an alias is built: about where an
 #: alias run's cost (10-40 us) meets what it saves per copy (50-600 ns, see above).
 ALIAS_AFTER_PIECES_PER_RUN: Final = 128
@@ -49,6 +52,7 @@ log = logging.getLogger("vgpu.gpu.backing")
 
 I64: TypeAlias = "npt.NDArray[np.int64]"
 U8: TypeAlias = "npt.NDArray[np.uint8]"
+U32: TypeAlias = "npt.NDArray[np.uint32]"
 
 
 class BackingError(Exception):
@@ -70,10 +74,13 @@ class Forbidden:
         self._lo = np.array([r[0] for r in merged], dtype=np.uint64)
         self._hi = np.array([r[1] for r in merged], dtype=np.uint64)
 
-    def first_overlap(self, addr: npt.NDArray[np.uint64], length: npt.NDArray[np.uint32]) -> int | None:
+    def first_overlap(self, addr: npt.NDArray[np.uint64], length: npt.NDArray[np.uint32],
+                      span: tuple[int, int]) -> int | None:
         """The first entry [addr, addr + length) that overlaps a range, or None.  The entries lie inside guest
-        memory (checked first), so addr + length does not wrap."""
-        if not self.ranges:
+        memory (checked first), so addr + length does not wrap; `span` is [lowest start, highest end) of them all,
+        and a list whose span misses every range (the rings are a few pages) needs no look at its entries."""
+        lo, hi = span
+        if not any(a < hi and lo < b for a, b in self.ranges):
             return None
         # The only range an entry can overlap first is the first one ending after the entry's start (the ranges
         # are disjoint and sorted); it overlaps if it also starts before the entry's end.
@@ -133,6 +140,7 @@ class _Plan:
     run_region: I64
     run_offset: I64  # offset of each run inside its region's mapping
     page_rows: I64 | None  # page row, in the one region's mapping, of each backing page; None unless that layout
+    single_pages: bool  # page_rows is one page per entry, no two of them merged (the common guest layout)
     aliasable: bool  # runs can be mapped back to back (page aligned, every region a file)
     on_demand: bool  # in regions that are never mapped whole (Xen grants): reachable only through a held mapping
 
@@ -166,7 +174,7 @@ class Backing:
     _span: tuple[int, int] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.ends = np.cumsum(self.length, dtype=np.int64)
+        self.ends = self.length.cumsum(dtype=np.int64)
 
     @property
     def span(self) -> tuple[int, int]:
@@ -225,7 +233,7 @@ class Backing:
         if self.length.min() == 0:
             raise BackingError("zero-length backing entry")
         self._ready(memory)
-        i = forbidden.first_overlap(self.addr, self.length)
+        i = forbidden.first_overlap(self.addr, self.length, self.span)
         if i is not None:
             raise BackingError(f"backing entry {i} at {int(self.addr[i]):#x} overlaps a virtqueue ring")
 
@@ -240,6 +248,19 @@ class Backing:
         src = self._alias_bytes()
         if src is not None:
             np.copyto(out, src[start:start + n])
+            return
+        self._gather(memory, p, start, out)
+
+    def _gather(self, memory: GuestMemory, p: _Plan, start: int, out: U8) -> None:
+        """`gather` through the region mappings, the range checked and `out` not empty."""
+        n = len(out)
+        if p.single_pages and not (start | n) % PAGE and n >= _FEW_RUNS * PAGE:
+            # The scattered guest pages of a whole-page range (a whole-resource transfer): one take, nothing
+            # to search for, as many runs touched as pages.
+            first = start // PAGE
+            np.take(_pages(p), p.page_rows[first:first + n // PAGE], axis=0,  # type: ignore[index]
+                    out=out.reshape(-1, PAGE), mode="clip")
+            self._meter(memory, p, n // PAGE)
             return
         first, last = self._runs_touched(p, start, n)
         if p.page_rows is not None and last - first >= _FEW_RUNS:
@@ -257,13 +278,13 @@ class Backing:
             raise ValueError(f"destination is {out2d.shape}, not ({rows}, {row_bytes})")
         if rows == 0 or row_bytes == 0:
             return
-        self._checked(memory, start, (rows - 1) * src_stride + row_bytes)
+        p = self._checked(memory, start, (rows - 1) * src_stride + row_bytes)
         src = self._alias_bytes()
         if src is not None:
             np.copyto(out2d, _rows(src, start, src_stride, row_bytes, rows))
             return
         if src_stride == row_bytes and out2d.flags.c_contiguous:
-            self.gather(memory, start, out2d.reshape(-1))
+            self._gather(memory, p, start, out2d.reshape(-1))
             return
         # Through the region mappings: a few rows at a time via a small staging buffer that stays in cache.
         step = max(1, _STAGE_BYTES // src_stride)
@@ -341,14 +362,19 @@ class Backing:
         if not t.regions:
             raise BackingError("no guest memory")
         addr, length = self.addr, self.length.astype(np.uint64)
-        if len(t.regions) == 1:
-            # One region [start, end): an entry is inside if it starts at or after start and ends by end; an end
-            # that wraps past 2**64 is smaller than its start, and so outside too.
-            start = t.starts[0]
-            stop = addr + length
-            outside = (addr < start) | (stop > t.ends[0]) | (stop < addr)
-            idx = np.zeros(len(addr), dtype=np.int64)
-            off = addr - start
+        stop = addr + length
+        if len(t.regions) == 1 and int(t.ends[0]) <= _NO_WRAP:
+            # One region [start, end) that no entry can wrap past: three reductions decide every entry at once
+            # (an entry starting at or past `end` is outside, so none that passes can wrap either), and they give
+            # the span the ring check and the hot-plug check want.
+            start, end = int(t.starts[0]), int(t.ends[0])
+            lo, top, hi = int(addr.min()), int(addr.max()), int(stop.max())
+            if lo < start or top >= end or hi > end:
+                _refuse(addr, length, (addr < t.starts[0]) | (stop > t.ends[0]) | (addr >= t.ends[0]))
+            self._span = (lo, hi)
+            off = (addr - t.starts[0]).view(np.int64)
+            skew = int(t.skews[0])
+            p = _plan_one(memory, t, off + skew if skew else off, self.length, addr[1:] == stop[:-1], self.ends)
         else:
             # The last region starting at or below each entry; an entry below all of them gets index -1, whose
             # region starts above it, so its offset wraps and fails the check below like any other outsider.
@@ -357,12 +383,10 @@ class Backing:
             room = t.sizes[idx]
             # In unsigned arithmetic that cannot wrap: the entry fits if length <= room and off <= room - length.
             outside = (length > room) | (off > room - np.minimum(length, room))
-        if outside.any():
-            i = int(np.argmax(outside))
-            raise BackingError(f"backing entry {i} at {int(addr[i]):#x} +{int(length[i]):#x} is not inside guest "
-                               "memory")
-        skew = t.skews[0] if len(t.regions) == 1 else t.skews[idx]
-        p = _plan(memory, t, off.astype(np.int64) + skew, idx, self.length.astype(np.int64), self.ends)
+            if outside.any():
+                _refuse(addr, length, outside)
+            p = _plan(memory, t, off.astype(np.int64) + t.skews[idx], idx, self.length.astype(np.int64),
+                      self.ends)
         self._plan = p
         return p
 
@@ -440,8 +464,7 @@ class Backing:
     @staticmethod
     def _take_pages(p: _Plan, start: int, out: U8) -> None:
         assert p.page_rows is not None
-        mapping = _bytes(p.region[int(p.run_region[0])])
-        pages = mapping[: len(mapping) // PAGE * PAGE].reshape(-1, PAGE)
+        pages = _pages(p)
         n = len(out)
         if not (start | n) % PAGE:
             # Whole pages (a whole-resource transfer): one take, no partial first and last page.
@@ -459,26 +482,38 @@ class Backing:
 
 
 def _plan(memory: GuestMemory, t: _Table, offset: I64, idx: I64, length: I64, ends: I64) -> _Plan:
-    """Merge entries that continue each other in one file into runs, and find the page rows if any.
+    """Merge entries that continue each other in one file into runs (any number of regions)."""
+    breaks = (offset[1:] != offset[:-1] + length[:-1]) | (idx[1:] != idx[:-1])
+    return _runs(memory, t, offset, idx, length, ends, breaks.all(), lambda: ~breaks)
 
-    The common guest scatter list — whole pages, none adjacent — has as many runs as entries, so the entries' own
-    arrays serve as the runs' and nothing is gathered."""
-    one_region = len(t.regions) == 1
-    breaks = offset[1:] != offset[:-1] + length[:-1]
-    if not one_region:
-        breaks |= idx[1:] != idx[:-1]
-    if breaks.all():
+
+def _plan_one(memory: GuestMemory, t: _Table, offset: I64, length: U32, follows: npt.NDArray[np.bool_],
+              ends: I64) -> _Plan:
+    """`_plan` in the one-region table: `follows[i]` says entry i + 1 starts where entry i ends."""
+    return _runs(memory, t, offset, _zeros(len(offset)), length.astype(np.int64), ends, not follows.any(),
+                 lambda: follows)
+
+
+def _runs(memory: GuestMemory, t: _Table, offset: I64, idx: I64, length: I64, ends: I64, separate: bool,
+          follows: Callable[[], npt.NDArray[np.bool_]]) -> _Plan:
+    """Runs, and the page rows if any.  The common guest scatter list — whole pages, none adjacent — has as many
+    runs as entries (`separate`), so the entries' own arrays serve as the runs' and nothing is gathered."""
+    if separate:
         run_len, run_ends, run_region, run_offset = length, ends, idx, offset
     else:
-        first = np.flatnonzero(np.concatenate(([True], breaks)))
+        first = np.flatnonzero(np.concatenate(([True], ~follows())))
         run_len = np.add.reduceat(length, first)
         run_ends = np.cumsum(run_len)
         run_region, run_offset = idx[first], offset[first]
-    whole_pages = not ((run_offset | run_len) & (PAGE - 1)).any()
+    whole_pages = not (int(np.bitwise_or.reduce(run_offset)) | int(np.bitwise_or.reduce(run_len))) & (PAGE - 1)
+    one_region = len(t.regions) == 1
     page_rows = None
+    single_pages = False
     if whole_pages and (one_region or not run_region.any()):
-        if len(run_len) == len(length) and not (length != PAGE).any():
-            page_rows = run_offset // PAGE  # one page per run: the row is the run's own
+        n = len(length)
+        if separate and int(ends[-1]) == n * PAGE and int(length.max()) == PAGE:
+            page_rows = run_offset // PAGE  # one page per run (none longer, so none shorter): the row is the run's
+            single_pages = True
         else:
             per_run = run_len // PAGE
             page_rows = np.repeat(run_offset // PAGE - (run_ends - run_len) // PAGE, per_run) + np.arange(
@@ -491,7 +526,24 @@ def _plan(memory: GuestMemory, t: _Table, offset: I64, idx: I64, length: I64, en
         aliasable = bool(((run_offset[1:] % PAGE == 0) & ((head + run_ends[:-1]) % PAGE == 0)).all()) and t.files
     on_demand = t.on_demand and any(t.regions[i].on_demand for i in np.unique(run_region).tolist())
     return _Plan(memory, memory.generation, t.regions, offset, idx, run_ends, run_len, run_region, run_offset,
-                 page_rows, aliasable, on_demand)
+                 page_rows, single_pages, aliasable, on_demand)
+
+
+_ZEROS: I64 = np.zeros(0, dtype=np.int64)
+
+
+def _zeros(n: int) -> I64:
+    """n zeros (every entry's region index in a one-region table), sliced from one read-only array."""
+    global _ZEROS
+    if len(_ZEROS) < n:
+        _ZEROS = np.zeros(max(n, 1024), dtype=np.int64)
+        _ZEROS.setflags(write=False)
+    return _ZEROS[:n]
+
+
+def _refuse(addr: npt.NDArray[np.uint64], length: npt.NDArray[np.uint64], outside: npt.NDArray[np.bool_]) -> NoReturn:
+    i = int(np.argmax(outside))
+    raise BackingError(f"backing entry {i} at {int(addr[i]):#x} +{int(length[i]):#x} is not inside guest memory")
 
 
 def _rows(src: U8, start: int, stride: int, row_bytes: int, rows: int) -> U8:
@@ -500,6 +552,12 @@ def _rows(src: U8, start: int, stride: int, row_bytes: int, rows: int) -> U8:
     out: npt.NDArray[Any] = np.lib.stride_tricks.as_strided(window, shape=(rows, row_bytes), strides=(stride, 1),
                                                            writeable=False)
     return out
+
+
+def _pages(p: _Plan) -> U8:
+    """The mapping of the plan's one region as rows of a page (what page_rows index)."""
+    mapping = _bytes(p.region[int(p.run_region[0])])
+    return mapping[: len(mapping) // PAGE * PAGE].reshape(-1, PAGE)
 
 
 def _bytes(region: MappedRegion) -> U8:

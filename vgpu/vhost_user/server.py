@@ -14,6 +14,7 @@ from .backend import Session
 from .device import Device
 from .heap import release_freed_memory
 from .message import Channel
+from .polling import DEFAULT_MAX_US
 from .services import LoopService, run_service, service_due, sleep_limit
 from .xen_memory import FILES_ONLY, MemoryPolicy
 
@@ -58,9 +59,9 @@ class Serving:
 
 def serve_connection(device: Device, sock: socket.socket, stop_fd: int | None = None,
                      services: Sequence[LoopService] = (), serving: Serving | None = None,
-                     memory_policy: MemoryPolicy = FILES_ONLY) -> bool:
-    """Serve one front end to the end; returns False if we were asked to stop."""
-    session = Session(device, Channel(sock), stop_fd, services, memory_policy)
+                     memory_policy: MemoryPolicy = FILES_ONLY, poll_max_us: float = DEFAULT_MAX_US) -> bool:
+    """Serve one front end to the end; returns False if we were asked to stop.  `poll_max_us`: polling.py."""
+    session = Session(device, Channel(sock), stop_fd, services, memory_policy, poll_max_us)
     if serving is not None:
         serving.session = session
         serving.connections += 1
@@ -82,6 +83,7 @@ def serve(
     services: Sequence[LoopService] = (),
     serving: Serving | None = None,
     memory_policy: MemoryPolicy = FILES_ONLY,
+    poll_max_us: float = DEFAULT_MAX_US,
 ) -> None:
     """Accept front ends one at a time, each with a fresh device, until stopped.  `services` (a control socket)
     are served throughout: between front ends by this loop, during one by the session's."""
@@ -109,7 +111,7 @@ def serve(
             conn.set_inheritable(False)
             served += 1
             log.info("front end connected")
-            if not serve_connection(device_factory(), conn, stop_fd, services, serving, memory_policy):
+            if not serve_connection(device_factory(), conn, stop_fd, services, serving, memory_policy, poll_max_us):
                 return
     finally:
         sel.close()

@@ -1,0 +1,82 @@
+"""Adaptive polling (vgpu/vhost_user/polling.py): the window is earned by requests that come close together, is
+lost at the first long sleep, and an idle back end does not spin."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from benchmarks.sides import cpu_ns
+from vgpu.conformance.process import BackendProcess
+from vgpu.protocol import CtrlType, GetDisplayInfo, encode_command
+from vgpu.session import Session, hdr
+from vgpu.vhost_user.polling import GROW_FROM, MAX_POLL_US, PollWindow
+
+
+def test_the_window_doubles_while_work_comes_soon_after_the_look_and_is_lost_at_a_long_sleep() -> None:
+    w = PollWindow(64e-6)
+    seen = []
+    for _ in range(6):
+        w.slept(10e-6)  # the next request came 10 us after we stopped looking: a longer look would have found it
+        seen.append(round(w.window * 1e6))
+    assert seen == [round(GROW_FROM * 1e6), 8, 16, 32, 64, 64]
+    w.slept(65e-6)  # longer than any window: the requests are not coming in a stream
+    assert w.window == 0
+    w.slept(1e-6)
+    assert w.window == GROW_FROM
+
+
+def test_a_window_of_zero_never_polls() -> None:
+    w = PollWindow(0.0)
+    for _ in range(10):
+        w.slept(1e-6)
+    assert w.window == 0
+
+
+def _burst(g: Session, n: int) -> None:
+    req = encode_command(GetDisplayInfo(hdr(CtrlType.CMD_GET_DISPLAY_INFO)))
+    for _ in range(n):
+        assert int.from_bytes(g.cmd(req, 408)[:4], "little") == CtrlType.RESP_OK_DISPLAY_INFO
+
+
+def _sleeps(pid: int) -> int:
+    """Times the back end's main thread gave up the CPU waiting (voluntary context switches)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+
+
+def _idle_cpu_ms(pid: int, seconds: float) -> float:
+    before = cpu_ns(pid)
+    time.sleep(seconds)
+    return (cpu_ns(pid) - before) / 1e6
+
+
+@pytest.mark.parametrize("window", [pytest.param("default"),
+                                    pytest.param("never", marks=pytest.mark.vgpu("--poll-max-us=0"))])
+def test_after_a_burst_of_one_command_per_kick_the_idle_back_end_uses_no_cpu(vgpu: BackendProcess,
+                                                                              window: str) -> None:
+    g = Session.open(vgpu.socket_path)
+    try:
+        sleeps = _sleeps(vgpu.pid)
+        _burst(g, 2000)
+        if window == "never":
+            # Told never to look, the loop sleeps in epoll for (nearly) every command: only one that arrives
+            # before the loop is back in epoll finds it awake.
+            assert _sleeps(vgpu.pid) - sleeps >= 1800
+        time.sleep(0.05)
+        # A spinning loop would burn ~500 ms of the 500; a sleeping one wakes for nothing.  The allowance is for
+        # the scheduler's accounting and a loaded machine, far below any spin.
+        assert _idle_cpu_ms(vgpu.pid, 0.5) < 25
+    finally:
+        g.close()
+
+
+@pytest.mark.parametrize("value", ["-1", str(MAX_POLL_US + 1), "soon"])
+def test_an_unusable_poll_window_is_refused_at_start(value: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "vgpu", "--poll-max-us", value, "--socket-path", "/nonexistent/x"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "--poll-max-us" in r.stderr
