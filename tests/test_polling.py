@@ -6,10 +6,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from benchmarks.sides import cpu_ns
+from tests.conftest import start_backend
 from vgpu.conformance.process import BackendProcess
 from vgpu.protocol import CtrlType, GetDisplayInfo, encode_command
 from vgpu.session import Session, hdr
@@ -80,3 +82,22 @@ def test_an_unusable_poll_window_is_refused_at_start(value: str) -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "--poll-max-us" in r.stderr
+
+
+def test_a_driver_reading_the_rings_while_the_polling_device_serves_them_never_sees_a_torn_index(
+        tmp_path: Path) -> None:
+    # The device now takes chains while the driver is still running (polling), so the two read and write the
+    # ring indices at the same time.  Written with struct.pack_into, the used index was zeroed before it was
+    # written: this driver then read 0 and took 65,000 entries that were never returned (once in 10-20 thousand
+    # commands here).  One chain per kick, each completion checked by the driver (a head not in flight raises).
+    echo = start_backend([sys.executable, "-m", "vgpu.vhost_user.examples.echo", "--noop"], tmp_path, "echo")
+    try:
+        g = Session.open(echo.socket_path)
+        try:
+            req = [bytes(24)]
+            for _ in range(40_000):
+                assert g.fe.submit_batch(0, req, 408) == [b""]
+        finally:
+            g.close()
+    finally:
+        echo.stop()

@@ -319,7 +319,7 @@ class Session(Transport):
         """Serve until the front end disconnects, breaks the protocol, or the stop fd fires."""
         try:
             while not self.stopping:
-                events = self._select(self._timeout(), self._poll)
+                events = self._select(self._timeout(), self._poll, rings=True)
                 for key, _ in events:
                     self._dispatch(key)
                     if self._frontend_gone is not None or self.stopping or self.channel.closed:
@@ -338,8 +338,13 @@ class Session(Transport):
         except ProtocolError as e:
             log.error("protocol violation, closing the connection: %s", e)
 
-    def _select(self, timeout: float | None, w: PollWindow) -> list[tuple[selectors.SelectorKey, int]]:
-        """What is ready: looked for without sleeping while `w`'s window lasts (polling.py), then slept for."""
+    def _select(self, timeout: float | None, w: PollWindow,
+                rings: bool = False) -> list[tuple[selectors.SelectorKey, int]]:
+        """What is ready: looked for without sleeping while `w`'s window lasts (polling.py), then slept for.
+
+        With `rings`, the look includes the available rings themselves: chains the driver has published are served
+        at once, before its kick (the spec lets a device take them once the index is published; QEMU's polling
+        event loop looks at the index the same way), and the loop comes back with no events to look again."""
         ready = self._selector.select
         if w.window and timeout != 0:
             deadline = time.monotonic() + w.window
@@ -347,6 +352,14 @@ class Session(Transport):
                 events = ready(0)
                 if events:
                     return events
+                if rings:
+                    served = False
+                    for q in self._queues:
+                        if q.kick_fd >= 0 and q.ready and q.has_pending():
+                            self._process(q)
+                            served = True
+                    if served:
+                        return []
                 if time.monotonic() >= deadline:
                     break
                 os.sched_yield()  # whoever else is runnable on this CPU goes first: we look in spare time only

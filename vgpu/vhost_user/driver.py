@@ -264,10 +264,11 @@ class DriverQueue:
         return self._free_descs.pop()
 
     def publish(self, p: Pending) -> None:
+        # In flight before the index says so: a device that polls the ring may take and return the chain at once.
+        self.inflight[p.head] = p
         self._avail[2 + self.avail_idx % self.size] = p.head
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         self._avail[1] = self.avail_idx
-        self.inflight[p.head] = p
 
     def publish_head(self, head: int) -> None:
         """Publish a raw head index (for tests that forge rings)."""
@@ -306,7 +307,8 @@ class DriverQueue:
             self.last_used = (self.last_used + 1) & 0xFFFF
             p = self.inflight.pop(head, None)
             if p is None:
-                raise RuntimeError(f"device returned head {head}, which is not in flight")
+                raise RuntimeError(f"device returned head {head}, which is not in flight (used idx {idx} when "
+                                   f"read, {self.used_idx()} now; {self.last_used} taken)")
             self._free_descs.extend(p.descs)
             out.append((p, written))
         if self.event_idx:

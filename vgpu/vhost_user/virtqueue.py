@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,7 +31,6 @@ from .wire import (
 
 _DESC: Final = struct_of(VringDesc)
 _USED_ELEM: Final = struct_of(VringUsedElem)
-_U16: Final = struct.Struct("<H")
 # An indirect table may hold at most this many descriptors; the spec bounds it by the queue size for direct chains
 # only, so we pick the split-ring maximum to keep a hostile table from making us walk forever.
 MAX_INDIRECT: Final = 32768
@@ -148,6 +146,7 @@ class Virtqueue:
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
+        self._used16: memoryview | None = None
         self._notified_used = 0
         self.broken = False
 
@@ -188,17 +187,22 @@ class Virtqueue:
         except GuestMemoryError as e:
             raise VirtqueueError(f"queue {self.index}: {e}") from e
         self._desc = dr.view(doff, dsz)
-        self._avail = ar.view(aoff, asz)
+        # The ring indices and event words as u16 items: one aligned 16-bit load or store each, which the driver
+        # (another CPU, now) can never see half written.  (struct.pack_into zeroes its bytes before it writes them,
+        # and its unpack reads byte by byte: a driver reading used->idx meanwhile saw 0, and we could read an
+        # avail idx torn between its old and new bytes.)
+        self._avail = ar.view(aoff, asz).cast("H")
         self._used = ur.view(uoff, usz)
-        self.used_idx = _U16.unpack_from(self._used, 2)[0]
+        self._used16 = self._used.cast("H")
+        self.used_idx = self._used16[1]
         self._notified_used = self.used_idx
         self._avail_seen = self.last_avail_idx
 
     def unmap(self) -> None:
-        for v in (self._desc, self._avail, self._used):
+        for v in (self._desc, self._avail, self._used16, self._used):
             if v is not None:
                 v.release()
-        self._desc = self._avail = self._used = None
+        self._desc = self._avail = self._used = self._used16 = None
 
     @property
     def mapped(self) -> bool:
@@ -226,7 +230,7 @@ class Virtqueue:
 
     def avail_idx(self) -> int:
         assert self._avail is not None
-        idx: int = _U16.unpack_from(self._avail, 2)[0]
+        idx: int = self._avail[1]
         return idx
 
     def has_pending(self) -> bool:
@@ -243,18 +247,18 @@ class Virtqueue:
             # index already read stay published, so a batch of 64 costs one read of the index and one fence.)
             if self.event_idx:
                 full_fence()  # our avail_event store (previous pop) before this load of the driver's avail idx
-            idx = _U16.unpack_from(avail, 2)[0]
+            idx = avail[1]
             pending = (idx - self.last_avail_idx) & 0xFFFF
             if pending == 0:
                 return None
             if pending > self.size:
                 raise RingBroken(f"queue {self.index}: avail index moved by {pending} > queue size {self.size}")
             self._avail_seen = idx
-        head: int = _U16.unpack_from(avail, 4 + 2 * (self.last_avail_idx % self.size))[0]
+        head: int = avail[2 + self.last_avail_idx % self.size]
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-        if self.event_idx and self._used is not None:
-            # Ask for a kick when the driver publishes the next one.
-            _U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail_idx)
+        if self.event_idx and self._used16 is not None:
+            # Ask for a kick when the driver publishes the next one (avail_event, after the used ring's elements).
+            self._used16[2 + 4 * self.size] = self.last_avail_idx
         if head >= self.size:
             raise RingBroken(f"queue {self.index}: head {head} outside a queue of {self.size}")
         try:
@@ -336,18 +340,19 @@ class Virtqueue:
 
     def push(self, head: int, written: int) -> None:
         """Return a chain to the driver with `written` bytes in its writable part."""
-        used = self._used
-        assert used is not None
+        used, used16 = self._used, self._used16
+        assert used is not None and used16 is not None
+        # The element may be written in any way (struct zeroes it first): the driver reads none past the index.
         _USED_ELEM.pack_into(used, 4 + 8 * (self.used_idx % self.size), head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        # Two separate plain stores; on x86 (TSO) the element is visible before the index that publishes it.
-        _U16.pack_into(used, 2, self.used_idx)
+        # Then the index, one 16-bit store; on x86 (TSO) the element is visible before the index that publishes it.
+        used16[1] = self.used_idx
 
     def should_notify(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last notification."""
         assert self._avail is not None
         if not self.event_idx:
-            return not _U16.unpack_from(self._avail, 0)[0] & VRING_AVAIL_F_NO_INTERRUPT
+            return not self._avail[0] & VRING_AVAIL_F_NO_INTERRUPT
         old = self.signalled_used
         valid = self.signalled_used_valid
         new = self.used_idx
@@ -356,7 +361,7 @@ class Virtqueue:
         if not valid:
             return True
         full_fence()  # our used idx store before this load of the driver's used_event
-        used_event: int = _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+        used_event: int = self._avail[2 + self.size]
         return need_event(used_event, new, old)
 
     def notify(self) -> bool:
