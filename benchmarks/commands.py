@@ -123,10 +123,12 @@ TITLES = {
 
 
 def run_one(name: str, settings: sd.Settings) -> dict[str, object]:
-    cmds = {"ours": sd.vgpu_command(profile=sd.profile_path(settings, name)), "floor": sd.ECHO}
+    cmds = {"ours": sd.vgpu_command(profile=sd.profile_path(settings, name)), "floor": sd.ECHO,
+            sd.SLEEPING: sd.sleeping_command()}
     if sd.have_qemu():
         cmds["qemu"] = [sd.QEMU_BACKEND]
-    labels = {"ours": "vgpu (python -m vgpu)", "qemu": "QEMU C vhost-user-gpu", "floor": "floor: no-op echo device"}
+    labels = {"ours": "vgpu (python -m vgpu)", "qemu": "QEMU C vhost-user-gpu", "floor": "floor: no-op echo device",
+              sd.SLEEPING: sd.SLEEPING_LABEL}
     with sd.started(cmds) as procs:
         gpus = {k: connect(k, sock) for k, (sock, _pid) in procs.items()}
         try:
@@ -141,6 +143,7 @@ def run_one(name: str, settings: sd.Settings) -> dict[str, object]:
     ratios = {"ours / floor": sd.ratio(stats, "ours", "floor")}
     if "qemu" in stats:
         ratios["ours / qemu"] = sd.ratio(stats, "ours", "qemu")
+        ratios[sd.SLEEPING_RATIO] = sd.ratio(stats, sd.SLEEPING, "qemu")
         ratios["qemu / floor"] = sd.ratio(stats, "qemu", "floor")
     sd.print_sides(TITLES[name], "commands/s", stats)
     sd.print_ratios(ratios)

@@ -30,6 +30,15 @@ VGPU = [sys.executable, "-m", "vgpu", "--log-level=error"]
 # harness (this front end, the eventfds, the process switches) plus the thinnest Python back end costs.  The
 # front end's share of each side's wall time is reported separately (frontend_busy), C back end included.
 ECHO = [sys.executable, "-m", "vgpu.vhost_user.examples.echo", "--noop", "--log-level=error"]
+# Ours told never to poll (vgpu/vhost_user/polling.py), beside ours in the one-command-per-kick benchmarks: how much
+# of each figure the polling loop makes.  C's back end does not poll; the goals are about ours as it ships.
+SLEEPING = "sleeping"
+SLEEPING_LABEL = "vgpu --poll-max-us 0 (never polls)"
+SLEEPING_RATIO = "ours never polling / qemu"
+
+
+def sleeping_command() -> list[str]:
+    return vgpu_command(["--poll-max-us=0"])
 
 
 def have_qemu() -> bool:

@@ -45,7 +45,7 @@ NAMES = ["transfer_scattered", "frames_1080p"]
 RAM = 256 << 20
 SIZES = {"transfer_scattered": (1024, 768), "frames_1080p": (1920, 1080)}
 LABELS = {"ours": "vgpu (python -m vgpu)", "qemu": "QEMU C vhost-user-gpu", "floor": "floor: no-op echo device",
-          "copy": "floor: numpy contiguous copy, same bytes"}
+          "copy": "floor: numpy contiguous copy, same bytes", sd.SLEEPING: sd.SLEEPING_LABEL}
 
 
 class SinkDisplay(Display):
@@ -109,6 +109,8 @@ def run_one(name: str, settings: sd.Settings) -> dict[str, object]:
     w, h = SIZES[name]
     frames = name == "frames_1080p"
     cmds = {"ours": sd.vgpu_command(profile=sd.profile_path(settings, name)), "floor": sd.ECHO}
+    if frames:
+        cmds[sd.SLEEPING] = sd.sleeping_command()
     if sd.have_qemu():
         cmds["qemu"] = [sd.QEMU_BACKEND]
     with sd.started(cmds) as procs:
@@ -126,6 +128,8 @@ def run_one(name: str, settings: sd.Settings) -> dict[str, object]:
         ratios["ours / copy"] = sd.ratio(stats, "ours", "copy")
     if "qemu" in stats:
         ratios["ours / qemu"] = sd.ratio(stats, "ours", "qemu")
+        if sd.SLEEPING in stats:
+            ratios[sd.SLEEPING_RATIO] = sd.ratio(stats, sd.SLEEPING, "qemu")
         if "copy" in stats:
             ratios["qemu / copy"] = sd.ratio(stats, "qemu", "copy")
     unit = "frames/s" if frames else "transfers/s"

@@ -35,3 +35,17 @@ def test_table_renders_a_row_per_goal(tmp_path: Path) -> None:
     assert table.update_readme(readme, tmp_path)
     text = readme.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text and rows[2] in text
+
+
+def test_the_polling_table_sets_ours_beside_ours_told_never_to_poll(tmp_path: Path) -> None:
+    from benchmarks import table
+
+    def side(cpu: float) -> dict[str, float]:
+        return {"ops_per_s": 1.0, "backend_cpu_us_per_op": cpu}
+
+    (tmp_path / "mix_2d.json").write_text(json.dumps(
+        {"sides": {"ours": side(60.0), "sleeping": side(70.0)},
+         "ratios": {"ours / qemu": 0.82, "ours never polling / qemu": 0.55}}))
+    (tmp_path / "display_info.json").write_text(json.dumps({"sides": {}, "ratios": {"ours / qemu": 2.0}}))  # older
+    rows = table.polling_rows(tmp_path)
+    assert rows[2:] == ["| mix_2d | 0.82 | 0.55 | 60.0 / 70.0 |"]

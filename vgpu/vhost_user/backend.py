@@ -30,7 +30,7 @@ from . import shmem_bit
 from .device import BackendChannelError, Device, Transport
 from .memory import GuestMemory
 from .message import Channel, Message, PeerClosed, ProtocolError
-from .polling import DEFAULT_MAX_US, PollWindow
+from .polling import CONTENDED, DEFAULT_MAX_US, PollWindow
 from .requests import Requests
 from .services import LoopService, run_service, service_due, sleep_limit
 from .state import ConnectionState
@@ -360,9 +360,13 @@ class Session(Transport):
                             served = True
                     if served:
                         return []
-                if time.monotonic() >= deadline:
+                now = time.monotonic()
+                if now >= deadline:
                     break
-                os.sched_yield()  # whoever else is runnable on this CPU goes first: we look in spare time only
+                # Whoever else is runnable on this CPU goes first; if someone did, the CPU is not spare: sleep.
+                os.sched_yield()
+                if time.monotonic() - now > CONTENDED:
+                    break
         if not w.max_s:
             return ready(timeout)
         t0 = time.monotonic()

@@ -8,7 +8,7 @@ it without sleeping avoids both.  Looking costs CPU, so the window is earned the
 own (util/aio-posix.c, poll-max-ns): it starts at nothing, doubles from `GROW_FROM` whenever work arrived soon after
 the loop gave up looking (a longer look would have found it), and drops to nothing as soon as the loop slept longer
 than the largest window (the work is not coming in a stream).  An idle back end therefore never spins, and a busy
-one spins at most `max_us` after each batch of work.
+one spins at most `max_us` after each batch of work, and only on a CPU nobody else wants (see CONTENDED).
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ GROW_FROM: Final = 4e-6
 #: The default largest window: a little over what a Python or QEMU front end takes between one answer and the next
 #: request on this kind of machine (30-45 us of CPU in benchmarks/results/mix_2d.json).
 DEFAULT_MAX_US: Final = 64
+#: A look yields the CPU between glances; a yield that took longer than this means another task had work for this
+#: CPU (a yield with nobody waiting returns in about a microsecond), so the CPU is not spare and the loop sleeps.
+CONTENDED: Final = 20e-6
 #: The largest window an operator may ask for: past a millisecond a sleep costs little next to the wait itself.
 MAX_POLL_US: Final = 1000
 
