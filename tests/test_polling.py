@@ -65,9 +65,10 @@ def test_after_a_burst_of_one_command_per_kick_the_idle_back_end_uses_no_cpu(vgp
         sleeps = _sleeps(vgpu.pid)
         _burst(g, 2000)
         if window == "never":
-            # Told never to look, the loop sleeps in epoll for (nearly) every command: only one that arrives
-            # before the loop is back in epoll finds it awake.
-            assert _sleeps(vgpu.pid) - sleeps >= 1800
+            # Told never to look, the loop sleeps in epoll for most commands: only one that arrives before the
+            # loop is back in epoll finds it awake (more of them on a loaded machine: 1,556 of 2,000 seen beside a
+            # second test run; with the window, at low load, 143).
+            assert _sleeps(vgpu.pid) - sleeps >= 1000
         time.sleep(0.05)
         # A spinning loop would burn ~500 ms of the 500; a sleeping one wakes for nothing.  The allowance is for
         # the scheduler's accounting and a loaded machine, far below any spin.

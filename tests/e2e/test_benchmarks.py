@@ -60,8 +60,8 @@ def test_commands_measure_ours_qemu_and_the_floor_side_by_side(quick: QuickRun) 
     results = quick.results
     assert {"display_info", "create_unref", "mix_2d"} <= set(results)
     for res in (results[name] for name in ("display_info", "create_unref", "mix_2d")):
-        _sane_sides(res, {"ours", "qemu", "floor"})
-        assert set(res["ratios"]) == {"ours / qemu", "ours / floor", "qemu / floor"}
+        _sane_sides(res, {"ours", "qemu", "floor", "sleeping"})  # sleeping: ours with --poll-max-us 0
+        assert set(res["ratios"]) == {"ours / qemu", "ours / floor", "qemu / floor", "ours never polling / qemu"}
     assert results["create_unref"]["sides"]["qemu"]["ops_per_call"] == 128  # two kicks of 64
 
 
@@ -70,7 +70,8 @@ def test_transfers_measure_against_qemu_and_the_copy_floor(quick: QuickRun) -> N
     _sane_sides(results["transfer_scattered"], {"ours", "qemu", "floor", "copy"})
     assert results["transfer_scattered"]["bytes_per_op"] == 1024 * 768 * 4
     assert {"ours / qemu", "ours / copy"} <= set(results["transfer_scattered"]["ratios"])
-    _sane_sides(results["frames_1080p"], {"ours", "qemu", "floor"})
+    _sane_sides(results["frames_1080p"], {"ours", "qemu", "floor", "sleeping"})
+    assert "ours never polling / qemu" in results["frames_1080p"]["ratios"]
 
 
 def test_blob_lifecycle_against_its_floors(quick: QuickRun) -> None:

@@ -7,7 +7,6 @@ holds nothing after the guest powers off.
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import time
@@ -17,7 +16,7 @@ import numpy as np
 
 from tests.e2e.conftest import BOOT_TIMEOUT, MARK, rgb_of
 from vgpu.gpu import png
-from vgpu.procfs import fd_count, wait_until
+from vgpu.procfs import fd_count, open_fds, wait_until
 from vgpu_lab import initramfs, patterns, provision
 from vgpu_lab.qemu import Backend, QemuConfig, run_guest, socket_dir
 
@@ -45,7 +44,7 @@ def test_linux_guest_on_our_backend(lab: provision.Lab, tmp_path: Path) -> None:
             # QEMU has exited: the back end must be back to its idle fds (no memory table, rings, sockets).
             pid = proc.pid
             released = wait_until(lambda: fd_count(pid) == idle, 10)
-            held = sorted(os.listdir(f"/proc/{pid}/fd"))
+            held = sorted(open_fds(pid))
         context = guest.describe() + f"\n--- back end\n{proc.output}"
     print(f"boot + fbcon + KMS + poweroff against vgpu: {wall:.2f} s wall")
 

@@ -13,6 +13,7 @@ under the device's feet are deferred until the device returns.
 from __future__ import annotations
 
 import errno
+import gc
 import heapq
 import logging
 import math
@@ -559,5 +560,12 @@ class Session(Transport):
             self.unwatch(fd)
         self._drop_backend_channel()
         self._memory.close()
+        if self._memory.has_garbage:
+            # A view that only a reference cycle still holds (an exception's frames, say) pins its mapping until
+            # the cycle collector runs, and nothing would try to close the mapping after this: collect now.
+            gc.collect()
+            pinned = self._memory.collect()
+            if pinned:
+                log.warning("%d guest memory mappings still pinned after the front end left", pinned)
         self._selector.close()
         self.channel.close()
