@@ -127,15 +127,13 @@ def run_one(name: str, settings: sd.Settings) -> dict[str, object]:
             sd.SLEEPING: sd.sleeping_command()}
     if sd.have_qemu():
         cmds["qemu"] = [sd.QEMU_BACKEND]
-    labels = {"ours": "vgpu (python -m vgpu)", "qemu": "QEMU C vhost-user-gpu", "floor": "floor: no-op echo device",
-              sd.SLEEPING: sd.SLEEPING_LABEL}
     with sd.started(cmds) as procs:
         gpus = {k: connect(k, sock) for k, (sock, _pid) in procs.items()}
         try:
             sides = []
             for k, g in gpus.items():
                 run, ops = _plan(name, k, g)
-                sides.append(sd.Side(k, labels[k], run, ops, procs[k][1]))
+                sides.append(sd.Side(k, sd.LABELS[k], run, ops, procs[k][1]))
             stats = sd.interleave(sides, settings.rounds, settings.slice_s)
         finally:
             for g in gpus.values():

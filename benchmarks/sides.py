@@ -33,8 +33,10 @@ ECHO = [sys.executable, "-m", "vgpu.vhost_user.examples.echo", "--noop", "--log-
 # Ours told never to poll (vgpu/vhost_user/polling.py), beside ours in the one-command-per-kick benchmarks: how much
 # of each figure the polling loop makes.  C's back end does not poll; the goals are about ours as it ships.
 SLEEPING = "sleeping"
-SLEEPING_LABEL = "vgpu --poll-max-us 0 (never polls)"
 SLEEPING_RATIO = "ours never polling / qemu"
+#: How each back-end side is named in the printed tables and the result files.
+LABELS = {"ours": "vgpu (python -m vgpu)", "qemu": "QEMU C vhost-user-gpu", "floor": "floor: no-op echo device",
+          SLEEPING: "vgpu --poll-max-us 0 (never polls)"}
 
 
 def sleeping_command() -> list[str]:

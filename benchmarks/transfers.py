@@ -44,8 +44,7 @@ X = Format.FORMAT_B8G8R8X8_UNORM
 NAMES = ["transfer_scattered", "frames_1080p"]
 RAM = 256 << 20
 SIZES = {"transfer_scattered": (1024, 768), "frames_1080p": (1920, 1080)}
-LABELS = {"ours": "vgpu (python -m vgpu)", "qemu": "QEMU C vhost-user-gpu", "floor": "floor: no-op echo device",
-          "copy": "floor: numpy contiguous copy, same bytes", sd.SLEEPING: sd.SLEEPING_LABEL}
+LABELS = {**sd.LABELS, "copy": "floor: numpy contiguous copy, same bytes"}
 
 
 class SinkDisplay(Display):

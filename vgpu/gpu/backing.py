@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias
 
@@ -52,7 +51,6 @@ log = logging.getLogger("vgpu.gpu.backing")
 
 I64: TypeAlias = "npt.NDArray[np.int64]"
 U8: TypeAlias = "npt.NDArray[np.uint8]"
-U32: TypeAlias = "npt.NDArray[np.uint32]"
 
 
 class BackingError(Exception):
@@ -255,11 +253,9 @@ class Backing:
         """`gather` through the region mappings, the range checked and `out` not empty."""
         n = len(out)
         if p.single_pages and not (start | n) % PAGE and n >= _FEW_RUNS * PAGE:
-            # The scattered guest pages of a whole-page range (a whole-resource transfer): one take, nothing
-            # to search for, as many runs touched as pages.
-            first = start // PAGE
-            np.take(_pages(p), p.page_rows[first:first + n // PAGE], axis=0,  # type: ignore[index]
-                    out=out.reshape(-1, PAGE), mode="clip")
+            # The scattered guest pages of a whole-page range (a whole-resource transfer): nothing to search for,
+            # as many runs touched as pages.
+            self._take_pages(p, start, out)
             self._meter(memory, p, n // PAGE)
             return
         first, last = self._runs_touched(p, start, n)
@@ -374,7 +370,8 @@ class Backing:
             self._span = (lo, hi)
             off = (addr - t.starts[0]).view(np.int64)
             skew = int(t.skews[0])
-            p = _plan_one(memory, t, off + skew if skew else off, self.length, addr[1:] == stop[:-1], self.ends)
+            p = _plan(memory, t, off + skew if skew else off, _zeros(len(addr)), self.length.astype(np.int64),
+                      self.ends, addr[1:] == stop[:-1])
         else:
             # The last region starting at or below each entry; an entry below all of them gets index -1, whose
             # region starts above it, so its offset wraps and fails the check below like any other outsider.
@@ -385,8 +382,9 @@ class Backing:
             outside = (length > room) | (off > room - np.minimum(length, room))
             if outside.any():
                 _refuse(addr, length, outside)
-            p = _plan(memory, t, off.astype(np.int64) + t.skews[idx], idx, self.length.astype(np.int64),
-                      self.ends)
+            offset, length64 = off.astype(np.int64) + t.skews[idx], self.length.astype(np.int64)
+            follows = (offset[1:] == offset[:-1] + length64[:-1]) & (idx[1:] == idx[:-1])
+            p = _plan(memory, t, offset, idx, length64, self.ends, follows)
         self._plan = p
         return p
 
@@ -481,27 +479,16 @@ class Backing:
         out[head + body:] = pages[rows[-1], :n - head - body]
 
 
-def _plan(memory: GuestMemory, t: _Table, offset: I64, idx: I64, length: I64, ends: I64) -> _Plan:
-    """Merge entries that continue each other in one file into runs (any number of regions)."""
-    breaks = (offset[1:] != offset[:-1] + length[:-1]) | (idx[1:] != idx[:-1])
-    return _runs(memory, t, offset, idx, length, ends, breaks.all(), lambda: ~breaks)
-
-
-def _plan_one(memory: GuestMemory, t: _Table, offset: I64, length: U32, follows: npt.NDArray[np.bool_],
-              ends: I64) -> _Plan:
-    """`_plan` in the one-region table: `follows[i]` says entry i + 1 starts where entry i ends."""
-    return _runs(memory, t, offset, _zeros(len(offset)), length.astype(np.int64), ends, not follows.any(),
-                 lambda: follows)
-
-
-def _runs(memory: GuestMemory, t: _Table, offset: I64, idx: I64, length: I64, ends: I64, separate: bool,
-          follows: Callable[[], npt.NDArray[np.bool_]]) -> _Plan:
-    """Runs, and the page rows if any.  The common guest scatter list — whole pages, none adjacent — has as many
-    runs as entries (`separate`), so the entries' own arrays serve as the runs' and nothing is gathered."""
+def _plan(memory: GuestMemory, t: _Table, offset: I64, idx: I64, length: I64, ends: I64,
+          follows: npt.NDArray[np.bool_]) -> _Plan:
+    """Entries that continue each other in one file (`follows[i]`: entry i + 1 starts where entry i ends, in the
+    same region) merged into runs, and the page rows if any.  The common guest scatter list — whole pages, none
+    adjacent — has as many runs as entries, so the entries' own arrays serve as the runs' and nothing is gathered."""
+    separate = not follows.any()
     if separate:
         run_len, run_ends, run_region, run_offset = length, ends, idx, offset
     else:
-        first = np.flatnonzero(np.concatenate(([True], ~follows())))
+        first = np.flatnonzero(np.concatenate(([True], ~follows)))
         run_len = np.add.reduceat(length, first)
         run_ends = np.cumsum(run_len)
         run_region, run_offset = idx[first], offset[first]
